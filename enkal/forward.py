@@ -1,0 +1,255 @@
+"""The forward-model interface: ``(N_ens, N_par)`` parameters -> ``(N_ens, N_obs)`` predictions.
+
+A :class:`ForwardModel` declares its :class:`~enkal.ensemble.ParameterLayout` (names, shapes,
+constraints of the parameters), its ``output_size`` ``N_obs``, and the ``device``/``dtype`` it
+computes in, and implements ``forward`` on a whole (or a chunk of an) ensemble at once, members
+first, with *physical* parameter values. :class:`CallableModel` wraps a plain function.
+
+:func:`evaluate` runs a model over an ensemble in chunks of members and reports which members
+failed (the forward raised, or the prediction has NaN/inf) instead of stopping: a failed chunk
+is retried member by member so one bad member does not fail its neighbours.
+
+>>> import torch
+>>> from enkal import CallableModel
+>>> model = CallableModel(lambda x: x ** 2, parameters=["a", "b"], output_size=2)
+>>> y, ok = evaluate(model, torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64))
+>>> y.tolist(), ok.tolist()
+([[1.0, 4.0], [9.0, 16.0]], [True, True])
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ._checks import check_positive_int
+from .ensemble import ParameterLayout
+
+__all__ = ["ForwardModel", "CallableModel", "evaluate", "EvaluationReport"]
+
+
+class ForwardModel(ABC):
+    """Abstract base of all forward models.
+
+    Subclasses set ``layout`` (a :class:`ParameterLayout`), ``output_size`` (``N_obs``) and
+    implement :meth:`forward`. ``device`` and ``dtype`` say where and in what precision the
+    model computes; :func:`evaluate` moves parameters there and the predictions back.
+    """
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float64
+
+    @property
+    @abstractmethod
+    def layout(self) -> ParameterLayout:
+        """Names, shapes and constraints of the ``N_par`` parameters."""
+
+    @property
+    @abstractmethod
+    def output_size(self) -> int:
+        """``N_obs``: the length of one member's prediction."""
+
+    @abstractmethod
+    def forward(self, parameters: torch.Tensor) -> torch.Tensor:
+        """Map physical parameters ``(n, N_par)`` to predictions ``(n, N_obs)``."""
+
+    @property
+    def output_names(self) -> list[str] | None:
+        """Optional readable names of the outputs (for storage)."""
+        return None
+
+    def __call__(self, parameters: torch.Tensor) -> torch.Tensor:
+        return self.forward(parameters)
+
+
+def _layout_from(parameters: Any) -> ParameterLayout:
+    if isinstance(parameters, ParameterLayout):
+        return parameters
+    if isinstance(parameters, int) and not isinstance(parameters, bool):
+        check_positive_int(parameters, "parameters")
+        return ParameterLayout.flat(parameters)
+    if isinstance(parameters, (list, tuple)):
+        return ParameterLayout(parameters)
+    raise TypeError(
+        "parameters: expected a ParameterLayout, a list of names or (name, shape[, "
+        f"constraint]) tuples, or an int N_par; got {type(parameters).__name__}"
+    )
+
+
+class CallableModel(ForwardModel):
+    """A :class:`ForwardModel` around a plain function.
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn(parameters)`` with ``parameters`` of shape ``(n, N_par)`` returning ``(n, N_obs)``
+        when ``batched`` (default), or ``fn(theta)`` on one ``(N_par,)`` member returning
+        ``(N_obs,)`` when ``batched=False``. Torch tensors in; torch tensors or numpy arrays
+        out. With ``numpy=True`` the function receives numpy arrays instead.
+    parameters : ParameterLayout, list of names/(name, shape[, constraint]), or int
+    output_size : int
+        ``N_obs``.
+    batched : bool
+    numpy : bool
+    device, dtype :
+        Where the function computes (default CPU, float64).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        *,
+        parameters: Any,
+        output_size: int,
+        batched: bool = True,
+        numpy: bool = False,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float64,
+        output_names: Sequence[str] | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
+        check_positive_int(output_size, "output_size")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        self._fn = fn
+        self._layout = _layout_from(parameters)
+        self._output_size = int(output_size)
+        self.batched = bool(batched)
+        self.numpy = bool(numpy)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        if output_names is not None and len(output_names) != output_size:
+            raise ValueError(
+                f"output_names: expected {output_size} names, got {len(output_names)}"
+            )
+        self._output_names = list(output_names) if output_names is not None else None
+
+    @property
+    def layout(self) -> ParameterLayout:
+        return self._layout
+
+    @property
+    def output_size(self) -> int:
+        return self._output_size
+
+    @property
+    def output_names(self) -> list[str] | None:
+        return self._output_names
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        arg = x.detach().cpu().numpy() if self.numpy else x
+        out = self._fn(arg)
+        if isinstance(out, torch.Tensor):
+            return out.to(device=self.device, dtype=self.dtype)
+        return torch.as_tensor(np.asarray(out, dtype=np.float64)).to(self.device, self.dtype)
+
+    def forward(self, parameters: torch.Tensor) -> torch.Tensor:
+        if self.batched:
+            return self._call(parameters)
+        rows = [self._call(parameters[i]).reshape(-1) for i in range(parameters.shape[0])]
+        return torch.stack(rows) if rows else parameters.new_empty((0, self._output_size))
+
+
+class EvaluationReport(tuple):
+    """``(predictions, ok)`` plus ``errors``: the first exception message per failed member."""
+
+    errors: dict[int, str]
+
+
+def _check_output(model: ForwardModel, y: Any, n: int) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(
+            f"{type(model).__name__}.forward: expected a torch.Tensor, got {type(y).__name__}"
+        )
+    m = model.output_size
+    if y.shape != (n, m):
+        hint = ""
+        if y.shape == (m, n):
+            hint = "; enkal expects members first: return (N_ens, N_obs), not (N_obs, N_ens)"
+        raise ValueError(
+            f"{type(model).__name__}.forward: expected predictions of shape ({n}, {m}) = "
+            f"(members, output_size), got {tuple(y.shape)}{hint}"
+        )
+    return y
+
+
+def evaluate(
+    model: ForwardModel,
+    parameters: torch.Tensor,
+    *,
+    members_per_call: int | None = None,
+    max_abs: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` on an ensemble of physical parameters, in chunks of members.
+
+    Parameters
+    ----------
+    model : ForwardModel
+    parameters : Tensor, shape (N_ens, N_par)
+        Physical parameter values.
+    members_per_call : int, optional
+        Members per ``forward`` call (bounds memory); default all at once.
+    max_abs : float, optional
+        Predictions with an entry larger than this in magnitude count as failed.
+
+    Returns
+    -------
+    predictions : Tensor, shape (N_ens, N_obs)
+        On the parameters' device and dtype; rows of failed members are NaN.
+    ok : bool Tensor, shape (N_ens,)
+        Which members succeeded.
+
+    The returned pair is an :class:`EvaluationReport`; its ``errors`` attribute maps a failed
+    member's index to the first line of what went wrong (for diagnostics).
+
+    A forward that returns the wrong shape is a bug in the model, not a failed member: it
+    raises ``ValueError`` at once.
+    """
+    if not isinstance(model, ForwardModel):
+        raise TypeError(f"model: expected an enkal.ForwardModel, got {type(model).__name__}")
+    check_positive_int(members_per_call, "members_per_call", allow_none=True)
+    n = parameters.shape[0]
+    m = model.output_size
+    step = members_per_call or max(n, 1)
+    out = torch.full((n, m), float("nan"), dtype=parameters.dtype, device=parameters.device)
+    ok = torch.zeros(n, dtype=torch.bool, device=parameters.device)
+    errors: dict[int, str] = {}
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        chunk = parameters[start:stop].to(device=model.device, dtype=model.dtype)
+        try:
+            raw = model.forward(chunk)
+        except Exception:  # noqa: BLE001 - a black-box simulator may raise anything
+            _one_by_one(model, chunk, start, out, ok, errors)
+            continue
+        y = _check_output(model, raw, stop - start)
+        out[start:stop] = y.to(device=out.device, dtype=out.dtype)
+        ok[start:stop] = True
+    finite = torch.isfinite(out).all(dim=1)
+    if max_abs is not None:
+        finite &= ~(out.abs() > max_abs).any(dim=1)
+    for i in torch.nonzero(ok & ~finite).squeeze(1).tolist():
+        errors.setdefault(i, "non-finite or out-of-bound prediction")
+    ok &= finite
+    result = EvaluationReport((out, ok))
+    result.errors = errors
+    return result
+
+
+def _one_by_one(model, chunk, start, out, ok, errors) -> None:
+    if chunk.shape[0] == 1:
+        try:
+            model_out = model.forward(chunk)
+        except Exception as err:  # noqa: BLE001
+            errors[start] = f"{type(err).__name__}: {err}"[:500]
+            return
+        y = _check_output(model, model_out, 1)
+        out[start:start + 1] = y.to(device=out.device, dtype=out.dtype)
+        ok[start] = True
+        return
+    for i in range(chunk.shape[0]):
+        _one_by_one(model, chunk[i:i + 1], start + i, out, ok, errors)

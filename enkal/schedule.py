@@ -1,0 +1,255 @@
+r"""Noise schedules: how much the observation noise is inflated at each iteration.
+
+A schedule turns the fresh predictions of one iteration into the inflation ``alpha_k`` of the
+noise covariance used by that iteration's update (``R -> alpha_k R``). Schedules are frozen
+configuration objects with pure methods; their state is a small frozen dataclass:
+
+* ``init() -> state``
+* ``step(state, *, parameters, predictions, observations) -> (alpha, state, info)``
+* ``done(state) -> bool``: no further update is planned.
+
+Three rules:
+
+* :class:`FixedAnnealing` -- the seed paper's rule: the noise target ``rho`` (the noise standard
+  deviation is ``rho`` times the observations' ``noise_std``; ``alpha = rho^2``) is multiplied
+  by ``factor`` (0.75) whenever the largest parameter variance in the ensemble drops below
+  ``rho``. Read literally it drives ``rho`` to zero and training diverges, so ``rho`` never goes
+  below ``floor``. It never finishes on its own.
+* :class:`ESMDA` -- fixed inflations ``alpha_1..alpha_Na`` with ``sum 1/alpha_i = 1``
+  (Emerick & Reynolds 2013); done after ``Na`` updates.
+* :class:`DataMisfitController` -- the adaptive rule of Iglesias & Yang (2021), as documented
+  for EnsembleKalmanProcesses.jl: with ``Phi_j = 1/2 ||L^-1 (Yh_j - y)||^2`` and ``N_obs`` data,
+  the step is ``dt = min(max(N_obs / (2 mean Phi), sqrt(N_obs / (2 var Phi))), 1 - t)`` and
+  ``alpha = 1 / dt``; done when the algorithm time ``t = sum dt`` reaches 1 (the same
+  constraint as ES-MDA's ``sum 1/alpha = 1``).
+
+>>> s = ESMDA.constant(4)
+>>> s.alphas
+(4.0, 4.0, 4.0, 4.0)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol, Union
+
+import torch
+
+from ._checks import check_positive_float, check_positive_int
+from .errors import ScheduleExhaustedError
+from .observations import Observations
+
+__all__ = [
+    "FixedAnnealing",
+    "ESMDA",
+    "DataMisfitController",
+    "Schedule",
+    "max_parameter_variance",
+]
+
+
+class Schedule(Protocol):
+    def init(self) -> Any: ...
+
+    def step(self, state: Any, *, parameters: torch.Tensor, predictions: torch.Tensor,
+             observations: Observations) -> tuple[float, Any, dict]: ...
+
+    def done(self, state: Any) -> bool: ...
+
+
+def max_parameter_variance(parameters: torch.Tensor, chunk_size: int = 1 << 18) -> float:
+    """Largest per-parameter ensemble variance (``E-1`` denominator), in column blocks."""
+    best = 0.0
+    for start in range(0, parameters.shape[1], chunk_size):
+        block = parameters[:, start:start + chunk_size]
+        best = max(best, float(block.var(dim=0).max()))
+    return best
+
+
+# -- fixed annealing (the seed paper) ------------------------------------------------------
+@dataclass(frozen=True)
+class AnnealingState:
+    rho: float
+    iteration: int = 0
+
+
+@dataclass(frozen=True)
+class FixedAnnealing:
+    """The seed paper's annealing of the noise target ``rho``, with a floor.
+
+    Parameters
+    ----------
+    factor : float in (0, 1]
+        Multiplier applied to ``rho`` when the largest parameter variance is below ``rho``.
+    initial : float
+        Starting ``rho`` (relative to the observations' ``noise_std``).
+    floor : float
+        ``rho`` never goes below this (the paper's rule without it collapses training).
+    """
+
+    factor: float = 0.75
+    initial: float = 1.0
+    floor: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_positive_float(self.factor, "FixedAnnealing.factor")
+        check_positive_float(self.initial, "FixedAnnealing.initial")
+        check_positive_float(self.floor, "FixedAnnealing.floor")
+        if self.factor > 1:
+            raise ValueError(f"FixedAnnealing.factor: expected a float in (0, 1], got {self.factor}")
+        if self.floor > self.initial:
+            raise ValueError(
+                f"FixedAnnealing.floor: expected floor <= initial ({self.initial}), "
+                f"got {self.floor}"
+            )
+
+    def init(self) -> AnnealingState:
+        return AnnealingState(rho=float(self.initial))
+
+    def step(self, state: AnnealingState, *, parameters: torch.Tensor,
+             predictions: torch.Tensor, observations: Observations):
+        var = max_parameter_variance(parameters)
+        rho = state.rho
+        annealed = var < rho and rho > self.floor
+        if annealed:
+            rho = max(rho * self.factor, self.floor)
+        new = AnnealingState(rho=rho, iteration=state.iteration + 1)
+        return rho * rho, new, {"rho": rho, "max_variance": var, "annealed": annealed}
+
+    def done(self, state: AnnealingState) -> bool:
+        return False
+
+
+# -- ES-MDA ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ESMDAState:
+    iteration: int = 0
+
+
+@dataclass(frozen=True)
+class ESMDA:
+    """Ensemble smoother with multiple data assimilation: fixed inflations.
+
+    Parameters
+    ----------
+    alphas : sequence of float
+        Positive inflation factors with ``sum 1/alpha_i = 1`` (checked to 1e-8); each is
+        then at least 1. Default: four steps of 4.
+    """
+
+    alphas: tuple[float, ...] = (4.0, 4.0, 4.0, 4.0)
+
+    def __post_init__(self) -> None:
+        try:
+            alphas = tuple(float(a) for a in self.alphas)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"ESMDA.alphas: expected a sequence of floats, got {self.alphas!r}"[:200]
+            ) from None
+        if not alphas:
+            raise ValueError("ESMDA.alphas: expected at least one inflation factor, got none")
+        for a in alphas:
+            check_positive_float(a, "ESMDA.alphas[i]")
+        total = sum(1.0 / a for a in alphas)
+        if abs(total - 1.0) > 1e-8:
+            raise ValueError(
+                f"ESMDA.alphas: expected sum(1/alpha) == 1, got {total:.10g}; use "
+                "ESMDA.constant(n) or ESMDA.normalized(alphas)"
+            )
+        object.__setattr__(self, "alphas", alphas)
+
+    @classmethod
+    def constant(cls, n_steps: int) -> ESMDA:
+        """``n_steps`` equal inflations ``alpha_i = n_steps``."""
+        check_positive_int(n_steps, "n_steps")
+        return cls(alphas=(float(n_steps),) * n_steps)
+
+    @classmethod
+    def normalized(cls, alphas) -> ESMDA:
+        """Rescale ``alphas`` so that ``sum 1/alpha = 1`` (shape of the sequence kept)."""
+        a = [float(x) for x in alphas]
+        for x in a:
+            check_positive_float(x, "alphas[i]")
+        total = sum(1.0 / x for x in a)
+        return cls(alphas=tuple(x * total for x in a))
+
+    def init(self) -> ESMDAState:
+        return ESMDAState()
+
+    def step(self, state: ESMDAState, *, parameters: torch.Tensor,
+             predictions: torch.Tensor, observations: Observations):
+        if self.done(state):
+            raise ScheduleExhaustedError(
+                f"ESMDA: all {len(self.alphas)} assimilation steps are done"
+            )
+        alpha = self.alphas[state.iteration]
+        return alpha, ESMDAState(state.iteration + 1), {"step": state.iteration + 1}
+
+    def done(self, state: ESMDAState) -> bool:
+        return state.iteration >= len(self.alphas)
+
+
+# -- data-misfit controller (Iglesias & Yang 2021) ---------------------------------------
+@dataclass(frozen=True)
+class MisfitControllerState:
+    time: float = 0.0
+    iteration: int = 0
+
+
+@dataclass(frozen=True)
+class DataMisfitController:
+    """Adaptive inflation from the data misfit (Iglesias & Yang 2021).
+
+    Parameters
+    ----------
+    terminate_at : float
+        Algorithm time at which the schedule is done (1 for the Bayesian posterior).
+    """
+
+    terminate_at: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_positive_float(self.terminate_at, "DataMisfitController.terminate_at")
+
+    def init(self) -> MisfitControllerState:
+        return MisfitControllerState()
+
+    def step(self, state: MisfitControllerState, *, parameters: torch.Tensor,
+             predictions: torch.Tensor, observations: Observations):
+        if self.done(state):
+            raise ScheduleExhaustedError(
+                f"DataMisfitController: algorithm time reached {state.time:.6g} >= "
+                f"{self.terminate_at}"
+            )
+        phi = observations.misfit(predictions)
+        m = observations.size
+        mean = float(phi.mean())
+        var = float(phi.var()) if phi.numel() > 1 else 0.0
+        cand = [m / (2 * mean) if mean > 0 else math.inf,
+                math.sqrt(m / (2 * var)) if var > 0 else math.inf]
+        dt = min(max(cand), self.terminate_at - state.time)
+        new_time = state.time + dt
+        if self.terminate_at - new_time < 1e-12 * self.terminate_at:
+            new_time = self.terminate_at
+        new = MisfitControllerState(time=new_time, iteration=state.iteration + 1)
+        return 1.0 / dt, new, {"time": new_time, "dt": dt}
+
+    def done(self, state: MisfitControllerState) -> bool:
+        return state.time >= self.terminate_at
+
+
+AnySchedule = Union[FixedAnnealing, ESMDA, DataMisfitController]
+SCHEDULE_STATES = {
+    "FixedAnnealing": AnnealingState,
+    "ESMDA": ESMDAState,
+    "DataMisfitController": MisfitControllerState,
+}
+
+
+def check_schedule(schedule: object) -> None:
+    if not all(hasattr(schedule, m) for m in ("init", "step", "done")):
+        raise TypeError(
+            "schedule: expected FixedAnnealing(), ESMDA(...), DataMisfitController() or an "
+            f"object with init/step/done, got {type(schedule).__name__}"
+        )

@@ -1,0 +1,495 @@
+"""The iterated ensemble smoother: ``init``, ``step`` (ask/tell) and ``run``.
+
+One iteration, every decision taken from one forward evaluation::
+
+    X_k --forward--> Yh_k --failure policy--> ok --schedule(Yh_k)--> alpha_k
+        --ensemble_transform(Yh_k[ok], y, alpha_k)--> W (E x E)
+        --apply W to X_k in chunks--> X_{k+1} --collapse guard, mask--> state_{k+1}
+
+``step(state, predictions)`` takes the predictions as an argument, so any external simulator
+can be driven ask/tell: read ``layout.to_physical(state.parameters)``, run the members
+anywhere, hand the predictions back. ``run`` does the loop with a :class:`ForwardModel`.
+
+State is explicit and immutable (:class:`SmootherState`): the ensemble in the unconstrained
+space, the schedule's state, the random generator's state, the iteration and the mask of
+live (unpruned) parameters. Randomness comes only from a ``torch.Generator`` whose state is
+in the smoother state, so a run resumed from a state dict repeats the uninterrupted run.
+
+>>> import torch
+>>> from enkal import EnsembleSmoother, Observations, ESMDA, CallableModel
+>>> model = CallableModel(lambda x: x @ torch.tensor([[1.0], [2.0]], dtype=torch.float64),
+...                       parameters=["a", "b"], output_size=1)
+>>> smoother = EnsembleSmoother(Observations([3.0], noise_std=0.1), schedule=ESMDA.constant(2),
+...                             seed=0)
+>>> prior = torch.randn(32, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+>>> result = smoother.run(model, prior)
+>>> result.history["iteration"], round(float(model(result.parameters.mean(0, keepdim=True))), 1)
+([1, 2], 3.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from ._checks import check_finite, check_members_first, check_positive_int
+from .collapse import CollapseGuard
+from .ensemble import ParameterLayout
+from .errors import ScheduleExhaustedError
+from .failures import FailurePolicy, IgnoreFailed, ResampleFailed, check_policy, classify_members
+from .forward import ForwardModel, evaluate
+from .observations import Observations
+from .schedule import DataMisfitController, check_schedule
+from .update import (
+    PerturbedObservations,
+    SquareRoot,
+    UpdateRule,
+    _check_rule,
+    apply_transform,
+    embed_transform,
+    ensemble_transform,
+)
+
+__all__ = ["EnsembleSmoother", "SmootherState", "StepInfo", "SmootherResult"]
+
+
+@dataclass(frozen=True)
+class SmootherState:
+    """Everything needed to continue a run.
+
+    Attributes
+    ----------
+    parameters : Tensor, shape (N_ens, N_par)
+        The ensemble in the unconstrained space.
+    iteration : int
+        Updates done so far.
+    schedule : object
+        The schedule's own (frozen) state.
+    rng_state : Tensor
+        ``torch.Generator.get_state()`` of the smoother's generator.
+    mask : Tensor of bool, shape (N_par,), or None
+        Live parameters (``False``: pruned, held at zero).
+    """
+
+    parameters: torch.Tensor
+    iteration: int
+    schedule: Any
+    rng_state: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Diagnostics of one update (for logging and storage; never read back by enkal).
+
+    ``misfit`` is the mean over successful members of ``||L^-1 (Yh_j - y)||^2 / N_obs`` and
+    ``mean_misfit`` the same for the ensemble-mean prediction (about 1 when the fit matches
+    the noise). ``spread`` is the root-mean parameter variance before the update.
+    """
+
+    iteration: int
+    alpha: float
+    misfit: float
+    mean_misfit: float
+    spread: float
+    n_failed: int
+    n_resampled: int
+    done: bool
+    schedule: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        sched = d.pop("schedule")
+        for k, v in sched.items():
+            d[f"schedule_{k}"] = v
+        return d
+
+
+@dataclass
+class SmootherResult:
+    """What :meth:`EnsembleSmoother.run` returns.
+
+    Attributes
+    ----------
+    state : SmootherState
+        The final state (``state.parameters`` is unconstrained).
+    layout : ParameterLayout
+        The model's parameter layout.
+    history : dict of lists
+        One entry per iteration for each :class:`StepInfo` field.
+    n_forwards : int
+        Member forward evaluations done.
+    smoother : EnsembleSmoother
+        The configuration that produced it.
+    predictions : Tensor or None
+        The predictions of the last forward (of the ensemble before the last update).
+    """
+
+    state: SmootherState
+    layout: ParameterLayout
+    history: dict[str, list]
+    n_forwards: int
+    smoother: EnsembleSmoother
+    predictions: torch.Tensor | None = None
+    stopped_by: str = ""
+
+    @property
+    def parameters(self) -> torch.Tensor:
+        """The final ensemble in the unconstrained space, ``(N_ens, N_par)``."""
+        return self.state.parameters
+
+    @property
+    def physical(self) -> torch.Tensor:
+        """The final ensemble in physical units, ``(N_ens, N_par)``."""
+        return self.layout.to_physical(self.state.parameters)
+
+    def summary(self, quantiles: Sequence[float] = (0.05, 0.95)) -> dict[str, dict[str, float]]:
+        """Posterior mean, std and quantiles per parameter (physical units)."""
+        phys = self.physical.to(torch.float64)
+        q = torch.quantile(phys, torch.tensor(list(quantiles), dtype=torch.float64,
+                                              device=phys.device), dim=0)
+        out = {}
+        for j, name in enumerate(self.layout.names):
+            row = {"mean": float(phys[:, j].mean()), "std": float(phys[:, j].std())}
+            for k, qq in enumerate(quantiles):
+                row[f"q{round(qq * 100):02d}"] = float(q[k, j])
+            out[name] = row
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.smoother.state_dict(self.state)
+
+
+class EnsembleSmoother:
+    """Iterated ensemble smoother (ensemble Kalman inversion).
+
+    Parameters
+    ----------
+    observations : Observations
+        Data ``y`` and noise ``R``.
+    rule : SquareRoot or PerturbedObservations
+        The update (default :class:`SquareRoot`).
+    schedule : FixedAnnealing, ESMDA or DataMisfitController
+        Noise inflation per iteration (default :class:`DataMisfitController`).
+    guard : CollapseGuard, optional
+        Redraw parameters whose variance collapses (off by default).
+    failure : ResampleFailed, IgnoreFailed or Raise
+        What to do with failed members (default :class:`ResampleFailed`).
+    seed : int
+        Seed of the smoother's ``torch.Generator``.
+    chunk_size : int, optional
+        Parameter columns per GEMM block of the update.
+    """
+
+    def __init__(
+        self,
+        observations: Observations,
+        *,
+        rule: UpdateRule = SquareRoot(),
+        schedule: Any = DataMisfitController(),
+        guard: CollapseGuard | None = None,
+        failure: FailurePolicy = ResampleFailed(),
+        seed: int = 0,
+        chunk_size: int | None = None,
+    ) -> None:
+        if not isinstance(observations, Observations):
+            raise TypeError(
+                f"observations: expected enkal.Observations, got {type(observations).__name__}"
+            )
+        _check_rule(rule)
+        check_schedule(schedule)
+        if guard is not None and not isinstance(guard, CollapseGuard):
+            raise TypeError(f"guard: expected CollapseGuard or None, got {type(guard).__name__}")
+        check_policy(failure)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise TypeError(f"seed: expected a non-negative int, got {seed!r}")
+        check_positive_int(chunk_size, "chunk_size", allow_none=True)
+        self.observations = observations
+        self.rule = rule
+        self.schedule = schedule
+        self.guard = guard
+        self.failure = failure
+        self.seed = seed
+        self.chunk_size = chunk_size
+
+    # -- configuration -------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """A plain description of the configuration (for provenance in files)."""
+        def describe(obj):
+            if obj is None:
+                return None
+            d = {"type": type(obj).__name__}
+            if dataclasses.is_dataclass(obj):
+                d.update({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+            return d
+        return {"rule": describe(self.rule), "schedule": describe(self.schedule),
+                "guard": describe(self.guard), "failure": describe(self.failure),
+                "seed": self.seed, "chunk_size": self.chunk_size,
+                "n_obs": self.observations.size}
+
+    def __repr__(self) -> str:
+        return (f"EnsembleSmoother(rule={self.rule}, schedule={self.schedule}, "
+                f"guard={self.guard}, failure={self.failure}, seed={self.seed})")
+
+    # -- ask/tell ------------------------------------------------------------------------
+    def init(self, prior: torch.Tensor, *, mask: torch.Tensor | None = None) -> SmootherState:
+        """Start from a prior ensemble ``(N_ens, N_par)`` (unconstrained space)."""
+        if not isinstance(prior, torch.Tensor):
+            raise TypeError(
+                f"prior: expected a torch.Tensor of shape (N_ens, N_par), got "
+                f"{type(prior).__name__}"
+            )
+        if not prior.is_floating_point():
+            raise TypeError(f"prior: expected a floating dtype, got {prior.dtype}")
+        check_members_first(prior, "prior")
+        if prior.shape[0] < 2:
+            raise ValueError(f"prior: expected at least 2 members (N_ens >= 2), got {prior.shape[0]}")
+        check_finite(prior, "prior")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
+                    mask.shape != (prior.shape[1],):
+                raise ValueError(f"mask: expected a bool tensor of shape ({prior.shape[1]},)")
+            mask = mask.to(prior.device)
+        gen = torch.Generator(device=prior.device).manual_seed(self.seed)
+        return SmootherState(parameters=prior, iteration=0, schedule=self.schedule.init(),
+                             rng_state=gen.get_state(), mask=mask)
+
+    def done(self, state: SmootherState) -> bool:
+        """True when the schedule plans no further update."""
+        return self.schedule.done(state.schedule)
+
+    def step(
+        self,
+        state: SmootherState,
+        predictions: torch.Tensor,
+        *,
+        ok: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> tuple[SmootherState, StepInfo]:
+        """One update from the predictions of ``state.parameters`` (pure).
+
+        Parameters
+        ----------
+        state : SmootherState
+        predictions : Tensor, shape (N_ens, N_obs)
+            Predictions of the physical parameters ``layout.to_physical(state.parameters)``.
+            Rows with NaN/inf count as failed members.
+        ok : bool Tensor, shape (N_ens,), optional
+            Members known to have failed (``False``), e.g. because their forward raised.
+        out : Tensor, optional
+            Buffer for the new parameters (may be ``state.parameters``: then the old state
+            must not be used again).
+        """
+        if not isinstance(state, SmootherState):
+            raise TypeError(f"state: expected SmootherState, got {type(state).__name__}")
+        x = state.parameters
+        if not isinstance(predictions, torch.Tensor):
+            raise TypeError(
+                f"predictions: expected a torch.Tensor, got {type(predictions).__name__}"
+            )
+        if not predictions.is_floating_point():
+            raise TypeError(f"predictions: expected a floating dtype, got {predictions.dtype}")
+        check_members_first(predictions, "predictions", n_members=x.shape[0],
+                            n_columns=self.observations.size, columns="N_obs")
+        if predictions.device != x.device:
+            raise ValueError(
+                f"predictions: expected device {x.device} (the ensemble's), got "
+                f"{predictions.device}"
+            )
+        if self.schedule.done(state.schedule):
+            raise ScheduleExhaustedError(
+                f"{type(self.schedule).__name__}: no update left after iteration "
+                f"{state.iteration}; check smoother.done(state) before stepping"
+            )
+        ok = classify_members(self.failure, predictions, ok)
+        n_failed = int((~ok).sum())
+        all_ok = n_failed == 0
+        used = predictions if all_ok else predictions[ok]
+
+        alpha, sched_state, sched_info = self.schedule.step(
+            state.schedule, parameters=x, predictions=used, observations=self.observations)
+
+        gen = torch.Generator(device=x.device)
+        gen.set_state(state.rng_state)
+        perturbations = None
+        if isinstance(self.rule, PerturbedObservations):
+            perturbations = self.observations.sample_noise(
+                used.shape[0], generator=gen, device=used.device, scale=alpha)
+        w = ensemble_transform(used, self.observations, rule=self.rule, alpha=alpha,
+                               perturbations=perturbations)
+        if not all_ok:
+            w = embed_transform(w, ok, gen, redraw=not isinstance(self.failure, IgnoreFailed))
+        new_x = apply_transform(w, x, out=out, chunk_size=self.chunk_size)
+        n_resampled = 0
+        if self.guard is not None:
+            new_x, n_resampled = self.guard.apply(new_x, generator=gen, mask=state.mask,
+                                                  inplace=True)
+        if state.mask is not None and not bool(state.mask.all()):
+            new_x[:, ~state.mask] = 0
+
+        phi = self.observations.misfit(used)
+        mean_phi = self.observations.misfit(used.mean(dim=0, keepdim=True))
+        m = self.observations.size
+        spread = math.sqrt(_mean_variance(x))
+        new_state = SmootherState(parameters=new_x, iteration=state.iteration + 1,
+                                  schedule=sched_state, rng_state=gen.get_state(),
+                                  mask=state.mask)
+        info = StepInfo(
+            iteration=new_state.iteration, alpha=float(alpha),
+            misfit=float(2 * phi.mean() / m), mean_misfit=float(2 * mean_phi[0] / m),
+            spread=spread, n_failed=n_failed, n_resampled=n_resampled,
+            done=bool(self.schedule.done(sched_state)),
+            schedule={k: v for k, v in sched_info.items() if isinstance(v, (int, float, bool))},
+        )
+        return new_state, info
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(
+        self,
+        model: ForwardModel,
+        prior: torch.Tensor | None = None,
+        *,
+        state: SmootherState | None = None,
+        max_iterations: int = 100,
+        tolerance: float | None = None,
+        members_per_call: int | None = None,
+        callbacks: Iterable[Callable[[SmootherState, StepInfo], Any]] = (),
+        progress: bool = False,
+    ) -> SmootherResult:
+        """Iterate forward and update until the schedule is done or a limit is reached.
+
+        Parameters
+        ----------
+        model : ForwardModel
+        prior : Tensor, shape (N_ens, N_par)
+            Initial ensemble in the unconstrained space (or give ``state`` to continue).
+        state : SmootherState, optional
+            Continue from this state (see :meth:`load_state_dict`).
+        max_iterations : int
+            Upper bound on updates in this call.
+        tolerance : float, optional
+            Stop when the ensemble-mean misfit changes by less than this fraction.
+        members_per_call : int, optional
+            Members per forward call (bounds the model's memory).
+        callbacks : iterable of callables
+            ``cb(state, info)`` after each update; a callback returning ``True`` stops.
+            The smoother reuses parameter buffers: a callback that keeps
+            ``state.parameters`` must ``.clone()`` it.
+        progress : bool
+            Print one line per iteration to stderr.
+        """
+        if not isinstance(model, ForwardModel):
+            raise TypeError(f"model: expected an enkal.ForwardModel, got {type(model).__name__}")
+        if model.output_size != self.observations.size:
+            raise ValueError(
+                f"model: output_size {model.output_size} does not match the "
+                f"{self.observations.size} observations"
+            )
+        check_positive_int(max_iterations, "max_iterations")
+        callbacks = list(callbacks)
+        for cb in callbacks:
+            if not callable(cb):
+                raise TypeError(f"callbacks: expected callables, got {type(cb).__name__}")
+        if (prior is None) == (state is None):
+            raise ValueError("run: expected exactly one of prior= or state=")
+        if state is None:
+            state = self.init(prior)
+        if state.parameters.shape[1] != model.layout.size:
+            raise ValueError(
+                f"prior: expected {model.layout.size} columns (the model's N_par), got shape "
+                f"{tuple(state.parameters.shape)}"
+            )
+        initial = state.parameters  # the caller's tensor: never used as an output buffer
+        history: dict[str, list] = {}
+        n_forwards = 0
+        spare: torch.Tensor | None = None
+        last_mean = None
+        stopped_by = "max_iterations"
+        predictions = None
+        t0 = time.perf_counter()
+        for _ in range(max_iterations):
+            if self.done(state):
+                stopped_by = "schedule"
+                break
+            phys = model.layout.to_physical(state.parameters)
+            predictions, ok = evaluate(model, phys, members_per_call=members_per_call)
+            n_forwards += phys.shape[0]
+            previous = state.parameters
+            state, info = self.step(state, predictions, ok=ok, out=spare)
+            # ping-pong between two buffers once the prior is no longer referenced
+            spare = previous if previous is not initial else None
+            for k, v in info.as_dict().items():
+                history.setdefault(k, []).append(v)
+            if progress:
+                print(f"iteration {info.iteration:4d}  alpha {info.alpha:10.4g}  "
+                      f"misfit {info.mean_misfit:10.4g}  spread {info.spread:9.3g}  "
+                      f"failed {info.n_failed}  {time.perf_counter() - t0:7.1f}s",
+                      file=sys.stderr, flush=True)
+            stop = any(bool(cb(state, info)) for cb in callbacks)
+            if stop:
+                stopped_by = "callback"
+                break
+            if tolerance is not None and last_mean is not None and \
+                    abs(info.mean_misfit - last_mean) <= tolerance * abs(last_mean):
+                stopped_by = "tolerance"
+                break
+            last_mean = info.mean_misfit
+        else:
+            if self.done(state):
+                stopped_by = "schedule"
+        return SmootherResult(state=state, layout=model.layout, history=history,
+                              n_forwards=n_forwards, smoother=self, predictions=predictions,
+                              stopped_by=stopped_by)
+
+    # -- persistence -----------------------------------------------------------------------
+    def state_dict(self, state: SmootherState) -> dict[str, Any]:
+        """Plain tensors and numbers describing ``state`` (no pickled objects)."""
+        sched = dataclasses.asdict(state.schedule) if dataclasses.is_dataclass(state.schedule) \
+            else dict(state.schedule)
+        return {
+            "parameters": state.parameters,
+            "iteration": state.iteration,
+            "schedule": {"type": type(state.schedule).__name__, **sched},
+            "rng_state": state.rng_state,
+            "mask": state.mask,
+            "config": self.config(),
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> SmootherState:
+        """Rebuild a :class:`SmootherState` from :meth:`state_dict` output."""
+        from .schedule import SCHEDULE_STATES
+
+        try:
+            params = d["parameters"]
+            sched = dict(d["schedule"])
+            rng = d["rng_state"]
+            iteration = int(d["iteration"])
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"state dict: missing or malformed entry ({err})") from None
+        kind = sched.pop("type", None)
+        expected = type(self.schedule.init()).__name__
+        cls = SCHEDULE_STATES.get(type(self.schedule).__name__)
+        if kind != expected or cls is None:
+            raise ValueError(
+                f"state dict: schedule state {kind!r} does not match this smoother's "
+                f"schedule ({expected})"
+            )
+        mask = d.get("mask")
+        state = SmootherState(
+            parameters=params, iteration=iteration, schedule=cls(**sched),
+            rng_state=torch.as_tensor(rng, dtype=torch.uint8).cpu(), mask=mask)
+        check_members_first(state.parameters, "state dict parameters")
+        return state
+
+
+def _mean_variance(x: torch.Tensor, chunk_size: int = 1 << 18) -> float:
+    total = 0.0
+    for start in range(0, x.shape[1], chunk_size):
+        total += float(x[:, start:start + chunk_size].var(dim=0).sum())
+    return total / max(x.shape[1], 1)

@@ -1,0 +1,390 @@
+r"""Ensemble-space update kernels: prepare once per iteration, apply in chunks.
+
+Notation (members first, see ``docs/glossary.md``): parameters ``X`` are ``(N_ens, N_par)``,
+predictions ``Yh`` are ``(N_ens, N_obs)``, observations ``y`` have ``N_obs`` entries and the
+noise covariance is ``R = L L^T``. ``E = N_ens``.
+
+Derivation in brief
+-------------------
+With anomalies ``A = X - 1 xb^T`` and ``D = Yh - 1 yb^T``, the whitened, scaled prediction
+anomalies are ``S = D L^-T / sqrt(alpha (E-1))`` where ``alpha`` is the noise inflation of the
+schedule (``R -> alpha R``). The thin SVD ``S = V Sig U^T`` has ``V`` of size ``E x r``.
+Rather than decomposing the ``E x N_obs`` matrix directly we diagonalise its smaller Gram
+matrix in float64: ``S S^T = V Sig^2 V^T`` (``E x E``, the usual case ``E <= N_obs``; cost
+``O(N_obs E^2)``) or, for ensembles larger than the data, ``S^T S = U Sig^2 U^T`` with
+``V = S U Sig^-1``. Every product with ``U`` is rewritten through ``U Sig = S^T V``, and only
+directions with ``Sig > 0`` are kept (the formulas act as the identity on the others).
+Nothing of size ``N_par x N_obs`` is ever formed, nor ``N_obs x N_obs`` when ``E <= N_obs``.
+
+* square root (transform): mean increment ``A^T w`` with
+  ``w = V (Sig^2 + I)^-1 V^T S d / sqrt(E-1)``, ``d = L^-1 (y - yb) / sqrt(alpha)``; anomalies
+  ``A+ = T A`` with the symmetric ``T = (I + S S^T)^-1/2``. Together ``X+ = W X`` with
+  ``W = 1 1^T / E + 1 (Pi w)^T + T Pi`` and ``Pi = I - 1 1^T / E``. For a linear model the
+  posterior sample mean and covariance equal the Kalman posterior of the prior sample
+  moments (Woodbury).
+* perturbed observations (the seed paper's eq. 11; ES, ES-MDA): each member's innovation
+  ``Psi_j = y + eps_j - Yh_j`` with ``eps_j ~ N(0, alpha R)``; ``X+ = (I + G Pi) X`` with
+  ``G = Psi_w S^T V (Sig^2 + I)^-1 V^T / sqrt(E-1)``, ``Psi_w = Psi L^-T / sqrt(alpha)``. The
+  paper writes ``V Sig (Sig^2 + rho^2 I)^-1 U^T`` with unscaled, unwhitened anomalies; it is
+  the same update with ``R = rho^2 I``.
+
+Truncation keeps the leading singular values carrying a fraction of ``sum Sig^2`` and is done
+*after* whitening: truncating unwhitened anomalies weighs observations by their units.
+
+Either way the whole update is one ``E x E`` matrix ``W`` (float64, tiny) and one GEMM over
+the parameters, done in column chunks (``chunk_size``) so that in-place updates need only an
+``E x chunk_size`` buffer.
+
+>>> import torch
+>>> from enkal import Observations, SquareRoot, assimilate
+>>> g = torch.Generator().manual_seed(0)
+>>> X = torch.randn(50, 3, generator=g, dtype=torch.float64)
+>>> H = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+>>> obs = Observations(torch.tensor([0.5, -0.2]), noise_std=0.1)
+>>> X_post = assimilate(X, X @ H.T, obs, rule=SquareRoot())
+>>> X_post.shape, X_post.dtype
+(torch.Size([50, 3]), torch.float64)
+>>> bool(X_post.var(0)[0] < X.var(0)[0])
+True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from ._checks import check_finite, check_fraction, check_members_first, check_positive_float
+from ._checks import check_positive_int
+from .errors import FailedMembersError
+from .observations import Observations
+
+__all__ = [
+    "SquareRoot",
+    "PerturbedObservations",
+    "UpdateRule",
+    "ensemble_transform",
+    "apply_transform",
+    "assimilate",
+    "embed_transform",
+]
+
+
+@dataclass(frozen=True)
+class SquareRoot:
+    """Deterministic square-root (ensemble transform) update.
+
+    Parameters
+    ----------
+    truncation : float in (0, 1], optional
+        Keep the leading singular values of the whitened anomalies that carry this fraction
+        of their total energy ``sum Sig^2``. ``None`` (default) keeps all: the exact update.
+    """
+
+    truncation: float | None = None
+
+    def __post_init__(self) -> None:
+        check_fraction(self.truncation, "SquareRoot.truncation")
+
+
+@dataclass(frozen=True)
+class PerturbedObservations:
+    """Stochastic update with perturbed observations (the seed paper's eq. 11; ES, ES-MDA).
+
+    Parameters
+    ----------
+    truncation : float in (0, 1], optional
+        Energy fraction of singular values kept, as for :class:`SquareRoot`.
+    """
+
+    truncation: float | None = None
+
+    def __post_init__(self) -> None:
+        check_fraction(self.truncation, "PerturbedObservations.truncation")
+
+
+UpdateRule = Union[SquareRoot, PerturbedObservations]
+
+
+def _check_rule(rule: object) -> None:
+    if not isinstance(rule, (SquareRoot, PerturbedObservations)):
+        raise TypeError(
+            "rule: expected SquareRoot() or PerturbedObservations(), got "
+            f"{type(rule).__name__} {rule!r}"[:200]
+        )
+
+
+def _spectral_basis(s: torch.Tensor, truncation: float | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lam, V)``: squared singular values ``Sig^2`` (descending) and left singular
+    vectors ``V`` of ``S`` (``E x N_obs``), for the non-negligible singular values only.
+
+    Diagonalises the smaller Gram matrix: ``S S^T`` (``E x E``) when ``E <= N_obs``, else
+    ``S^T S`` (``N_obs x N_obs``) with ``V = S U / Sig``. Directions with ``Sig = 0`` need no
+    vectors: every formula below acts as the identity on them.
+    """
+    n, m = s.shape
+    if n <= m:
+        lam, vec = torch.linalg.eigh(s @ s.T)
+    else:
+        lam, u = torch.linalg.eigh(s.T @ s)
+        vec = None
+    lam = lam.flip(0).clamp_min(0.0)
+    top = float(lam[0]) if lam.numel() else 0.0
+    keep = int((lam > top * max(n, m) * 1e-14).sum()) if top > 0 else 0
+    if truncation is not None and truncation < 1.0 and keep > 0:
+        cum = torch.cumsum(lam[:keep], 0) / float(lam[:keep].sum())
+        r = int((cum < truncation).sum()) + 1
+        keep = min(keep, r)
+    lam = lam[:keep]
+    if vec is None:
+        u = u.flip(1)[:, :keep]
+        vec = (s @ u) / lam.sqrt()
+    else:
+        vec = vec.flip(1)[:, :keep]
+    return lam, vec
+
+
+def ensemble_transform(
+    predictions: torch.Tensor,
+    observations: Observations,
+    *,
+    rule: UpdateRule,
+    alpha: float = 1.0,
+    perturbations: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""The ``(E, E)`` float64 matrix ``W`` of one update, ``X+ = W X`` (pure kernel).
+
+    Parameters
+    ----------
+    predictions : Tensor, shape (E, N_obs)
+        Predictions ``Yh`` of the members, all finite (leave failed members out first).
+    observations : Observations
+    rule : SquareRoot or PerturbedObservations
+    alpha : float
+        Noise inflation: the update uses ``alpha R`` (``rho^2`` of the paper when ``R = I``;
+        ES-MDA's ``alpha_i``).
+    perturbations : Tensor, shape (E, N_obs), optional
+        The draws ``eps ~ N(0, alpha R)`` for :class:`PerturbedObservations` (required for
+        it, ignored otherwise). ``assimilate`` draws them from a generator.
+
+    Returns
+    -------
+    Tensor, shape (E, E), float64, on the predictions' device.
+    """
+    n = predictions.shape[0]
+    y = observations.values.to(predictions.device)
+    yh = predictions.to(torch.float64)
+    ybar = yh.mean(dim=0)
+    scale = 1.0 / math.sqrt(alpha * (n - 1))
+    s = observations.whiten(yh - ybar) * scale  # (E, N_obs), S = D L^-T / sqrt(alpha (E-1))
+    lam, v = _spectral_basis(s, rule.truncation)
+    eye = torch.eye(n, dtype=torch.float64, device=s.device)
+    if isinstance(rule, SquareRoot):
+        d = observations.whiten((y - ybar).unsqueeze(0)).squeeze(0) / math.sqrt(alpha)
+        sd = s @ d  # S d: (E,)
+        w = v @ ((v.T @ sd) / (lam + 1.0)) / math.sqrt(n - 1)
+        t = eye + (v * ((lam + 1.0).rsqrt() - 1.0)) @ v.T
+        # W = 1 1^T / E + 1 (Pi w)^T + T Pi, with M Pi = M - (M 1) 1^T / E in O(E^2)
+        return (t - t.sum(dim=1, keepdim=True) / n) + (1.0 / n) + (w - w.mean()).unsqueeze(0)
+    if perturbations is None:
+        raise ValueError("perturbations: required for PerturbedObservations, got None")
+    psi = (y + perturbations.to(device=s.device, dtype=torch.float64)) - yh
+    psi_w = observations.whiten(psi) / math.sqrt(alpha)  # (E, N_obs)
+    g = (((psi_w @ s.T) @ v) / (lam + 1.0)) @ v.T / math.sqrt(n - 1)
+    return eye + (g - g.sum(dim=1, keepdim=True) / n)
+
+
+def apply_transform(
+    transform: torch.Tensor,
+    parameters: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``X+ = W X`` over parameter column blocks; ``out`` may be ``parameters`` (in place).
+
+    ``W`` is cast to the parameters' dtype so no parameter-sized float64 copy is made. With
+    ``out is parameters`` the update is done block by block through an
+    ``(E, chunk_size)`` buffer (default chunk 65536 columns), the memory-bounded path.
+    """
+    w = transform.to(dtype=parameters.dtype, device=parameters.device)
+    p = parameters.shape[1]
+    inplace = out is not None and out.data_ptr() == parameters.data_ptr()
+    if out is not None and not inplace and _overlaps(out, parameters):
+        raise ValueError("out: must be either `parameters` itself or a separate buffer")
+    if chunk_size is None and not inplace:
+        return torch.matmul(w, parameters, out=out) if out is not None else w @ parameters
+    step = chunk_size or 65536
+    target = out if out is not None else torch.empty_like(parameters)
+    if inplace:
+        buf = torch.empty((parameters.shape[0], min(step, p)), dtype=parameters.dtype,
+                          device=parameters.device)
+    for start in range(0, p, step):
+        stop = min(start + step, p)
+        if inplace:
+            tmp = buf[:, : stop - start]
+            torch.matmul(w, parameters[:, start:stop], out=tmp)
+            target[:, start:stop].copy_(tmp)
+        else:
+            torch.matmul(w, parameters[:, start:stop], out=target[:, start:stop])
+    return target
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device != b.device:
+        return False
+    a0, a1 = a.data_ptr(), a.data_ptr() + a.numel() * a.element_size()
+    b0, b1 = b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()
+    return a0 < b1 and b0 < a1
+
+
+def embed_transform(
+    transform: torch.Tensor, ok: torch.Tensor, generator: torch.Generator | None,
+    *, redraw: bool = True,
+) -> torch.Tensor:
+    """Embed the ``(E_s, E_s)`` transform of the successful members in ``(E, E)``.
+
+    With ``redraw`` (the default) failed rows are drawn from the Gaussian of the updated
+    successful members, ``m + A_s^T z / sqrt(E_s - 1)`` with ``z ~ N(0, I)``, written as a
+    combination of the successful members so the whole step is still one GEMM; otherwise
+    failed members keep their parameters (identity rows).
+    """
+    n = ok.numel()
+    idx = torch.nonzero(ok).squeeze(1)
+    bad = torch.nonzero(~ok).squeeze(1)
+    n_ok = idx.numel()
+    full = torch.zeros((n, n), dtype=torch.float64, device=transform.device)
+    full[idx.unsqueeze(1), idx.unsqueeze(0)] = transform
+    if bad.numel() and redraw:
+        z = torch.randn(bad.numel(), n_ok, generator=generator, dtype=torch.float64,
+                        device=transform.device)
+        z = z - z.mean(dim=1, keepdim=True)  # Pi z: a combination of anomalies only
+        coef = 1.0 / n_ok + z / math.sqrt(n_ok - 1)
+        full[bad.unsqueeze(1), idx.unsqueeze(0)] = coef @ transform
+    elif bad.numel():
+        full[bad, bad] = 1.0
+    return full
+
+
+def _validate(parameters, predictions, observations, rule, alpha, ok):
+    if not isinstance(parameters, torch.Tensor):
+        raise TypeError(f"parameters: expected a torch.Tensor, got {type(parameters).__name__}")
+    if not isinstance(predictions, torch.Tensor):
+        raise TypeError(
+            f"predictions: expected a torch.Tensor, got {type(predictions).__name__}"
+        )
+    if not isinstance(observations, Observations):
+        raise TypeError(
+            f"observations: expected enkal.Observations, got {type(observations).__name__}"
+        )
+    _check_rule(rule)
+    check_positive_float(alpha, "alpha")
+    for name, t in (("parameters", parameters), ("predictions", predictions)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+    check_members_first(parameters, "parameters")
+    n = parameters.shape[0]
+    if n < 2:
+        raise ValueError(f"parameters: expected at least 2 members (N_ens >= 2), got {n}")
+    check_members_first(predictions, "predictions", n_members=n, n_columns=observations.size,
+                        columns="N_obs")
+    if predictions.device != parameters.device:
+        raise ValueError(
+            f"predictions: expected device {parameters.device} (the parameters' device), "
+            f"got {predictions.device}"
+        )
+    if predictions.dtype != parameters.dtype:
+        raise TypeError(
+            f"predictions: expected dtype {parameters.dtype} (the parameters' dtype), got "
+            f"{predictions.dtype}; cast one of them with .to()"
+        )
+    check_finite(parameters, "parameters")
+    if ok is not None:
+        if not isinstance(ok, torch.Tensor) or ok.dtype != torch.bool:
+            raise TypeError(f"ok: expected a bool tensor of shape ({n},), got {ok!r}"[:200])
+        if ok.shape != (n,):
+            raise ValueError(f"ok: expected shape ({n},), got {tuple(ok.shape)}")
+        ok = ok.to(predictions.device)
+        rows_finite = torch.isfinite(predictions).all(dim=1)
+        if bool((ok & ~rows_finite).any()):
+            raise ValueError("predictions: members marked ok have NaN/inf predictions")
+        if int(ok.sum()) < 2:
+            raise FailedMembersError(
+                f"only {int(ok.sum())} of {n} members succeeded; at least 2 are needed"
+            )
+    else:
+        bad = ~torch.isfinite(predictions).all(dim=1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"predictions: {int(bad.sum())} members have NaN/inf predictions; pass "
+                "ok= (a bool mask of the members to use) or let EnsembleSmoother's failure "
+                "policy handle them"
+            )
+    return ok
+
+
+def assimilate(
+    parameters: torch.Tensor,
+    predictions: torch.Tensor,
+    observations: Observations,
+    *,
+    rule: UpdateRule = SquareRoot(),
+    alpha: float = 1.0,
+    generator: torch.Generator | None = None,
+    ok: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """One ensemble-smoother update of ``parameters`` from ``predictions`` (pure).
+
+    Parameters
+    ----------
+    parameters : Tensor, shape (N_ens, N_par)
+        The ensemble ``X``, members first. Not modified (unless passed as ``out``).
+    predictions : Tensor, shape (N_ens, N_obs)
+        ``Yh = G(X)``, same dtype and device as ``parameters``.
+    observations : Observations
+        ``y`` and ``R``.
+    rule : SquareRoot or PerturbedObservations
+    alpha : float
+        Noise inflation (``R -> alpha R``), from a schedule.
+    generator : torch.Generator, optional
+        Source of the observation perturbations and of redraws of failed members.
+    ok : bool Tensor, shape (N_ens,), optional
+        Members to use; the others are left out of the statistics and redrawn from the
+        Gaussian of the updated successful members.
+    out : Tensor, shape (N_ens, N_par), optional
+        Where to write the result: a reusable buffer, or ``parameters`` itself for a
+        memory-bounded in-place update.
+    chunk_size : int, optional
+        Parameter columns per GEMM block.
+
+    Returns
+    -------
+    Tensor, shape (N_ens, N_par), dtype and device of ``parameters``.
+    """
+    ok = _validate(parameters, predictions, observations, rule, alpha, ok)
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+        if out.shape != parameters.shape or out.dtype != parameters.dtype or \
+                out.device != parameters.device:
+            raise ValueError(
+                f"out: expected shape {tuple(parameters.shape)}, dtype {parameters.dtype}, "
+                f"device {parameters.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}"
+            )
+    used = predictions if ok is None or bool(ok.all()) else predictions[ok]
+    perturbations = None
+    if isinstance(rule, PerturbedObservations):
+        perturbations = observations.sample_noise(
+            used.shape[0], generator=generator, device=used.device, scale=alpha
+        )
+    w = ensemble_transform(used, observations, rule=rule, alpha=alpha,
+                           perturbations=perturbations)
+    if ok is not None and not bool(ok.all()):
+        w = embed_transform(w, ok, generator)
+    return apply_transform(w, parameters, out=out, chunk_size=chunk_size)

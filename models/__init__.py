@@ -1,0 +1,1 @@
+"""Forward-model implementations (installed as ``enkal.models``)."""

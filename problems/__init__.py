@@ -1,0 +1,1 @@
+"""Plugins and runnable problem configurations (installed as ``enkal.problems``)."""
