@@ -1,0 +1,53 @@
+"""Shared fixtures and helpers for the enkal tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# CI gets more generated cases; local runs stay quick. Deadlines off: the machine is shared.
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def linear_gaussian_problem(n_members: int, n_par: int, n_obs: int, *, seed: int,
+                            dense: bool = False, dtype=torch.float64):
+    """A random linear model ``Yh = X H^T`` with prior ensemble and observations.
+
+    Returns ``(X, H, obs)`` where ``obs`` has diagonal (or, with ``dense``, full) noise.
+    """
+    from enkal import Observations
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n_members, n_par, generator=g, dtype=torch.float64) * 1.5 + 0.3).to(dtype)
+    h = torch.randn(n_obs, n_par, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randn(n_obs, generator=g, dtype=torch.float64)
+    if dense:
+        a = torch.randn(n_obs, n_obs, generator=g, dtype=torch.float64)
+        cov = a @ a.T / n_obs + 0.5 * torch.eye(n_obs, dtype=torch.float64)
+        obs = Observations(y, noise_cov=cov)
+    else:
+        std = 0.3 + torch.rand(n_obs, generator=g, dtype=torch.float64)
+        obs = Observations(y, noise_std=std)
+    return x, h, obs
+
+
+def kalman_posterior(mean: torch.Tensor, cov: torch.Tensor, h: torch.Tensor, obs):
+    """Closed-form Kalman posterior ``(mean, cov)`` for ``y = H x + e``, ``e ~ N(0, R)``."""
+    r = obs.covariance()
+    s = h @ cov @ h.T + r
+    k = torch.linalg.solve(s, h @ cov).T  # C H^T S^-1 (S symmetric)
+    return mean + k @ (obs.values - h @ mean), cov - k @ h @ cov
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
