@@ -20,7 +20,13 @@ from .forward import CallableModel, ForwardModel, evaluate
 from .observations import Observations
 from .schedule import ESMDA, DataMisfitController, FixedAnnealing
 from .smoother import EnsembleSmoother, SmootherResult, SmootherState, StepInfo
-from .update import PerturbedObservations, SquareRoot, apply_transform, assimilate, ensemble_transform
+from .update import (
+    PerturbedObservations,
+    SquareRoot,
+    apply_transform,
+    assimilate,
+    ensemble_transform,
+)
 
 __version__ = "0.1.0"
 

@@ -21,8 +21,9 @@ tensor([[1., 0., 0.]], dtype=torch.float64)
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Union
 
 import torch
 

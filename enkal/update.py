@@ -56,8 +56,13 @@ from typing import Union
 
 import torch
 
-from ._checks import check_finite, check_fraction, check_members_first, check_positive_float
-from ._checks import check_positive_int
+from ._checks import (
+    check_finite,
+    check_fraction,
+    check_members_first,
+    check_positive_float,
+    check_positive_int,
+)
 from .errors import FailedMembersError
 from .observations import Observations
 
