@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -81,7 +81,7 @@ class Bounded:
         return torch.log(z) - torch.log1p(-z)
 
 
-Constraint = Union[Real, Positive, Bounded]
+Constraint = Real | Positive | Bounded
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -60,7 +59,7 @@ class Raise:
         _check_common(self)
 
 
-FailurePolicy = Union[ResampleFailed, IgnoreFailed, Raise]
+FailurePolicy = ResampleFailed | IgnoreFailed | Raise
 
 
 def _check_common(policy) -> None:

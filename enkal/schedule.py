@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import torch
 
@@ -239,7 +239,7 @@ class DataMisfitController:
         return state.time >= self.terminate_at
 
 
-AnySchedule = Union[FixedAnnealing, ESMDA, DataMisfitController]
+AnySchedule = FixedAnnealing | ESMDA | DataMisfitController
 SCHEDULE_STATES = {
     "FixedAnnealing": AnnealingState,
     "ESMDA": ESMDAState,

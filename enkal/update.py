@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -110,7 +109,7 @@ class PerturbedObservations:
         check_fraction(self.truncation, "PerturbedObservations.truncation")
 
 
-UpdateRule = Union[SquareRoot, PerturbedObservations]
+UpdateRule = SquareRoot | PerturbedObservations
 
 
 def _check_rule(rule: object) -> None:
