@@ -60,7 +60,7 @@ def as_float_tensor(
             f"got {_describe(x)}"
         )
     if not (t.is_floating_point()):
-        if isinstance(x, torch.Tensor) or t.dtype == torch.bool:
+        if isinstance(x, torch.Tensor) or t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"{name}: expected a floating dtype, got {_describe(x)}")
         t = t.to(torch.float64)
     if dtype is not None or device is not None:

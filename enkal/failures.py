@@ -1,7 +1,8 @@
 """Failure policies: what to do with members whose forward failed.
 
-A member is *failed* when its forward raised, its prediction has NaN/inf, or (with
-``max_abs``) an entry larger in magnitude than ``max_abs``. The policies:
+A member is *failed* when its forward raised, its prediction has NaN/inf, (with ``max_abs``)
+an entry larger in magnitude than ``max_abs``, or its noise-whitened misfit overflows float64.
+The policies:
 
 * :class:`ResampleFailed` (default): failed members are left out of the update's statistics
   and redrawn from the Gaussian of the updated successful members;
@@ -77,16 +78,22 @@ def check_policy(policy: object) -> None:
 
 
 def classify_members(policy: FailurePolicy, predictions: torch.Tensor,
-                     ok: torch.Tensor | None = None) -> torch.Tensor:
+                     ok: torch.Tensor | None = None, observations=None) -> torch.Tensor:
     """The ``(N_ens,)`` bool mask of successful members under ``policy``.
 
-    ``ok`` is what the evaluation already knows (forwards that raised); rows with NaN/inf or
-    (with ``max_abs``) too-large entries are failed too. Raises
+    ``ok`` is what the evaluation already knows (forwards that raised); rows with NaN/inf,
+    (with ``max_abs``) too-large entries, or (given ``observations``) a whitened misfit that
+    overflows float64 are failed too. Raises
     :class:`~enkal.errors.FailedMembersError` when too few succeed, or on any failure under
     :class:`Raise`.
     """
     n = predictions.shape[0]
     good = torch.isfinite(predictions).all(dim=1)
+    if observations is not None:
+        # a finite prediction whose whitened misfit overflows float64 is garbage too
+        with torch.no_grad():
+            good &= torch.isfinite(observations.misfit(torch.where(
+                good.unsqueeze(1), predictions, torch.zeros_like(predictions))))
     if policy.max_abs is not None:
         good &= ~(predictions.abs() > policy.max_abs).any(dim=1)
     if ok is not None:

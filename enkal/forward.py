@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import check_positive_int
+from ._checks import check_members_first, check_positive_int
 from .ensemble import ParameterLayout
 
 __all__ = ["ForwardModel", "CallableModel", "evaluate", "EvaluationReport"]
@@ -213,6 +213,13 @@ def evaluate(
     if not isinstance(model, ForwardModel):
         raise TypeError(f"model: expected an enkal.ForwardModel, got {type(model).__name__}")
     check_positive_int(members_per_call, "members_per_call", allow_none=True)
+    if not isinstance(parameters, torch.Tensor):
+        raise TypeError(
+            f"parameters: expected a torch.Tensor, got {type(parameters).__name__}"
+        )
+    if not parameters.is_floating_point():
+        raise TypeError(f"parameters: expected a floating dtype, got {parameters.dtype}")
+    check_members_first(parameters, "parameters", n_columns=model.layout.size)
     n = parameters.shape[0]
     m = model.output_size
     step = members_per_call or max(n, 1)

@@ -308,7 +308,7 @@ class EnsembleSmoother:
                 f"{type(self.schedule).__name__}: no update left after iteration "
                 f"{state.iteration}; check smoother.done(state) before stepping"
             )
-        ok = classify_members(self.failure, predictions, ok)
+        ok = classify_members(self.failure, predictions, ok, self.observations)
         n_failed = int((~ok).sum())
         all_ok = n_failed == 0
         used = predictions if all_ok else predictions[ok]

@@ -130,6 +130,12 @@ def _spectral_basis(s: torch.Tensor, truncation: float | None
     vectors: every formula below acts as the identity on them.
     """
     n, m = s.shape
+    if not bool(torch.isfinite(s).all()) or not bool(torch.isfinite(s.square().sum())):
+        raise ValueError(
+            "predictions: the noise-whitened prediction anomalies overflow float64 (largest "
+            f"|S| = {float(s.abs().max()):.3g}); such members are garbage: leave them out "
+            "with ok= or a failure policy with max_abs, or rescale the outputs"
+        )
     if n <= m:
         lam, vec = torch.linalg.eigh(s @ s.T)
     else:
