@@ -43,8 +43,9 @@ from ._checks import check_finite, check_members_first, check_positive_int
 from .collapse import CollapseGuard
 from .ensemble import ParameterLayout
 from .errors import ScheduleExhaustedError
+from .executors import InProcess, check_executor
 from .failures import FailurePolicy, IgnoreFailed, ResampleFailed, check_policy, classify_members
-from .forward import ForwardModel, evaluate
+from .forward import ForwardModel
 from .observations import Observations
 from .schedule import DataMisfitController, check_schedule
 from .update import (
@@ -359,7 +360,7 @@ class EnsembleSmoother:
         state: SmootherState | None = None,
         max_iterations: int = 100,
         tolerance: float | None = None,
-        members_per_call: int | None = None,
+        executor: Any = None,
         callbacks: Iterable[Callable[[SmootherState, StepInfo], Any]] = (),
         progress: bool = False,
     ) -> SmootherResult:
@@ -376,8 +377,9 @@ class EnsembleSmoother:
             Upper bound on updates in this call.
         tolerance : float, optional
             Stop when the ensemble-mean misfit changes by less than this fraction.
-        members_per_call : int, optional
-            Members per forward call (bounds the model's memory).
+        executor : InProcess, Dask or similar, optional
+            Where the forwards run (default ``InProcess()``: this process, all members in
+            one call; ``InProcess(members_per_call=k)`` bounds the model's memory).
         callbacks : iterable of callables
             ``cb(state, info)`` after each update; a callback returning ``True`` stops.
             The smoother reuses parameter buffers: a callback that keeps
@@ -393,6 +395,8 @@ class EnsembleSmoother:
                 f"{self.observations.size} observations"
             )
         check_positive_int(max_iterations, "max_iterations")
+        executor = InProcess() if executor is None else executor
+        check_executor(executor)
         callbacks = list(callbacks)
         for cb in callbacks:
             if not callable(cb):
@@ -419,7 +423,7 @@ class EnsembleSmoother:
                 stopped_by = "schedule"
                 break
             phys = model.layout.to_physical(state.parameters)
-            predictions, ok = evaluate(model, phys, members_per_call=members_per_call)
+            predictions, ok = executor.evaluate(model, phys)
             n_forwards += phys.shape[0]
             previous = state.parameters
             state, info = self.step(state, predictions, ok=ok, out=spare)
