@@ -1,0 +1,304 @@
+"""The ``enkal`` command line: ``run`` a TOML configuration, ``info`` and ``plot`` a result file.
+
+::
+
+    enkal run CONFIG.toml [--out FILE] [--seed N] [--device D] [--max-iterations N]
+                          [--resume FILE] [--executor {inprocess,dask}] [--workers N]
+                          [--scheduler ADDRESS] [--quiet]
+    enkal info FILE
+    enkal plot FILE -o PNG
+
+Configuration errors (unknown or missing keys, bad values) print one line naming the key and
+exit with status 2; a run that fails exits with status 1. The problem a configuration
+describes is built by the plugin its ``problem`` key names (default ``estimation``), found
+through the ``enkal.problems`` entry points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import load_toml
+from .errors import EnkalError
+
+__all__ = ["main"]
+
+
+class ProgressBar:
+    """A dependency-free progress bar (a callback for :meth:`EnsembleSmoother.run`).
+
+    On a terminal it redraws one line; otherwise (logs, CI) it prints a line per iteration.
+    """
+
+    def __init__(self, total: int, *, stream=None, width: int = 24) -> None:
+        self.total = max(int(total), 1)
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.t0 = time.perf_counter()
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def __call__(self, state, info) -> None:
+        frac = min(info.iteration / self.total, 1.0)
+        filled = int(round(frac * self.width))
+        bar = "#" * filled + "." * (self.width - filled)
+        line = (f"[{bar}] {info.iteration}/{self.total} misfit {info.mean_misfit:.4g} "
+                f"alpha {info.alpha:.3g} spread {info.spread:.3g} failed {info.n_failed} "
+                f"{time.perf_counter() - self.t0:.1f}s")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if info.done else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="enkal", description="Black-box ensemble Kalman inference.")
+    p.add_argument("--version", action="version", version=f"enkal {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a TOML configuration",
+                       description="Build the problem a TOML configuration describes, run the "
+                                   "smoother and write the history to an HDF5 file.")
+    r.add_argument("config", help="the TOML configuration (see problems/*.toml)")
+    r.add_argument("--out", help="output HDF5 file (default: CONFIG's name with .h5, here)")
+    r.add_argument("--seed", type=int, help="seed of prior, data and smoother (overrides "
+                   "[smoother] seed)")
+    r.add_argument("--device", help="torch device for the model and the update, e.g. cpu, cuda")
+    r.add_argument("--max-iterations", type=int, help="at most this many updates")
+    r.add_argument("--resume", metavar="FILE",
+                   help="continue from the checkpoint FILE (written next to --out as "
+                        "OUT.ckpt.h5 by every run)")
+    r.add_argument("--executor", choices=["inprocess", "dask"],
+                   help="where forwards run (overrides [executor])")
+    r.add_argument("--workers", type=int, help="local Dask workers (with --executor dask)")
+    r.add_argument("--scheduler", help="Dask scheduler address (with --executor dask)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="summarise a result file")
+    i.add_argument("file")
+
+    pl = sub.add_parser("plot", help="plot a result file to PNG")
+    pl.add_argument("file")
+    pl.add_argument("-o", "--output", required=True, help="PNG path")
+    return p
+
+
+def _executor(args: argparse.Namespace, configured: Any) -> Any:
+    if args.executor is None:
+        if args.workers is not None or args.scheduler is not None:
+            raise ValueError("--workers/--scheduler: only with --executor dask")
+        return configured
+    if args.executor == "inprocess":
+        from .executors import InProcess
+
+        return InProcess()
+    from . import executors
+
+    dask_cls = getattr(executors, "Dask", None)
+    if dask_cls is None:
+        raise ValueError("--executor dask: this enkal has no Dask executor")
+    kwargs = {}
+    if args.workers is not None:
+        kwargs["n_workers"] = args.workers
+    if args.scheduler is not None:
+        kwargs["address"] = args.scheduler
+    return dask_cls(**kwargs)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .experiment import find_plugin
+    from .storage import History
+
+    config = load_toml(args.config)
+    plugin = find_plugin(config.get("problem", "estimation"))
+    if args.max_iterations is not None and args.max_iterations < 1:
+        raise ValueError(f"--max-iterations: expected an int >= 1, got {args.max_iterations}")
+    exp = plugin.build(config, seed=args.seed, device=args.device)
+    out = args.out or os.path.splitext(os.path.basename(args.config))[0] + ".h5"
+    executor = _executor(args, exp.executor)
+    max_it = args.max_iterations or exp.max_iterations
+    bar = None if args.quiet else ProgressBar(max_it)
+    print(f"enkal {__version__}: {exp.name}, {exp.prior.shape[0]} members, "
+          f"{exp.prior.shape[1]} parameters, {exp.observations.size} observations -> {out}",
+          file=sys.stderr)
+    try:
+        result = exp.smoother.run(
+            exp.model, None if args.resume else exp.prior,
+            max_iterations=max_it, executor=executor, callbacks=[bar] if bar else (),
+            store=out, history=History(), resume=args.resume,
+            store_attrs={"problem": config.get("problem", "estimation"), "name": exp.name},
+            truth=exp.truth,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+        if hasattr(executor, "close"):
+            executor.close()
+    _print_summary(result.summary(), exp.truth)
+    print(f"{len(result.history.get('iteration', []))} updates, {result.n_forwards} member "
+          f"forwards, stopped by {result.stopped_by}; wrote {out}")
+    return 0
+
+
+def _print_summary(summary: dict, truth: torch.Tensor | None) -> None:
+    head = f"{'parameter':<14} {'mean':>11} {'std':>10} {'5%':>11} {'95%':>11}"
+    if truth is not None:
+        head += f" {'truth':>11} {'in 90%':>7}"
+    print(head)
+    for j, (name, row) in enumerate(summary.items()):
+        line = (f"{name:<14} {row['mean']:11.5g} {row['std']:10.4g} {row['q05']:11.5g} "
+                f"{row['q95']:11.5g}")
+        if truth is not None:
+            t = float(truth[j])
+            line += f" {t:11.5g} {'yes' if row['q05'] <= t <= row['q95'] else 'no':>7}"
+        print(line)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .storage import open_dataset, physical
+
+    with open_dataset(args.file) as ds:
+        n_it = ds.sizes.get("iteration", 0)
+        print(f"{args.file}: enkal {ds.attrs.get('enkal_version', '?')}, torch "
+              f"{ds.attrs.get('torch_version', '?')}, created {ds.attrs.get('created', '?')}, "
+              f"seed {ds.attrs.get('seed', '?')}")
+        print(f"  {n_it} iterations, {ds.sizes.get('member', 0)} members, "
+              f"{ds.sizes.get('parameter', 0)} parameters, {ds.sizes.get('output', 0)} outputs")
+        diag = [v for v in ("alpha", "misfit", "mean_misfit", "spread", "n_failed",
+                            "n_resampled") if v in ds]
+        if diag:
+            print("  " + " ".join(f"{v:>12}" for v in ["iteration", *diag]))
+            for k in range(n_it):
+                vals = [ds[v].values[k] for v in diag]
+                print("  " + " ".join(f"{x:>12.4g}" if isinstance(x, float) or
+                                      hasattr(x, "dtype") and x.dtype.kind == "f"
+                                      else f"{x:>12}" for x in
+                                      [int(ds.iteration.values[k]), *vals]))
+        stored = [k for k in range(n_it) if not bool(
+            (ds.parameters.isel(iteration=k).isnull()).all())]
+        if not stored:
+            print("  no ensemble stored")
+            return 0
+        last = stored[-1]
+        phys = physical(ds).isel(iteration=last).values
+        truth = ds["truth"].values if "truth" in ds else None
+        print(f"  ensemble at iteration {int(ds.iteration.values[last])} (physical units):")
+        names = [str(n) for n in ds.parameter.values]
+        import numpy as np
+
+        q05, q95 = np.quantile(phys, [0.05, 0.95], axis=0)
+        summary = {n: {"mean": float(phys[:, j].mean()), "std": float(phys[:, j].std(ddof=1)),
+                       "q05": float(q05[j]), "q95": float(q95[j])} for j, n in enumerate(names)}
+        if len(names) > 40:
+            print(f"  ({len(names)} parameters: showing the first 40)")
+            summary = dict(list(summary.items())[:40])
+        _print_summary(summary, None if truth is None else torch.as_tensor(truth))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError('enkal plot needs matplotlib: pip install "enkal[plot]"') from None
+    import numpy as np
+
+    from .storage import open_dataset, physical
+
+    with open_dataset(args.file) as ds:
+        names = [str(n) for n in ds.parameter.values]
+        it = ds.iteration.values
+        phys = physical(ds)
+        stored = [k for k in range(len(it)) if not bool(phys.isel(iteration=k).isnull().all())]
+        if not stored:
+            raise ValueError(f"{args.file}: no ensemble stored, nothing to plot")
+        shown = names[:9]
+        n_marg = len(shown)
+        ncols = 3
+        nrows = 2 + math.ceil(n_marg / ncols)
+        fig = plt.figure(figsize=(4 * ncols, 3 * nrows), constrained_layout=True)
+        ax = fig.add_subplot(nrows, 2, 1)
+        for v, label in (("mean_misfit", "misfit of the mean"), ("misfit", "mean misfit")):
+            if v in ds:
+                ax.semilogy(it, ds[v].values, marker="o", label=label)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("misfit / N_obs")
+        ax.legend()
+        ax2 = fig.add_subplot(nrows, 2, 2)
+        if "alpha" in ds:
+            ax2.semilogy(it, ds["alpha"].values, marker="o", label="alpha (noise inflation)")
+        if "spread" in ds:
+            ax2.semilogy(it, ds["spread"].values, marker="s", label="parameter spread")
+        ax2.set_xlabel("iteration")
+        ax2.legend()
+        first, last = stored[0], stored[-1]
+        truth = ds["truth"].values if "truth" in ds else None
+        for j, name in enumerate(shown):
+            a = fig.add_subplot(nrows, ncols, 2 * ncols + j + 1) if nrows > 2 else None
+            if a is None:
+                break
+            prior = phys.isel(iteration=first, parameter=j).values
+            post = phys.isel(iteration=last, parameter=j).values
+            bins = np.histogram_bin_edges(np.concatenate([prior, post]), bins=30)
+            a.hist(prior, bins=bins, alpha=0.4, label=f"iteration {int(it[first])}")
+            a.hist(post, bins=bins, alpha=0.7, label=f"iteration {int(it[last])}")
+            if truth is not None:
+                a.axvline(float(truth[j]), color="k", lw=1.5, label="truth")
+            a.set_title(name)
+            if j == 0:
+                a.legend(fontsize=7)
+        ax3 = fig.add_subplot(nrows, 2, 3)
+        variances = ds.parameters.isel(iteration=last).var("member", ddof=1).values
+        ax3.hist(np.log10(np.maximum(variances, 1e-300)), bins=40)
+        ax3.set_xlabel("log10 parameter variance (unconstrained), final ensemble")
+        ax4 = fig.add_subplot(nrows, 2, 4)
+        for k in stored[:: max(1, len(stored) // 5)]:
+            v = ds.parameters.isel(iteration=k).var("member", ddof=1).values
+            ax4.hist(np.log10(np.maximum(v, 1e-300)), bins=40, histtype="step",
+                     label=f"iteration {int(it[k])}")
+        ax4.set_xlabel("log10 parameter variance per iteration")
+        ax4.legend(fontsize=7)
+        fig.suptitle(os.path.basename(args.file))
+        tmp = args.output + ".tmp.png"
+        fig.savefig(tmp, dpi=90)
+        plt.close(fig)
+        os.replace(tmp, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"run": cmd_run, "info": cmd_info, "plot": cmd_plot}
+    try:
+        return commands[args.command](args)
+    except (ValueError, TypeError) as err:
+        print(f"enkal {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except EnkalError as err:
+        print(f"enkal {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"enkal {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""TOML configuration: strict key checking and typed strategy objects from tables.
+
+Strategies are typed objects; in a TOML file they are tables with a ``type`` naming the class
+and its fields, e.g. ``schedule = { type = "ESMDA", alphas = [4, 4, 4, 4] }``. The class is
+looked up in an explicit registry (never by substring), every field is checked against the
+dataclass, and unknown or missing keys raise a ``ValueError`` that names them and the place in
+the file. TOML is parsed with the standard library (``tomllib``); nothing is evaluated.
+
+>>> build_strategy("schedule", {"type": "ESMDA", "alphas": [2, 2]}, where="[smoother]")
+ESMDA(alphas=(2.0, 2.0))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any
+
+from .collapse import CollapseGuard
+from .executors import InProcess
+from .failures import IgnoreFailed, Raise, ResampleFailed
+from .schedule import ESMDA, DataMisfitController, FixedAnnealing
+from .update import PerturbedObservations, SquareRoot
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["STRATEGIES", "build_strategy", "check_keys", "load_toml", "describe"]
+
+STRATEGIES: dict[str, dict[str, type]] = {
+    "rule": {"SquareRoot": SquareRoot, "PerturbedObservations": PerturbedObservations},
+    "schedule": {"FixedAnnealing": FixedAnnealing, "ESMDA": ESMDA,
+                 "DataMisfitController": DataMisfitController},
+    "guard": {"CollapseGuard": CollapseGuard},
+    "failure": {"ResampleFailed": ResampleFailed, "IgnoreFailed": IgnoreFailed, "Raise": Raise},
+    "executor": {"InProcess": InProcess},
+}
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def register_strategy(kind: str, cls: type) -> None:
+    """Make ``cls`` available as ``{type = "<cls name>"}`` for ``kind`` (plugins use this)."""
+    STRATEGIES.setdefault(kind, {})[cls.__name__] = cls
+
+
+def load_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a TOML file; errors name the file (and line, when the parser gives one)."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the configuration ({err.strerror})") from None
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: a configuration file of {size} bytes is too large "
+                         f"(limit {MAX_CONFIG_BYTES})")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not valid UTF-8 TOML: {err}") from None
+
+
+def check_keys(table: Any, *, where: str, required: tuple[str, ...] = (),
+               optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Check a TOML table has all ``required`` keys and nothing outside ``required + optional``."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a table, got {type(table).__name__} {table!r}"[:200])
+    missing = [k for k in required if k not in table]
+    unknown = [k for k in table if k not in required and k not in optional]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing key(s) {missing}")
+        if unknown:
+            parts.append(f"unknown key(s) {unknown}")
+        allowed = sorted(required + optional)
+        raise ValueError(f"{where}: {'; '.join(parts)} (allowed: {allowed})")
+    return table
+
+
+def build_strategy(kind: str, spec: Any, *, where: str) -> Any:
+    """Build a typed strategy (``rule``, ``schedule``, ...) from ``{type = "...", ...}``."""
+    registry = STRATEGIES.get(kind)
+    if registry is None:
+        raise ValueError(f"{where}: unknown strategy kind {kind!r}")
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(
+            f"{where}: {kind} expected a table with a 'type' key, e.g. "
+            f"{{ type = \"{next(iter(registry))}\" }}, got {spec!r}"[:300]
+        )
+    name = spec["type"]
+    cls = registry.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"{where}: {kind} type {name!r} is not one of {sorted(registry)}")
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    kwargs = {k: v for k, v in spec.items() if k != "type"}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ValueError(
+            f"{where}: {kind} {name} has no field(s) {unknown} (fields: {sorted(fields)})"
+        )
+    if "alphas" in kwargs and isinstance(kwargs["alphas"], list):
+        kwargs["alphas"] = tuple(kwargs["alphas"])
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}: {kind} {name}: {err}") from None
+
+
+def describe(obj: Any) -> Any:
+    """The inverse of :func:`build_strategy`: a plain table for a typed object."""
+    if obj is None:
+        return None
+    if dataclasses.is_dataclass(obj):
+        out = {"type": type(obj).__name__}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+    return {"type": type(obj).__name__}

@@ -1,0 +1,69 @@
+"""What a problem plugin hands the CLI: a ready-to-run experiment.
+
+Plugins (``problems/``, or any package) register under the entry-point group
+``enkal.problems``; each entry point is an object with
+``build(config: dict, *, seed: int | None, device: str | None) -> Experiment``. The core never
+imports a plugin directly: :func:`find_plugin` looks it up by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from .forward import ForwardModel
+from .observations import Observations
+from .smoother import EnsembleSmoother
+
+__all__ = ["Experiment", "find_plugin", "available_plugins"]
+
+ENTRY_POINT_GROUP = "enkal.problems"
+
+
+@dataclass
+class Experiment:
+    """A model, its data, a prior ensemble and a configured smoother.
+
+    Attributes
+    ----------
+    name : str
+    model : ForwardModel
+    observations : Observations
+    prior : Tensor, shape (N_ens, N_par)
+        Unconstrained space.
+    smoother : EnsembleSmoother
+    max_iterations : int
+    executor : object, optional
+    truth : Tensor, shape (N_par,), optional
+        Physical values of a twin experiment's truth.
+    config : dict
+        The configuration it was built from (stored as provenance).
+    """
+
+    name: str
+    model: ForwardModel
+    observations: Observations
+    prior: torch.Tensor
+    smoother: EnsembleSmoother
+    max_iterations: int = 100
+    executor: Any = None
+    truth: torch.Tensor | None = None
+    config: dict = field(default_factory=dict)
+
+
+def available_plugins() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def find_plugin(name: str) -> Any:
+    """Load the problem plugin registered as ``name``."""
+    plugins = available_plugins()
+    if not isinstance(name, str) or name not in plugins:
+        raise ValueError(
+            f"problem: expected one of {sorted(plugins)} (entry points of group "
+            f"{ENTRY_POINT_GROUP!r}), got {name!r}"
+        )
+    return plugins[name].load()

@@ -1,0 +1,240 @@
+"""Parameter estimation: a simulator, priors with constraints, data, and a smoother, from TOML.
+
+Priors are Gaussian in the unconstrained space ``u`` of each parameter and reported in the
+physical space ``phi``: a ``Positive`` parameter is log-normal (``prior_median`` is
+``exp(mean u)``, ``prior_std`` the standard deviation of ``log phi``), a ``Bounded`` one is
+logit-normal, a ``Real`` one normal. The constraint is the model's (its
+:class:`~enkal.ParameterLayout`). Twin experiments simulate data from a ``truth`` with noise
+of standard deviation ``noise_std``; real data come as ``values``.
+
+A configuration (see ``problems/lorenz63.toml``)::
+
+    problem = "estimation"
+    [model]                       # a class of enkal.models and its arguments
+    type = "Lorenz63"
+    t_obs = { start = 0.1, stop = 2.0, step = 0.1 }
+    solver = { type = "RK4", dt = 0.01 }
+    [parameters.sigma]            # one table per parameter block of the model
+    prior_median = 8.0
+    prior_std = 0.3
+    truth = 10.0                  # optional: twin experiment
+    [data]
+    noise_std = 1.0
+    seed = 1                      # noise of the twin experiment
+    [smoother]
+    ensemble_size = 100
+    rule = { type = "PerturbedObservations" }
+    schedule = { type = "ESMDA", alphas = [4, 4, 4, 4] }
+
+Run it with ``enkal run problems/lorenz63.toml`` or from Python with :func:`build` /
+:func:`run_config`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+
+import enkal
+from enkal.config import build_strategy, check_keys, load_toml
+from enkal.experiment import Experiment
+
+__all__ = ["build", "run_config", "model_registry", "plugin"]
+
+TOP_KEYS = ("problem", "name", "model", "parameters", "data", "smoother", "executor")
+
+
+def model_registry() -> dict[str, type]:
+    """Simulator classes available to configurations, by class name."""
+    from enkal.models import jump, ode, sde
+
+    reg: dict[str, type] = {}
+    for module in (ode, sde, jump):
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name)
+            if isinstance(obj, type) and issubclass(obj, enkal.ForwardModel) and \
+                    not inspect.isabstract(obj):
+                reg[name] = obj
+    return reg
+
+
+def solver_registry() -> dict[str, type]:
+    from enkal.models import ode
+
+    return {name: getattr(ode, name) for name in ("RK4", "DormandPrince") if hasattr(ode, name)}
+
+
+def _times(spec: Any, where: str) -> list[float]:
+    if isinstance(spec, dict):
+        check_keys(spec, where=where, required=("start", "stop", "step"))
+        start, stop, step = (float(spec[k]) for k in ("start", "stop", "step"))
+        if not (step > 0 and stop >= start):
+            raise ValueError(f"{where}: expected step > 0 and stop >= start, got {spec}")
+        n = int(math.floor((stop - start) / step + 1e-9)) + 1
+        return [round(start + i * step, 12) for i in range(n)]
+    if isinstance(spec, list) and all(isinstance(t, (int, float)) for t in spec):
+        return [float(t) for t in spec]
+    raise ValueError(f"{where}: expected a list of times or {{start, stop, step}}, got {spec!r}")
+
+
+def _build_model(section: dict, *, device: str | None, seed: int | None = None):
+    models = model_registry()
+    if not isinstance(section, dict) or "type" not in section:
+        raise ValueError(f"[model]: missing key 'type' (one of {sorted(models)})")
+    name = section["type"]
+    cls = models.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"[model]: type {name!r} is not one of {sorted(models)}")
+    params = inspect.signature(cls.__init__).parameters
+    settable = {p: v for p, v in params.items() if p not in ("self", "device", "dtype")
+                and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)}
+    required = tuple(p for p, v in settable.items() if v.default is inspect.Parameter.empty)
+    kwargs = {k: v for k, v in section.items() if k != "type"}
+    check_keys(kwargs, where=f"[model] ({name})", required=required,
+               optional=tuple(settable))
+    if "t_obs" in kwargs:
+        kwargs["t_obs"] = _times(kwargs["t_obs"], f"[model] ({name}) t_obs")
+    if "solver" in kwargs:
+        kwargs["solver"] = _solver(kwargs["solver"], name)
+    if device is not None and "device" in params:
+        kwargs["device"] = device
+    if seed is not None and "seed" in params:
+        kwargs["seed"] = seed
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"[model] ({name}): {err}") from None
+
+
+def _solver(spec: Any, model_name: str):
+    solvers = solver_registry()
+    where = f"[model] ({model_name}) solver"
+    if not isinstance(spec, dict) or spec.get("type") not in solvers:
+        raise ValueError(f"{where}: expected {{ type = one of {sorted(solvers)}, ... }}, "
+                         f"got {spec!r}")
+    kw = {k: v for k, v in spec.items() if k != "type"}
+    try:
+        return solvers[spec["type"]](**kw)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}: {err}") from None
+
+
+def _block_values(block, value: Any, where: str) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(block.size)
+    if t.numel() != block.size:
+        raise ValueError(f"{where}: expected a number or {block.size} numbers, got {value!r}")
+    return t.reshape(block.size)
+
+
+def _priors(section: Any, layout: enkal.ParameterLayout, n_members: int,
+            gen: torch.Generator):
+    names = [b.name for b in layout.blocks]
+    if not isinstance(section, dict):
+        raise ValueError("[parameters]: expected one table per parameter, e.g. "
+                         f"[parameters.{names[0]}]")
+    check_keys(section, where="[parameters]", required=tuple(names))
+    mean = torch.empty(layout.size, dtype=torch.float64)
+    std = torch.empty(layout.size, dtype=torch.float64)
+    truth = torch.empty(layout.size, dtype=torch.float64)
+    has_truth = []
+    for b in layout.blocks:
+        where = f"[parameters.{b.name}]"
+        spec = check_keys(section[b.name], where=where, required=("prior_median", "prior_std"),
+                          optional=("truth",))
+        median = _block_values(b, spec["prior_median"], f"{where} prior_median")
+        try:
+            mean[b.slice] = b.constraint.inverse(median)
+        except ValueError as err:
+            raise ValueError(f"{where} prior_median: {err}") from None
+        s = _block_values(b, spec["prior_std"], f"{where} prior_std")
+        if not bool(torch.isfinite(s).all() and (s > 0).all()):
+            raise ValueError(f"{where} prior_std: expected finite values > 0, got {spec['prior_std']}")
+        std[b.slice] = s
+        if "truth" in spec:
+            truth[b.slice] = _block_values(b, spec["truth"], f"{where} truth")
+        has_truth.append("truth" in spec)
+    if any(has_truth) and not all(has_truth):
+        raise ValueError("[parameters]: give 'truth' for every parameter or for none")
+    prior = enkal.gaussian_ensemble(mean, std, n_members, generator=gen)
+    return prior, (truth if all(has_truth) else None)
+
+
+def build(config: dict, *, seed: int | None = None, device: str | None = None) -> Experiment:
+    """Build the experiment a configuration describes (see the module docstring)."""
+    check_keys(config, where="configuration", required=("model", "parameters", "smoother"),
+               optional=TOP_KEYS)
+    smoother_cfg = check_keys(
+        config["smoother"], where="[smoother]", required=("ensemble_size",),
+        optional=("rule", "schedule", "guard", "failure", "seed", "max_iterations",
+                  "chunk_size"))
+    data = check_keys(config.get("data", {}), where="[data]",
+                      optional=("noise_std", "seed", "values"))
+    if seed is None:
+        seed = smoother_cfg.get("seed", 0)
+    model = _build_model(config["model"], device=device)
+    n_members = smoother_cfg["ensemble_size"]
+    if isinstance(n_members, bool) or not isinstance(n_members, int) or n_members < 2:
+        raise ValueError(f"[smoother] ensemble_size: expected an int >= 2, got {n_members!r}")
+    gen = torch.Generator().manual_seed(seed)
+    prior, truth = _priors(config["parameters"], model.layout, n_members, gen)
+
+    if "noise_std" not in data:
+        raise ValueError("[data]: missing key 'noise_std'")
+    if "values" in data:
+        values = torch.as_tensor(data["values"], dtype=torch.float64)
+    elif truth is not None:
+        # a stochastic simulator draws the truth's noise from the data seed, not the
+        # ensemble's: the members must not share the realisation that made the data
+        data_seed = data.get("seed", seed + 1)
+        truth_model = _build_model(config["model"], device=device, seed=10_007 + data_seed)
+        clean = truth_model(truth.unsqueeze(0).to(truth_model.dtype))[0].to(torch.float64).cpu()
+        noise_gen = torch.Generator().manual_seed(data_seed)
+        std = torch.as_tensor(data["noise_std"], dtype=torch.float64)
+        values = clean + std * torch.randn(clean.shape, generator=noise_gen, dtype=torch.float64)
+    else:
+        raise ValueError("[data]: give observed 'values', or a 'truth' for every parameter "
+                         "(twin experiment)")
+    observations = enkal.Observations(values, noise_std=data["noise_std"])
+    if observations.size != model.output_size:
+        raise ValueError(f"[data] values: expected {model.output_size} observations (the "
+                         f"model's output size), got {observations.size}")
+    kwargs = {k: build_strategy(k, smoother_cfg[k], where="[smoother]")
+              for k in ("rule", "schedule", "guard", "failure") if k in smoother_cfg}
+    smoother = enkal.EnsembleSmoother(observations, seed=seed,
+                                      chunk_size=smoother_cfg.get("chunk_size"), **kwargs)
+    executor = None
+    if "executor" in config:
+        executor = build_strategy("executor", config["executor"], where="[executor]")
+    dtype = model.dtype
+    return Experiment(
+        name=config.get("name", config["model"]["type"]), model=model,
+        observations=observations, prior=prior.to(dtype=dtype, device=model.device),
+        smoother=smoother, max_iterations=int(smoother_cfg.get("max_iterations", 100)),
+        executor=executor, truth=truth, config=config,
+    )
+
+
+def run_config(path: str, **run_kwargs) -> tuple[Experiment, enkal.SmootherResult]:
+    """Build from a TOML file and run; ``run_kwargs`` go to :meth:`EnsembleSmoother.run`."""
+    exp = build(load_toml(path))
+    run_kwargs.setdefault("max_iterations", exp.max_iterations)
+    result = exp.smoother.run(exp.model, exp.prior, executor=exp.executor, **run_kwargs)
+    return exp, result
+
+
+class _Plugin:
+    """The ``estimation`` entry point."""
+
+    name = "estimation"
+
+    @staticmethod
+    def build(config: dict, *, seed: int | None = None, device: str | None = None) -> Experiment:
+        return build(config, seed=seed, device=device)
+
+
+plugin = _Plugin()
