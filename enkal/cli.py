@@ -167,6 +167,17 @@ def _print_summary(summary: dict, truth: torch.Tensor | None) -> None:
         print(line)
 
 
+def _truth(ds):
+    """The twin experiment's truth (physical units) stored by ``run(truth=...)``, or None."""
+    import numpy as np
+
+    t = ds.attrs.get("truth")
+    if t is None:
+        return None
+    t = np.atleast_1d(np.asarray(t, dtype=np.float64))
+    return t if t.shape == (ds.sizes.get("parameter", -1),) else None
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .storage import open_dataset, physical
 
@@ -194,7 +205,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             return 0
         last = stored[-1]
         phys = physical(ds).isel(iteration=last).values
-        truth = ds["truth"].values if "truth" in ds else None
+        truth = _truth(ds)
         print(f"  ensemble at iteration {int(ds.iteration.values[last])} (physical units):")
         names = [str(n) for n in ds.parameter.values]
         import numpy as np
@@ -249,7 +260,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         ax2.set_xlabel("iteration")
         ax2.legend()
         first, last = stored[0], stored[-1]
-        truth = ds["truth"].values if "truth" in ds else None
+        truth = _truth(ds)
         for j, name in enumerate(shown):
             a = fig.add_subplot(nrows, ncols, 2 * ncols + j + 1) if nrows > 2 else None
             if a is None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -363,6 +364,12 @@ class EnsembleSmoother:
         executor: Any = None,
         callbacks: Iterable[Callable[[SmootherState, StepInfo], Any]] = (),
         progress: bool = False,
+        store: str | os.PathLike | None = None,
+        history: Any = None,
+        checkpoint: str | os.PathLike | bool | None = None,
+        resume: str | os.PathLike | None = None,
+        store_attrs: dict | None = None,
+        truth: torch.Tensor | None = None,
     ) -> SmootherResult:
         """Iterate forward and update until the schedule is done or a limit is reached.
 
@@ -386,6 +393,26 @@ class EnsembleSmoother:
             ``state.parameters`` must ``.clone()`` it.
         progress : bool
             Print one line per iteration to stderr.
+        store : path, optional
+            Stream the run to this HDF5 history file (``docs/schema.md``), one iteration at
+            a time: a crash keeps every completed iteration.
+        history : enkal.storage.History, optional
+            Which iterations keep the ensemble (and predictions); default all, no
+            predictions.
+        checkpoint : path or bool, optional
+            Write the whole smoother state here after every update, atomically (default
+            with ``store``: ``STORE.ckpt.h5`` beside it; ``False``: none).
+        resume : path, optional
+            Continue from this checkpoint (instead of ``prior``/``state``); with ``store``
+            the history file is continued where the checkpoint left it. A run resumed after
+            being killed ends bit for bit where the uninterrupted run would (same device).
+        store_attrs : dict, optional
+            Extra attributes for the history file (JSON-able).
+        truth : Tensor, shape (N_par,), optional
+            Physical values of a twin experiment's truth, stored with the history.
+
+        ``max_iterations`` counts updates from the start of the run (a resumed run stops at
+        the same iteration as the uninterrupted one).
         """
         if not isinstance(model, ForwardModel):
             raise TypeError(f"model: expected an enkal.ForwardModel, got {type(model).__name__}")
@@ -401,56 +428,104 @@ class EnsembleSmoother:
         for cb in callbacks:
             if not callable(cb):
                 raise TypeError(f"callbacks: expected callables, got {type(cb).__name__}")
-        if (prior is None) == (state is None):
-            raise ValueError("run: expected exactly one of prior= or state=")
-        if state is None:
+        if sum(x is not None for x in (prior, state, resume)) != 1:
+            raise ValueError("run: expected exactly one of prior=, state= or resume=")
+        if resume is not None:
+            from .storage import read_checkpoint
+
+            state = read_checkpoint(resume, self, device=getattr(model, "device", None))
+        elif state is None:
             state = self.init(prior)
         if state.parameters.shape[1] != model.layout.size:
             raise ValueError(
                 f"prior: expected {model.layout.size} columns (the model's N_par), got shape "
                 f"{tuple(state.parameters.shape)}"
             )
+        writer, ckpt_path = self._open_store(model, state, store=store, history=history,
+                                             checkpoint=checkpoint, resume=resume,
+                                             attrs=store_attrs, truth=truth)
         initial = state.parameters  # the caller's tensor: never used as an output buffer
-        history: dict[str, list] = {}
+        log: dict[str, list] = {}
         n_forwards = 0
         spare: torch.Tensor | None = None
         last_mean = None
         stopped_by = "max_iterations"
         predictions = None
         t0 = time.perf_counter()
-        for _ in range(max_iterations):
-            if self.done(state):
-                stopped_by = "schedule"
-                break
-            phys = model.layout.to_physical(state.parameters)
-            predictions, ok = executor.evaluate(model, phys)
-            n_forwards += phys.shape[0]
-            previous = state.parameters
-            state, info = self.step(state, predictions, ok=ok, out=spare)
-            # ping-pong between two buffers once the prior is no longer referenced
-            spare = previous if previous is not initial else None
-            for k, v in info.as_dict().items():
-                history.setdefault(k, []).append(v)
-            if progress:
-                print(f"iteration {info.iteration:4d}  alpha {info.alpha:10.4g}  "
-                      f"misfit {info.mean_misfit:10.4g}  spread {info.spread:9.3g}  "
-                      f"failed {info.n_failed}  {time.perf_counter() - t0:7.1f}s",
-                      file=sys.stderr, flush=True)
-            stop = any(bool(cb(state, info)) for cb in callbacks)
-            if stop:
-                stopped_by = "callback"
-                break
-            if tolerance is not None and last_mean is not None and \
-                    abs(info.mean_misfit - last_mean) <= tolerance * abs(last_mean):
-                stopped_by = "tolerance"
-                break
-            last_mean = info.mean_misfit
-        else:
-            if self.done(state):
-                stopped_by = "schedule"
-        return SmootherResult(state=state, layout=model.layout, history=history,
+        try:
+            while True:
+                if self.done(state):
+                    stopped_by = "schedule"
+                    break
+                if state.iteration >= max_iterations:
+                    break
+                phys = model.layout.to_physical(state.parameters)
+                predictions, ok = executor.evaluate(model, phys)
+                n_forwards += phys.shape[0]
+                previous = state.parameters
+                state, info = self.step(state, predictions, ok=ok, out=spare)
+                # ping-pong between two buffers once the caller's tensor is not involved
+                spare = previous if previous is not initial else None
+                for k, v in info.as_dict().items():
+                    log.setdefault(k, []).append(v)
+                if progress:
+                    print(f"iteration {info.iteration:4d}  alpha {info.alpha:10.4g}  "
+                          f"misfit {info.mean_misfit:10.4g}  spread {info.spread:9.3g}  "
+                          f"failed {info.n_failed}  {time.perf_counter() - t0:7.1f}s",
+                          file=sys.stderr, flush=True)
+                stop = None
+                if any([bool(cb(state, info)) for cb in callbacks]):
+                    stop = "callback"
+                elif tolerance is not None and last_mean is not None and \
+                        abs(info.mean_misfit - last_mean) <= tolerance * abs(last_mean):
+                    stop = "tolerance"
+                last_mean = info.mean_misfit
+                final = stop is not None or info.done or state.iteration >= max_iterations
+                if writer is not None:
+                    writer.record(state, info, predictions=predictions, final=final)
+                if ckpt_path is not None:
+                    from .storage import write_checkpoint
+
+                    write_checkpoint(ckpt_path, self, state)
+                if stop is not None:
+                    stopped_by = stop
+                    break
+        finally:
+            if writer is not None:
+                writer.close()
+        return SmootherResult(state=state, layout=model.layout, history=log,
                               n_forwards=n_forwards, smoother=self, predictions=predictions,
                               stopped_by=stopped_by)
+
+    def _open_store(self, model, state, *, store, history, checkpoint, resume, attrs, truth):
+        """The history writer (or None) and the checkpoint path (or None) of a run."""
+        if checkpoint is True and store is None:
+            raise ValueError("checkpoint=True: needs store= (or give a checkpoint path)")
+        ckpt = None
+        if checkpoint not in (None, False, True):
+            ckpt = os.fspath(checkpoint)
+        elif store is not None and checkpoint is not False:
+            ckpt = default_checkpoint_path(store)
+        if store is None:
+            if history is not None:
+                raise ValueError("history=: only with store=")
+            return None, ckpt
+        from .storage import History, HistoryWriter
+
+        extra = dict(attrs or {})
+        if truth is not None:
+            t = torch.as_tensor(truth, dtype=torch.float64).reshape(-1)
+            if t.numel() != model.layout.size:
+                raise ValueError(f"truth: expected {model.layout.size} values (N_par), got "
+                                 f"{t.numel()}")
+            extra["truth"] = t.numpy()  # a numeric attribute, in physical units
+        writer = HistoryWriter(
+            store, layout=model.layout, observations=self.observations, config=self.config(),
+            history=history if history is not None else History(),
+            output_names=model.output_names, seed=self.seed,
+            resume_from=state.iteration if resume is not None else None, attrs=extra)
+        writer.start(state.iteration, state.parameters, mask=state.mask)
+        return writer, ckpt
 
     # -- persistence -----------------------------------------------------------------------
     def state_dict(self, state: SmootherState) -> dict[str, Any]:
@@ -491,6 +566,12 @@ class EnsembleSmoother:
             rng_state=torch.as_tensor(rng, dtype=torch.uint8).cpu(), mask=mask)
         check_members_first(state.parameters, "state dict parameters")
         return state
+
+
+def default_checkpoint_path(store: str | os.PathLike) -> str:
+    """``run.h5`` -> ``run.ckpt.h5``: where ``run(store=...)`` keeps its checkpoint."""
+    root, ext = os.path.splitext(os.fspath(store))
+    return f"{root}.ckpt{ext or '.h5'}"
 
 
 def _mean_variance(x: torch.Tensor, chunk_size: int = 1 << 18) -> float:
