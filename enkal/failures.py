@@ -1,8 +1,11 @@
 """Failure policies: what to do with members whose forward failed.
 
 A member is *failed* when its forward raised, its prediction has NaN/inf, (with ``max_abs``)
-an entry larger in magnitude than ``max_abs``, or its noise-whitened misfit overflows float64.
-The policies:
+an entry larger in magnitude than ``max_abs``, its noise-whitened misfit overflows float64, or
+(with ``max_sigma``, default ``1e12``) its root-mean-square whitened residual
+``sqrt(||L^-1 (Yh_j - y)||^2 / N_obs)`` exceeds ``max_sigma`` noise standard deviations: a
+unit-free bound that catches exploded simulations (``1e30`` outputs) without knowing the
+outputs' units. The policies:
 
 * :class:`ResampleFailed` (default): failed members are left out of the update's statistics
   and redrawn from the Gaussian of the updated successful members;
@@ -29,10 +32,23 @@ __all__ = ["ResampleFailed", "IgnoreFailed", "Raise", "FailurePolicy", "classify
 
 @dataclass(frozen=True)
 class ResampleFailed:
-    """Leave failed members out and redraw them from the successful members' Gaussian."""
+    """Leave failed members out and redraw them from the successful members' Gaussian.
+
+    Parameters (the same for every policy)
+    --------------------------------------
+    max_abs : float, optional
+        Predictions with an entry larger in magnitude fail (units of the outputs).
+    min_success : float in (0, 1], optional
+        Fewer successful members than this fraction of ``N_ens`` (and never fewer than 2)
+        stops the run with :class:`~enkal.errors.FailedMembersError`.
+    max_sigma : float, optional
+        Members whose RMS whitened residual exceeds this many noise standard deviations
+        fail (default ``1e12``; ``None`` turns the check off).
+    """
 
     max_abs: float | None = None
     min_success: float | None = None
+    max_sigma: float | None = 1e12
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -44,6 +60,7 @@ class IgnoreFailed:
 
     max_abs: float | None = None
     min_success: float | None = None
+    max_sigma: float | None = 1e12
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -55,6 +72,7 @@ class Raise:
 
     max_abs: float | None = None
     min_success: float | None = None
+    max_sigma: float | None = 1e12
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -66,6 +84,7 @@ FailurePolicy = ResampleFailed | IgnoreFailed | Raise
 def _check_common(policy) -> None:
     name = type(policy).__name__
     check_positive_float(policy.max_abs, f"{name}.max_abs", allow_none=True)
+    check_positive_float(policy.max_sigma, f"{name}.max_sigma", allow_none=True)
     check_fraction(policy.min_success, f"{name}.min_success")
 
 
@@ -83,17 +102,21 @@ def classify_members(policy: FailurePolicy, predictions: torch.Tensor,
 
     ``ok`` is what the evaluation already knows (forwards that raised); rows with NaN/inf,
     (with ``max_abs``) too-large entries, or (given ``observations``) a whitened misfit that
-    overflows float64 are failed too. Raises
+    overflows float64 or a residual beyond ``max_sigma`` noise std's are failed too. Raises
     :class:`~enkal.errors.FailedMembersError` when too few succeed, or on any failure under
     :class:`Raise`.
     """
     n = predictions.shape[0]
     good = torch.isfinite(predictions).all(dim=1)
     if observations is not None:
-        # a finite prediction whose whitened misfit overflows float64 is garbage too
+        # unit-free garbage detection: a whitened misfit that overflows float64, or (with
+        # max_sigma) a root-mean-square residual of more than max_sigma noise std's
         with torch.no_grad():
-            good &= torch.isfinite(observations.misfit(torch.where(
-                good.unsqueeze(1), predictions, torch.zeros_like(predictions))))
+            phi = observations.misfit(torch.where(good.unsqueeze(1), predictions,
+                                                  torch.zeros_like(predictions)))
+            good &= torch.isfinite(phi)
+            if policy.max_sigma is not None:
+                good &= (2 * phi / observations.size).sqrt() <= policy.max_sigma
     if policy.max_abs is not None:
         good &= ~(predictions.abs() > policy.max_abs).any(dim=1)
     if ok is not None:

@@ -444,6 +444,11 @@ class EnsembleSmoother:
         writer, ckpt_path = self._open_store(model, state, store=store, history=history,
                                              checkpoint=checkpoint, resume=resume,
                                              attrs=store_attrs, truth=truth)
+        if ckpt_path is not None and resume is None:
+            from .storage import write_checkpoint
+
+            # the starting state, so that even a run failing in its first iteration resumes
+            write_checkpoint(ckpt_path, self, state)
         initial = state.parameters  # the caller's tensor: never used as an output buffer
         log: dict[str, list] = {}
         n_forwards = 0

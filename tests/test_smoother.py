@@ -258,6 +258,12 @@ def test_raise_policy_and_all_failed():
     big[0] = 1e30
     _, info = make_smoother(failure=ResampleFailed(max_abs=1e6)).step(make_smoother().init(x), big)
     assert info.n_failed == 1
+    # the default unit-free bound: 1e30 is 1e31 noise std's away from the data
+    _, info = make_smoother().step(make_smoother().init(x), big)
+    assert info.n_failed == 1
+    _, info = make_smoother(failure=ResampleFailed(max_sigma=None)).step(
+        make_smoother().init(x), big)
+    assert info.n_failed == 0
 
 
 def test_evaluate_isolates_members_that_raise():
