@@ -51,20 +51,22 @@ def model_registry() -> dict[str, type]:
     """Simulator classes available to configurations, by class name."""
     from enkal.models import jump, ode, sde
 
+    generic = {"ODEModel", "SDEModel", "JumpModel"}  # need Python callables: not from TOML
     reg: dict[str, type] = {}
     for module in (ode, sde, jump):
         for name in getattr(module, "__all__", []):
             obj = getattr(module, name)
             if isinstance(obj, type) and issubclass(obj, enkal.ForwardModel) and \
-                    not inspect.isabstract(obj):
+                    not inspect.isabstract(obj) and name not in generic:
                 reg[name] = obj
     return reg
 
 
 def solver_registry() -> dict[str, type]:
-    from enkal.models import ode
+    from enkal.models import jump, ode
 
-    return {name: getattr(ode, name) for name in ("RK4", "DormandPrince") if hasattr(ode, name)}
+    return {"RK4": ode.RK4, "DormandPrince": ode.DormandPrince, "Gillespie": jump.Gillespie,
+            "TauLeaping": jump.TauLeaping}
 
 
 def _times(spec: Any, where: str) -> list[float]:
