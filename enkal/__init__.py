@@ -10,6 +10,8 @@ The public API (a contract: docs and external checks use these names):
 * guards and failures: :class:`CollapseGuard`, :class:`ResampleFailed`,
   :class:`IgnoreFailed`, :class:`Raise`
 * the loop: :class:`EnsembleSmoother`
+* storage: :func:`save`, :func:`open`, :func:`to_xarray`, :class:`History`
+  (``docs/schema.md``)
 """
 
 from .collapse import CollapseGuard
@@ -21,6 +23,8 @@ from .forward import CallableModel, ForwardModel, evaluate
 from .observations import Observations
 from .schedule import ESMDA, DataMisfitController, FixedAnnealing
 from .smoother import EnsembleSmoother, SmootherResult, SmootherState, StepInfo
+from .storage import History, open_dataset, save, to_xarray
+from .storage import open_dataset as open  # noqa: A001 - enkal.open(path), as documented
 from .update import (
     PerturbedObservations,
     SquareRoot,
@@ -62,4 +66,9 @@ __all__ = [
     "ensemble_transform",
     "evaluate",
     "gaussian_ensemble",
+    "History",
+    "open",
+    "open_dataset",
+    "save",
+    "to_xarray",
 ]

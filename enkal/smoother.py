@@ -367,6 +367,7 @@ class EnsembleSmoother:
         store: str | os.PathLike | None = None,
         history: Any = None,
         checkpoint: str | os.PathLike | bool | None = None,
+        checkpoint_every: int = 1,
         resume: str | os.PathLike | None = None,
         store_attrs: dict | None = None,
         truth: torch.Tensor | None = None,
@@ -402,6 +403,10 @@ class EnsembleSmoother:
         checkpoint : path or bool, optional
             Write the whole smoother state here after every update, atomically (default
             with ``store``: ``STORE.ckpt.h5`` beside it; ``False``: none).
+        checkpoint_every : int
+            Checkpoint every this many updates (and at the end). A resume from an older
+            checkpoint recomputes the iterations since, bit for bit, and the history file
+            drops its rows beyond the checkpoint.
         resume : path, optional
             Continue from this checkpoint (instead of ``prior``/``state``); with ``store``
             the history file is continued where the checkpoint left it. A run resumed after
@@ -422,6 +427,7 @@ class EnsembleSmoother:
                 f"{self.observations.size} observations"
             )
         check_positive_int(max_iterations, "max_iterations")
+        check_positive_int(checkpoint_every, "checkpoint_every")
         executor = InProcess() if executor is None else executor
         check_executor(executor)
         callbacks = list(callbacks)
@@ -488,16 +494,16 @@ class EnsembleSmoother:
                 final = stop is not None or info.done or state.iteration >= max_iterations
                 if writer is not None:
                     writer.record(state, info, predictions=predictions, final=final)
-                if ckpt_path is not None:
+                if ckpt_path is not None and (final or state.iteration % checkpoint_every == 0):
                     from .storage import write_checkpoint
 
-                    write_checkpoint(ckpt_path, self, state)
+                    write_checkpoint(ckpt_path, self, state)  # always after the history row
                 if stop is not None:
                     stopped_by = stop
                     break
         finally:
             if writer is not None:
-                writer.close()
+                writer.close(attrs={"stopped_by": stopped_by, "n_forwards": n_forwards})
         return SmootherResult(state=state, layout=model.layout, history=log,
                               n_forwards=n_forwards, smoother=self, predictions=predictions,
                               stopped_by=stopped_by)

@@ -31,7 +31,7 @@ import enkal
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 DOC_FILES = sorted(DOCS.glob("*.md"))
-API_DOCS = ("glossary.md", "updates.md", "quickstart.md")
+API_DOCS = ("glossary.md", "updates.md", "quickstart.md", "schema.md", "scaling.md")
 
 # Public names that need not appear in API_DOCS, with the reason. Keep it short.
 UNDOCUMENTED_OK: dict[str, str] = {
