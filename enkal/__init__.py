@@ -17,7 +17,7 @@ The public API (a contract: docs and external checks use these names):
 from .collapse import CollapseGuard
 from .ensemble import Bounded, ParameterLayout, Positive, Real, gaussian_ensemble
 from .errors import EnkalError, FailedMembersError, ScheduleExhaustedError, StorageError
-from .executors import InProcess
+from .executors import Dask, InProcess
 from .failures import IgnoreFailed, Raise, ResampleFailed
 from .forward import CallableModel, ForwardModel, evaluate
 from .observations import Observations
@@ -46,6 +46,7 @@ __all__ = [
     "FailedMembersError",
     "FixedAnnealing",
     "ForwardModel",
+    "Dask",
     "IgnoreFailed",
     "InProcess",
     "Observations",

@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from .collapse import CollapseGuard
-from .executors import InProcess
+from .executors import Dask, InProcess
 from .failures import IgnoreFailed, Raise, ResampleFailed
 from .schedule import ESMDA, DataMisfitController, FixedAnnealing
 from .update import PerturbedObservations, SquareRoot
@@ -36,7 +36,7 @@ STRATEGIES: dict[str, dict[str, type]] = {
                  "DataMisfitController": DataMisfitController},
     "guard": {"CollapseGuard": CollapseGuard},
     "failure": {"ResampleFailed": ResampleFailed, "IgnoreFailed": IgnoreFailed, "Raise": Raise},
-    "executor": {"InProcess": InProcess},
+    "executor": {"InProcess": InProcess, "Dask": Dask},
 }
 
 MAX_CONFIG_BYTES = 1 << 20

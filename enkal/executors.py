@@ -6,18 +6,52 @@ and dtype, NaN rows and ``ok = False`` for failed members, errors per failed mem
 result's ``errors`` attribute.
 
 * :class:`InProcess` (default): in this process, in chunks of ``members_per_call`` members.
+* :class:`Dask`: on a ``distributed`` cluster (a :class:`~distributed.LocalCluster` on one
+  machine, dask-jobqueue on a batch system), in tasks of ``members_per_task`` members. Needs
+  the optional dependency: ``pip install "enkal[dask]"``.
+
+How :class:`Dask` runs one ``evaluate``
+---------------------------------------
+1. The model is serialised once with cloudpickle (what ``distributed`` itself falls back to
+   for functions), so lambdas and closures travel; a model that cannot be pickled (an open
+   file, a lock, a CUDA stream...) is refused up front with a ``TypeError``.
+2. The ``(N_ens, N_par)`` parameters become one CPU numpy array (bfloat16 travels as
+   float32) cut into row blocks of ``members_per_task`` members, by default
+   ``ceil(N_ens / (2 * slots))`` with ``slots`` the worker threads of the cluster: two tasks
+   per slot, so a slow task leaves a tail of at most half a slot's share, and a lost worker
+   costs at most that much recomputation. Never one task per member unless asked.
+3. Each task runs :func:`enkal.evaluate` on its block inside the worker, so a member whose
+   forward raises (or returns NaN/inf, or exceeds ``max_abs``) becomes a failed member with
+   its error message, exactly as in-process; the block is retried member by member.
+4. A worker that dies (killed, out of memory) loses its tasks; the scheduler reschedules
+   them, and the results it held, on the surviving or restarted workers. Tasks that raised
+   are resubmitted ``retries`` times. A block that ``distributed`` gives up on with
+   ``KilledWorker`` (its tasks were on ``allowed-failures + 1`` dying workers,
+   ``distributed.scheduler.allowed-failures``, default 3: a simulator that segfaults) is
+   rerun member by member; a member killed again is rerun alone, and only if it still
+   kills its worker is it a failed member (error ``KilledWorker: ...``) rather than the
+   end of the run. (Rerunning it alone matters: ``distributed`` charges every task on a
+   dying worker, not only the one that killed it.)
+5. Results are gathered in member order and returned on the parameters' device and dtype.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import math
+import pickle
+import threading
+import uuid
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
-from ._checks import check_positive_int
-from .forward import ForwardModel, evaluate
+from ._checks import check_members_first, check_positive_float, check_positive_int
+from .forward import EvaluationReport, ForwardModel, evaluate
 
-__all__ = ["InProcess", "check_executor"]
+__all__ = ["InProcess", "Dask", "check_executor"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +70,332 @@ class InProcess:
     def evaluate(self, model: ForwardModel, parameters: torch.Tensor):
         return evaluate(model, parameters, members_per_call=self.members_per_call,
                         max_abs=self.max_abs)
+
+
+# -- Dask ------------------------------------------------------------------------------------
+
+_INSTALL_HINT = 'pip install "enkal[dask]"'
+
+
+def _require_distributed():
+    """Import ``distributed`` (the optional ``dask`` extra) or say how to install it."""
+    try:
+        import distributed
+    except ImportError as err:
+        raise ImportError(
+            "enkal.executors.Dask needs the optional dependency `distributed` (Dask's "
+            f"cluster scheduler), which could not be imported ({err}). Install it with: "
+            f"{_INSTALL_HINT}"
+        ) from err
+    return distributed
+
+
+class _Session:
+    """The live, mutable side of a :class:`Dask` executor: the client (and the cluster)
+    it opened itself. Kept out of the dataclass's fields, equality and ``repr``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.client: Any = None
+        self.cluster: Any = None
+
+
+@dataclass(frozen=True)
+class Dask:
+    """Run forwards on a ``distributed`` cluster, ``members_per_task`` members per task.
+
+    The object is frozen configuration. The connection is a resource it opens lazily, on the
+    first :meth:`evaluate` (or :meth:`connect`), in one of three ways:
+
+    * ``client=`` a live :class:`distributed.Client`: used as is, never closed by enkal
+      (yours to close);
+    * ``address=`` a scheduler address (``"tcp://host:8786"``): enkal connects a client and
+      closes it in :meth:`close`;
+    * neither: enkal starts a :class:`distributed.LocalCluster` of ``n_workers`` (default 2)
+      worker *processes* with one thread each, and shuts it down in :meth:`close`.
+
+    Use it as a context manager (``with Dask(n_workers=4) as ex: ...``) or call
+    :meth:`close`; after ``close`` a new cluster is opened on next use.
+    ``dataclasses.replace`` gives a new executor with its own (unopened) connection.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+    address : str, optional
+        Scheduler address to connect to; not together with ``client``.
+    n_workers : int, optional
+        Worker processes of the LocalCluster started when neither ``client`` nor
+        ``address`` is given (default 2). A cluster you bring has its own size.
+    members_per_task : int, optional
+        Members per task. Default ``ceil(N_ens / (2 * slots))``, ``slots`` being the worker
+        threads of the cluster at the time of the call (``n_workers`` or 1 when the cluster
+        has no worker yet, e.g. an adaptive one: set it explicitly there).
+    members_per_call : int, optional
+        Members per ``forward`` call inside a task (bounds the model's memory on a worker);
+        default the whole task at once.
+    max_abs : float, optional
+        Predictions with a larger entry in magnitude count as failed.
+    retries : int
+        Times a task that raised is resubmitted (``Client.submit(retries=)``). Members
+        failing inside ``forward`` are not task errors (they are failed members); this is
+        for the rest: a worker that cannot import a module yet, a transient I/O error.
+        Tasks lost with a dead worker are rescheduled by the scheduler regardless.
+
+    Notes
+    -----
+    Workers must be able to import ``enkal`` and ``torch``, and whatever the model
+    references *by module*: functions in an installed module travel by reference (the
+    module must be importable on the workers); functions defined in ``__main__`` (a script
+    or notebook), lambdas and closures travel by value. For a local module that the workers
+    cannot import, call ``cloudpickle.register_pickle_by_value(module)``.
+
+    With ``processes=True`` workers are spawned: a script that starts the cluster needs the
+    usual ``if __name__ == "__main__":`` guard.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from enkal import CallableModel
+    >>> from enkal.executors import Dask
+    >>> model = CallableModel(lambda x: x ** 2, parameters=2, output_size=2)
+    >>> with Dask(n_workers=2) as ex:                       # doctest: +SKIP
+    ...     y, ok = ex.evaluate(model, torch.ones(8, 2, dtype=torch.float64))
+    >>> bool(ok.all())                                      # doctest: +SKIP
+    True
+    """
+
+    client: Any = None
+    _: KW_ONLY
+    address: str | None = None
+    n_workers: int | None = None
+    members_per_task: int | None = None
+    members_per_call: int | None = None
+    max_abs: float | None = None
+    retries: int = 1
+    _session: _Session = field(default_factory=_Session, init=False, repr=False,
+                               compare=False)
+
+    def __post_init__(self) -> None:
+        distributed = _require_distributed()
+        if self.client is not None and not isinstance(self.client, distributed.Client):
+            raise TypeError(
+                "Dask.client: expected a distributed.Client or None, got "
+                f"{type(self.client).__name__}; to connect to a running scheduler pass "
+                "address='tcp://host:port' instead"
+            )
+        if self.address is not None and not isinstance(self.address, str):
+            raise TypeError(
+                f"Dask.address: expected a scheduler address str, got "
+                f"{type(self.address).__name__}"
+            )
+        if self.client is not None and self.address is not None:
+            raise ValueError("Dask: expected at most one of client= and address=, got both")
+        check_positive_int(self.n_workers, "Dask.n_workers", allow_none=True)
+        if self.n_workers is not None and (self.client is not None or self.address is not None):
+            raise ValueError(
+                "Dask.n_workers: only sizes the LocalCluster that Dask starts when given "
+                "neither client= nor address=; a cluster you bring has its own size (use "
+                "members_per_task= to set the task size)"
+            )
+        check_positive_int(self.members_per_task, "Dask.members_per_task", allow_none=True)
+        check_positive_int(self.members_per_call, "Dask.members_per_call", allow_none=True)
+        check_positive_float(self.max_abs, "Dask.max_abs", allow_none=True)
+        check_positive_int(self.retries, "Dask.retries", minimum=0)
+
+    # -- the connection --------------------------------------------------------------------
+    def connect(self):
+        """The :class:`distributed.Client` in use, opening it (and the LocalCluster) on the
+        first call. Useful for diagnostics: ``ex.connect().dashboard_link``."""
+        if self.client is not None:
+            return self.client
+        s = self._session
+        with s.lock:
+            if s.client is None:
+                distributed = _require_distributed()
+                if self.address is not None:
+                    s.client = distributed.Client(self.address, set_as_default=False)
+                else:
+                    s.cluster = distributed.LocalCluster(
+                        n_workers=self.n_workers or 2, threads_per_worker=1, processes=True)
+                    try:
+                        s.client = distributed.Client(s.cluster, set_as_default=False)
+                    except BaseException:
+                        s.cluster.close()
+                        s.cluster = None
+                        raise
+            return s.client
+
+    def close(self) -> None:
+        """Close the client and cluster this executor opened (a ``client=`` passed in is
+        left open). Safe to call twice."""
+        s = self._session
+        with s.lock:
+            client, cluster = s.client, s.cluster
+            s.client = s.cluster = None
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+
+    def __enter__(self) -> Dask:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the contract ------------------------------------------------------------------------
+    def evaluate(self, model: ForwardModel, parameters: torch.Tensor):
+        """Run ``model`` on the members on the cluster; the contract of
+        :func:`enkal.evaluate` (predictions, ok, and ``errors`` per failed member)."""
+        _check_inputs(model, parameters)
+        blob = _serialise_model(model)
+        n, m = parameters.shape[0], model.output_size
+        out = torch.full((n, m), float("nan"), dtype=parameters.dtype,
+                         device=parameters.device)
+        ok = torch.zeros(n, dtype=torch.bool, device=parameters.device)
+        errors: dict[int, str] = {}
+        if n:
+            client = self.connect()
+            x = _to_numpy(parameters)
+            step = self.members_per_task or _default_members_per_task(n, client,
+                                                                      self.n_workers)
+            spans = [(a, min(a + step, n)) for a in range(0, n, step)]
+            for (a, b), res in sorted(self._map(client, blob, x, spans).items()):
+                if isinstance(res, str):  # the member killed its worker, even alone
+                    errors[a] = res
+                    continue
+                y, ok_chunk, errs = res
+                out[a:b] = torch.from_numpy(y).to(device=out.device, dtype=out.dtype)
+                ok[a:b] = torch.from_numpy(ok_chunk).to(ok.device)
+                errors.update({a + i: msg for i, msg in errs.items()})
+        result = EvaluationReport((out, ok))
+        result.errors = dict(sorted(errors.items()))
+        return result
+
+    def _map(self, client, blob: bytes, x: np.ndarray, spans: list[tuple[int, int]]
+             ) -> dict[tuple[int, int], Any]:
+        """Run one task per span of members; ``{span: result}`` covering every member.
+
+        ``KilledWorker`` (the span's tasks died with ``allowed-failures + 1`` workers) does
+        not say which task killed them: the tasks sharing a dying worker are all charged.
+        So a killed span is rerun member by member (in parallel), and a member killed again
+        is rerun once more *alone*, with none of our tasks beside it: only a death then is
+        its own doing, and it maps to the error message (a str) instead of a result.
+        """
+        from distributed.scheduler import KilledWorker
+
+        token = uuid.uuid4().hex[:12]
+        rounds = itertools.count()
+
+        def run(batch: list[tuple[int, int]]) -> dict[tuple[int, int], Any]:
+            r = next(rounds)
+            futures = [client.submit(
+                _evaluate_block, blob, x[a:b], self.members_per_call, self.max_abs,
+                key=f"enkal-forward-{token}-{r}-{a}-{b}", retries=self.retries, pure=False)
+                for a, b in batch]
+            done: dict[tuple[int, int], Any] = {}
+            try:
+                for span, fut in zip(batch, futures, strict=True):
+                    try:
+                        done[span] = fut.result()
+                    except KilledWorker as err:
+                        # keep the message only: the exception's traceback would keep
+                        # these futures, and their results on the workers, alive
+                        done[span] = _Killed(f"KilledWorker: {err}"[:500])
+            except BaseException:
+                client.cancel(futures)
+                raise
+            finally:
+                del futures
+            return done
+
+        def killed(res: dict) -> list[tuple[int, int]]:
+            return [span for span, r in res.items() if isinstance(r, _Killed)]
+
+        results = run(spans)
+        suspects = killed(results)
+        singles = [(i, i + 1) for a, b in suspects if b - a > 1 for i in range(a, b)]
+        alone = [span for span in suspects if span[1] - span[0] == 1]
+        for span in suspects:
+            if span[1] - span[0] > 1:
+                del results[span]
+        if singles:
+            again = run(singles)
+            results.update(again)
+            alone += killed(again)
+        for span in alone:  # one at a time: nothing else of ours shares its worker
+            results.update(run([span]))
+        return {span: str(r) if isinstance(r, _Killed) else r
+                for span, r in results.items()}
+
+
+class _Killed(str):
+    """The message of a ``KilledWorker`` for a span of members (see ``Dask._map``)."""
+
+
+def _check_inputs(model: object, parameters: object) -> None:
+    """The boundary checks of :func:`enkal.evaluate`, done before anything is shipped."""
+    if not isinstance(model, ForwardModel):
+        raise TypeError(f"model: expected an enkal.ForwardModel, got {type(model).__name__}")
+    if not isinstance(parameters, torch.Tensor):
+        raise TypeError(f"parameters: expected a torch.Tensor, got {type(parameters).__name__}")
+    if not parameters.is_floating_point():
+        raise TypeError(f"parameters: expected a floating dtype, got {parameters.dtype}")
+    check_members_first(parameters, "parameters", n_columns=model.layout.size)
+
+
+def _serialise_model(model: ForwardModel) -> bytes:
+    """cloudpickle the model (as ``distributed`` does when plain pickle fails), or say why
+    it cannot travel to worker processes."""
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as err:  # noqa: BLE001 - pickling can fail in any way
+        raise TypeError(
+            f"model: Dask ships the model to worker processes by pickling it (cloudpickle), "
+            f"and this {type(model).__name__} cannot be pickled: {type(err).__name__}: "
+            f"{err}. Hold no open files, locks, threads, sockets or generators in the model "
+            "or in what its function refers to (open them inside forward, or define the "
+            "function at module level with its resources created on first use), or run it "
+            "with InProcess()"[:1500]
+        ) from err
+
+
+def _to_numpy(parameters: torch.Tensor) -> np.ndarray:
+    x = parameters.detach()
+    if x.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+        x = x.to(torch.float32)
+    return np.ascontiguousarray(x.cpu().numpy())
+
+
+def _default_members_per_task(n: int, client: Any, n_workers: int | None) -> int:
+    slots = sum(client.nthreads().values()) or (n_workers or 1)
+    return max(1, math.ceil(n / (2 * slots)))
+
+
+def _evaluate_block(blob: bytes, x: np.ndarray, members_per_call: int | None,
+                    max_abs: float | None):
+    """On a worker: unpickle the model and run :func:`enkal.evaluate` on a block of members.
+
+    Returns ``(predictions, ok, errors)`` as numpy arrays and a dict keyed by the member's
+    row in the block.
+    """
+    try:
+        model = pickle.loads(blob)
+    except Exception as err:  # noqa: BLE001
+        raise RuntimeError(
+            f"enkal Dask worker: could not unpickle the model ({type(err).__name__}: {err}). "
+            "A function referenced by module must be importable on the workers: install "
+            "its module there, or ship it by value with "
+            "cloudpickle.register_pickle_by_value(module)"
+        ) from err
+    if not x.flags.writeable:  # deserialised buffers may be read-only; torch wants writable
+        x = x.copy()
+    y, ok = res = evaluate(model, torch.from_numpy(x), members_per_call=members_per_call,
+                           max_abs=max_abs)
+    return y.cpu().numpy(), ok.cpu().numpy(), dict(res.errors)
 
 
 def check_executor(executor: object) -> None:
