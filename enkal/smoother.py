@@ -368,6 +368,7 @@ class EnsembleSmoother:
         history: Any = None,
         checkpoint: str | os.PathLike | bool | None = None,
         checkpoint_every: int = 1,
+        inplace: bool = False,
         resume: str | os.PathLike | None = None,
         store_attrs: dict | None = None,
         truth: torch.Tensor | None = None,
@@ -407,6 +408,10 @@ class EnsembleSmoother:
             Checkpoint every this many updates (and at the end). A resume from an older
             checkpoint recomputes the iterations since, bit for bit, and the history file
             drops its rows beyond the checkpoint.
+        inplace : bool
+            Update the ensemble in place (after the first update, which never writes to the
+            caller's prior), through an ``(N_ens, chunk_size)`` buffer: the memory-bounded
+            path for huge ``N_par``. By default two ensemble buffers alternate (faster).
         resume : path, optional
             Continue from this checkpoint (instead of ``prior``/``state``); with ``store``
             the history file is continued where the checkpoint left it. A run resumed after
@@ -474,9 +479,11 @@ class EnsembleSmoother:
                 predictions, ok = executor.evaluate(model, phys)
                 n_forwards += phys.shape[0]
                 previous = state.parameters
+                if inplace and previous is not initial:
+                    spare = previous  # chunked in-place update: an E x chunk buffer only
                 state, info = self.step(state, predictions, ok=ok, out=spare)
                 # ping-pong between two buffers once the caller's tensor is not involved
-                spare = previous if previous is not initial else None
+                spare = previous if previous is not initial and not inplace else None
                 for k, v in info.as_dict().items():
                     log.setdefault(k, []).append(v)
                 if progress:

@@ -1,5 +1,12 @@
 """Parameter estimation: a simulator, priors with constraints, data, and a smoother, from TOML.
 
+Stochastic simulators are best fitted through statistics of many paths: a ``[summary]``
+section (``replicates``, ``statistics``, ``seed``) wraps the model in
+:class:`enkal.models.summary.Replicated` (common random numbers across members), and
+``noise_std = "auto"`` sets the data's noise to the Monte-Carlo error of those statistics
+(twin experiments): a full covariance, bootstrapped from the data's paths, doubled for the
+model's own replicates.
+
 Priors are Gaussian in the unconstrained space ``u`` of each parameter and reported in the
 physical space ``phi``: a ``Positive`` parameter is log-normal (``prior_median`` is
 ``exp(mean u)``, ``prior_std`` the standard deviation of ``log phi``), a ``Bounded`` one is
@@ -41,10 +48,12 @@ import torch
 import enkal
 from enkal.config import build_strategy, check_keys, load_toml
 from enkal.experiment import Experiment
+from enkal.models.summary import monte_carlo_cov, summarise
 
 __all__ = ["build", "run_config", "model_registry", "plugin"]
 
-TOP_KEYS = ("problem", "name", "model", "parameters", "data", "smoother", "executor")
+TOP_KEYS = ("problem", "name", "model", "summary", "parameters", "data", "smoother",
+            "executor")
 
 
 def model_registry() -> dict[str, type]:
@@ -124,6 +133,17 @@ def _solver(spec: Any, model_name: str):
         raise type(err)(f"{where}: {err}") from None
 
 
+def _replicate(model, summary: dict):
+    from enkal.models.summary import Replicated
+
+    try:
+        return Replicated(model, n_replicates=summary.get("replicates", 100),
+                          statistics=tuple(summary.get("statistics", ("mean", "std"))),
+                          seed=summary.get("seed", 0))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"[summary]: {err}") from None
+
+
 def _block_values(block, value: Any, where: str) -> torch.Tensor:
     t = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
     if t.numel() == 1:
@@ -187,21 +207,56 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None) -
 
     if "noise_std" not in data:
         raise ValueError("[data]: missing key 'noise_std'")
+    noise_std = data["noise_std"]
+    if isinstance(noise_std, str) and noise_std != "auto":
+        raise ValueError(f"[data] noise_std: expected a number, a list of numbers or \"auto\", "
+                         f"got {noise_std!r}")
+    summary = None
+    if "summary" in config:
+        summary = check_keys(config["summary"], where="[summary]",
+                             optional=("replicates", "statistics", "seed"))
+        # the model's replicate paths follow the run's seed too (a fixed set of paths would
+        # bias every repetition of an experiment the same way)
+        model = _replicate(model, {**summary, "seed": summary.get("seed", 0) + 7919 * seed})
+    elif noise_std == "auto":
+        raise ValueError("[data] noise_std = \"auto\": only with a [summary] section")
+    # the data's noise follows both the configured data seed and the run's seed, so that
+    # repeating a twin experiment over seeds repeats it over data sets too
+    data_seed = 1_000_003 * int(data.get("seed", 0)) + seed
     if "values" in data:
         values = torch.as_tensor(data["values"], dtype=torch.float64)
+        if noise_std == "auto":
+            raise ValueError("[data] noise_std = \"auto\": only for twin experiments (truth)")
     elif truth is not None:
         # a stochastic simulator draws the truth's noise from the data seed, not the
         # ensemble's: the members must not share the realisation that made the data
-        data_seed = data.get("seed", seed + 1)
         truth_model = _build_model(config["model"], device=device, seed=10_007 + data_seed)
-        clean = truth_model(truth.unsqueeze(0).to(truth_model.dtype))[0].to(torch.float64).cpu()
-        noise_gen = torch.Generator().manual_seed(data_seed)
-        std = torch.as_tensor(data["noise_std"], dtype=torch.float64)
-        values = clean + std * torch.randn(clean.shape, generator=noise_gen, dtype=torch.float64)
+        x_true = truth.unsqueeze(0).to(truth_model.dtype)
+        if summary is not None:
+            truth_model = _replicate(truth_model, {**summary, "seed": 1_000_003 * (1 + data_seed)})
+            paths = truth_model.paths(x_true)[0].to(torch.float64).cpu()
+            clean = summarise(paths.unsqueeze(0), truth_model.statistics)[0]
+            if noise_std == "auto":
+                # Monte-Carlo error of the data's statistics (correlated over time: a full
+                # covariance, by the bootstrap), and as much again for the model's own
+                # replicates (independent paths): covariances add
+                noise_cov = 2.0 * monte_carlo_cov(paths, truth_model.statistics,
+                                                  generator=torch.Generator().manual_seed(
+                                                      data_seed))
+            values = clean  # statistics of paths: their noise is the Monte-Carlo error
+        else:
+            clean = truth_model(x_true)[0].to(torch.float64).cpu()
+            noise_gen = torch.Generator().manual_seed(data_seed)
+            std = enkal.Observations(clean, noise_std=noise_std).noise_std
+            values = clean + std * torch.randn(clean.shape, generator=noise_gen,
+                                               dtype=torch.float64)
     else:
         raise ValueError("[data]: give observed 'values', or a 'truth' for every parameter "
                          "(twin experiment)")
-    observations = enkal.Observations(values, noise_std=data["noise_std"])
+    if noise_std == "auto":
+        observations = enkal.Observations(values, noise_cov=noise_cov)
+    else:
+        observations = enkal.Observations(values, noise_std=noise_std)
     if observations.size != model.output_size:
         raise ValueError(f"[data] values: expected {model.output_size} observations (the "
                          f"model's output size), got {observations.size}")

@@ -148,6 +148,13 @@ def test_step_is_pure_and_ask_tell_equals_run():
     assert result.history["iteration"] == list(range(1, 7))
 
 
+def test_inplace_run_equals_default_run():
+    model = nonlinear_model()
+    a = make_smoother(chunk_size=2).run(model, prior(), max_iterations=5)
+    b = make_smoother(chunk_size=2).run(model, prior(), max_iterations=5, inplace=True)
+    assert torch.equal(a.parameters, b.parameters)
+
+
 def test_state_dict_resume_is_bitwise_identical():
     smoother = make_smoother()
     model = nonlinear_model()
