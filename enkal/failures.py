@@ -31,11 +31,11 @@ __all__ = ["ResampleFailed", "IgnoreFailed", "Raise", "FailurePolicy", "classify
 
 
 @dataclass(frozen=True)
-class ResampleFailed:
-    """Leave failed members out and redraw them from the successful members' Gaussian.
+class _Policy:
+    """Fields shared by every failure policy.
 
-    Parameters (the same for every policy)
-    --------------------------------------
+    Parameters
+    ----------
     max_abs : float, optional
         Predictions with an entry larger in magnitude fail (units of the outputs).
     min_success : float in (0, 1], optional
@@ -51,41 +51,29 @@ class ResampleFailed:
     max_sigma: float | None = 1e12
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        name = type(self).__name__
+        check_positive_float(self.max_abs, f"{name}.max_abs", allow_none=True)
+        check_positive_float(self.max_sigma, f"{name}.max_sigma", allow_none=True)
+        check_fraction(self.min_success, f"{name}.min_success")
 
 
 @dataclass(frozen=True)
-class IgnoreFailed:
+class ResampleFailed(_Policy):
+    """Leave failed members out and redraw them from the successful members' Gaussian
+    (fields: see ``_Policy``: ``max_abs``, ``min_success``, ``max_sigma``)."""
+
+
+@dataclass(frozen=True)
+class IgnoreFailed(_Policy):
     """Leave failed members out of the update; they keep their parameters."""
 
-    max_abs: float | None = None
-    min_success: float | None = None
-    max_sigma: float | None = 1e12
-
-    def __post_init__(self) -> None:
-        _check_common(self)
-
 
 @dataclass(frozen=True)
-class Raise:
+class Raise(_Policy):
     """Stop at the first failed member."""
-
-    max_abs: float | None = None
-    min_success: float | None = None
-    max_sigma: float | None = 1e12
-
-    def __post_init__(self) -> None:
-        _check_common(self)
 
 
 FailurePolicy = ResampleFailed | IgnoreFailed | Raise
-
-
-def _check_common(policy) -> None:
-    name = type(policy).__name__
-    check_positive_float(policy.max_abs, f"{name}.max_abs", allow_none=True)
-    check_positive_float(policy.max_sigma, f"{name}.max_sigma", allow_none=True)
-    check_fraction(policy.min_success, f"{name}.min_success")
 
 
 def check_policy(policy: object) -> None:

@@ -369,6 +369,7 @@ class EnsembleSmoother:
         checkpoint: str | os.PathLike | bool | None = None,
         checkpoint_every: int = 1,
         inplace: bool = False,
+        background_io: bool = False,
         resume: str | os.PathLike | None = None,
         store_attrs: dict | None = None,
         truth: torch.Tensor | None = None,
@@ -412,6 +413,13 @@ class EnsembleSmoother:
             Update the ensemble in place (after the first update, which never writes to the
             caller's prior), through an ``(N_ens, chunk_size)`` buffer: the memory-bounded
             path for huge ``N_par``. By default two ensemble buffers alternate (faster).
+        background_io : bool
+            Write history rows and checkpoints in a background thread, overlapping the
+            next iteration's forward and update (one write in flight at most, in order:
+            history row, then checkpoint). A crash loses at most the iteration in flight;
+            the history file always reaches the checkpoint's iteration. Off by default: on a
+            2-core CPU the writer thread competes with torch's threads and measured no gain
+            (``bench/storage.py``); on GPU runs it hides the I/O.
         resume : path, optional
             Continue from this checkpoint (instead of ``prior``/``state``); with ``store``
             the history file is continued where the checkpoint left it. A run resumed after
@@ -460,6 +468,9 @@ class EnsembleSmoother:
 
             # the starting state, so that even a run failing in its first iteration resumes
             write_checkpoint(ckpt_path, self, state)
+        sink = None
+        if writer is not None or ckpt_path is not None:
+            sink = _StoreSink(self, writer, ckpt_path, background=background_io)
         initial = state.parameters  # the caller's tensor: never used as an output buffer
         log: dict[str, list] = {}
         n_forwards = 0
@@ -499,18 +510,15 @@ class EnsembleSmoother:
                     stop = "tolerance"
                 last_mean = info.mean_misfit
                 final = stop is not None or info.done or state.iteration >= max_iterations
-                if writer is not None:
-                    writer.record(state, info, predictions=predictions, final=final)
-                if ckpt_path is not None and (final or state.iteration % checkpoint_every == 0):
-                    from .storage import write_checkpoint
-
-                    write_checkpoint(ckpt_path, self, state)  # always after the history row
+                if sink is not None:
+                    sink.submit(state, info, predictions, final=final, checkpoint=(
+                        final or state.iteration % checkpoint_every == 0))
                 if stop is not None:
                     stopped_by = stop
                     break
         finally:
-            if writer is not None:
-                writer.close(attrs={"stopped_by": stopped_by, "n_forwards": n_forwards})
+            if sink is not None:
+                sink.close(attrs={"stopped_by": stopped_by, "n_forwards": n_forwards})
         return SmootherResult(state=state, layout=model.layout, history=log,
                               n_forwards=n_forwards, smoother=self, predictions=predictions,
                               stopped_by=stopped_by)
@@ -584,6 +592,59 @@ class EnsembleSmoother:
             rng_state=torch.as_tensor(rng, dtype=torch.uint8).cpu(), mask=mask)
         check_members_first(state.parameters, "state dict parameters")
         return state
+
+
+class _StoreSink:
+    """Writes history rows and checkpoints of a run, in order, possibly in a thread.
+
+    The snapshot (a copy of the state's tensors) is taken on the caller's thread, so the
+    smoother may reuse its buffers at once; at most one write is in flight, and its error
+    surfaces at the next ``submit`` or at ``close``.
+    """
+
+    def __init__(self, smoother, writer, ckpt_path, *, background: bool) -> None:
+        self.smoother = smoother
+        self.writer = writer
+        self.ckpt_path = ckpt_path
+        self.pool = None
+        if background:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enkal-store")
+        self.pending = None
+
+    def _write(self, state, info, predictions, final, checkpoint) -> None:
+        if self.writer is not None:
+            self.writer.record(state, info, predictions=predictions, final=final)
+        if checkpoint and self.ckpt_path is not None:
+            from .storage import write_checkpoint
+
+            # after the history row; no fsync: the rename is atomic for a killed process
+            # (the page cache survives it); only power loss would need fsync
+            write_checkpoint(self.ckpt_path, self.smoother, state, fsync=False)
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def submit(self, state, info, predictions, *, final: bool, checkpoint: bool) -> None:
+        self._wait()
+        if self.pool is None:
+            self._write(state, info, predictions, final, checkpoint)
+            return
+        snap = dataclasses.replace(state, parameters=state.parameters.detach().clone())
+        preds = predictions.detach().clone() if predictions is not None else None
+        self.pending = self.pool.submit(self._write, snap, info, preds, final, checkpoint)
+
+    def close(self, attrs: dict) -> None:
+        try:
+            self._wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+            if self.writer is not None:
+                self.writer.close(attrs=attrs)
 
 
 def default_checkpoint_path(store: str | os.PathLike) -> str:
