@@ -11,8 +11,8 @@ anomalies are ``S = D L^-T / sqrt(alpha (E-1))`` where ``alpha`` is the noise in
 schedule (``R -> alpha R``). The thin SVD ``S = V Sig U^T`` has ``V`` of size ``E x r``.
 Rather than decomposing the ``E x N_obs`` matrix directly we diagonalise its smaller Gram
 matrix in float64: ``S S^T = V Sig^2 V^T`` (``E x E``, the usual case ``E <= N_obs``; cost
-``O(N_obs E^2)``) or, for ensembles larger than the data, ``S^T S = U Sig^2 U^T`` with
-``V = S U Sig^-1``. Every product with ``U`` is rewritten through ``U Sig = S^T V``, and only
+``O(N_obs E^2)``) or, for ensembles larger than the data, the thin SVD of ``S`` itself
+(``O(E N_obs^2)``). Every product with ``U`` is rewritten through ``U Sig = S^T V``, and only
 directions with ``Sig > 0`` are kept (the formulas act as the identity on the others).
 Nothing of size ``N_par x N_obs`` is ever formed, nor ``N_obs x N_obs`` when ``E <= N_obs``.
 
@@ -125,35 +125,35 @@ def _spectral_basis(s: torch.Tensor, truncation: float | None
     """``(lam, V)``: squared singular values ``Sig^2`` (descending) and left singular
     vectors ``V`` of ``S`` (``E x N_obs``), for the non-negligible singular values only.
 
-    Diagonalises the smaller Gram matrix: ``S S^T`` (``E x E``) when ``E <= N_obs``, else
-    ``S^T S`` (``N_obs x N_obs``) with ``V = S U / Sig``. Directions with ``Sig = 0`` need no
+    Diagonalises the ``E x E`` Gram matrix ``S S^T`` when ``E <= N_obs`` (the usual case),
+    else takes the thin SVD of ``S`` (``O(E N_obs^2)``). Directions with ``Sig = 0`` need no
     vectors: every formula below acts as the identity on them.
     """
     n, m = s.shape
-    if not bool(torch.isfinite(s).all()) or not bool(torch.isfinite(s.square().sum())):
+    # One reduction: a NaN/inf in S, or an overflow of S^T S, makes the sum non-finite.
+    if not math.isfinite(float(s.square().sum())):
         raise ValueError(
             "predictions: the noise-whitened prediction anomalies overflow float64 (largest "
             f"|S| = {float(s.abs().max()):.3g}); such members are garbage: leave them out "
             "with ok= or a failure policy with max_abs, or rescale the outputs"
         )
     if n <= m:
+        # E x E Gram: orthonormal V by construction, O(N_obs E^2) in one GEMM
         lam, vec = torch.linalg.eigh(s @ s.T)
+        lam = lam.flip(0).clamp_min(0.0)
+        vec = vec.flip(1)
     else:
-        lam, u = torch.linalg.eigh(s.T @ s)
-        vec = None
-    lam = lam.flip(0).clamp_min(0.0)
+        # more members than data: the thin SVD of S (O(E N_obs^2)); V = S U / Sig from the
+        # small Gram would lose orthogonality for the weakest directions
+        vec, sig, _ = torch.linalg.svd(s, full_matrices=False)
+        lam = sig.square()
     top = float(lam[0]) if lam.numel() else 0.0
     keep = int((lam > top * max(n, m) * 1e-14).sum()) if top > 0 else 0
     if truncation is not None and truncation < 1.0 and keep > 0:
         cum = torch.cumsum(lam[:keep], 0) / float(lam[:keep].sum())
         r = int((cum < truncation).sum()) + 1
         keep = min(keep, r)
-    lam = lam[:keep]
-    if vec is None:
-        u = u.flip(1)[:, :keep]
-        vec = (s @ u) / lam.sqrt()
-    else:
-        vec = vec.flip(1)[:, :keep]
+    lam, vec = lam[:keep], vec[:, :keep]
     return lam, vec
 
 
