@@ -8,10 +8,12 @@
     enkal info FILE
     enkal plot FILE -o PNG
 
-Configuration errors (unknown or missing keys, bad values) print one line naming the key and
-exit with status 2; a run that fails exits with status 1. The problem a configuration
-describes is built by the plugin its ``problem`` key names (default ``estimation``), found
-through the ``enkal.problems`` entry points.
+Configuration errors (unknown or missing keys, bad values) and unusable command-line
+arguments (a missing ``--resume`` file, an ``--out`` in no directory, an unavailable
+``--device``) print one line naming the key or file and exit with status 2, before anything
+is written; a run that fails exits with status 1, also with one line. The problem a
+configuration describes is built by the plugin its ``problem`` key names (default
+``estimation``), found through the ``enkal.problems`` entry points.
 """
 
 from __future__ import annotations
@@ -96,10 +98,44 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_run_args(args: argparse.Namespace) -> None:
+    """Usage errors of ``enkal run`` found before the (possibly expensive) build: ValueError."""
+    if args.max_iterations is not None and args.max_iterations < 1:
+        raise ValueError(f"--max-iterations: expected an int >= 1, got {args.max_iterations}")
+    if args.executor != "dask" and (args.workers is not None or args.scheduler is not None):
+        raise ValueError("--workers/--scheduler: only with --executor dask")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers: expected an int >= 1, got {args.workers}")
+    if args.resume is not None and not os.path.isfile(args.resume):
+        raise ValueError(f"--resume {args.resume}: no such checkpoint file")
+    if args.out is not None:
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out}: is a directory, expected a file name")
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(parent):
+            raise ValueError(f"--out {args.out}: directory {parent} does not exist")
+        if os.path.exists(args.out) and os.path.exists(args.config) and \
+                os.path.samefile(args.out, args.config):
+            raise ValueError(f"--out {args.out}: is the configuration file itself")
+    if args.device is not None:
+        _check_device(args.device)
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"--device {name}: not a torch device ({err})") from None
+    if device.type == "meta":
+        raise ValueError(f"--device {name}: expected a device that holds data, e.g. cpu, cuda")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as err:  # "Torch not compiled with CUDA" asserts
+        raise ValueError(f"--device {name}: not available here ({err})") from None
+
+
 def _executor(args: argparse.Namespace, configured: Any) -> Any:
     if args.executor is None:
-        if args.workers is not None or args.scheduler is not None:
-            raise ValueError("--workers/--scheduler: only with --executor dask")
         return configured
     if args.executor == "inprocess":
         from .executors import InProcess
@@ -122,10 +158,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .experiment import find_plugin
     from .storage import History
 
+    _check_run_args(args)
     config = load_toml(args.config)
     plugin = find_plugin(config.get("problem", "estimation"))
-    if args.max_iterations is not None and args.max_iterations < 1:
-        raise ValueError(f"--max-iterations: expected an int >= 1, got {args.max_iterations}")
     exp = plugin.build(config, seed=args.seed, device=args.device)
     out = args.out or os.path.splitext(os.path.basename(args.config))[0] + ".h5"
     executor = _executor(args, exp.executor)
@@ -220,7 +255,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _legend(ax, **kwargs) -> None:
+    """A legend only where something is labelled (a file without diagnostics has none)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
+    parent = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(parent) or os.path.isdir(args.output):
+        raise ValueError(f"-o {args.output}: expected a file name in an existing directory")
     try:
         import matplotlib
 
@@ -251,14 +295,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xlabel("iteration")
         ax.set_ylabel("misfit / N_obs")
-        ax.legend()
+        _legend(ax)
         ax2 = fig.add_subplot(nrows, 2, 2)
         if "alpha" in ds:
             ax2.semilogy(it, ds["alpha"].values, marker="o", label="alpha (noise inflation)")
         if "spread" in ds:
             ax2.semilogy(it, ds["spread"].values, marker="s", label="parameter spread")
         ax2.set_xlabel("iteration")
-        ax2.legend()
+        _legend(ax2)
         first, last = stored[0], stored[-1]
         truth = _truth(ds)
         for j, name in enumerate(shown):
@@ -285,7 +329,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
             ax4.hist(np.log10(np.maximum(v, 1e-300)), bins=40, histtype="step",
                      label=f"iteration {int(it[k])}")
         ax4.set_xlabel("log10 parameter variance per iteration")
-        ax4.legend(fontsize=7)
+        _legend(ax4, fontsize=7)
         fig.suptitle(os.path.basename(args.file))
         tmp = args.output + ".tmp.png"
         fig.savefig(tmp, dpi=90)
@@ -301,14 +345,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except (ValueError, TypeError) as err:
-        print(f"enkal {args.command}: error: {err}", file=sys.stderr)
+        print(f"enkal {args.command}: error: {_about(args, err)}", file=sys.stderr)
         return 2
     except EnkalError as err:
-        print(f"enkal {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"enkal {args.command}: {type(err).__name__}: {_about(args, err)}",
+              file=sys.stderr)
+        return 1
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        # a path on the command line that cannot be used: a usage error, one line
+        print(f"enkal {args.command}: error: {_about(args, err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, I/O error while running
+        print(f"enkal {args.command}: {type(err).__name__}: {_about(args, err)}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"enkal {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _about(args: argparse.Namespace, err: BaseException) -> str:
+    """The error message, on one line, naming the file ``info``/``plot`` read."""
+    msg = " ".join(str(err).split()) or type(err).__name__
+    path = getattr(args, "file", None)
+    if path is not None and path not in msg:
+        msg = f"{path}: {msg}"
+    return msg
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import sys
 from typing import Any
 
@@ -47,23 +48,69 @@ def register_strategy(kind: str, cls: type) -> None:
     STRATEGIES.setdefault(kind, {})[cls.__name__] = cls
 
 
+MAX_NESTING = 64
+
+
+def _screen_toml(text: str, path: str) -> None:
+    """Refuse inputs that make the standard parser recurse deeply or go quadratic."""
+    depth = 0
+    in_str = None
+    for ch in text:
+        if in_str:
+            if ch == in_str:
+                in_str = None
+            continue
+        if ch in "\"'":
+            in_str = ch
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise ValueError(f"{path}: arrays/tables nested deeper than {MAX_NESTING} levels")
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+        elif ch == "\n":
+            in_str = None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        key = stripped.split("]", 1)[0] if stripped.startswith("[") else \
+            stripped.split("=", 1)[0] if "=" in stripped else ""
+        if key.count(".") > MAX_NESTING:
+            raise ValueError(f"{path}: line {lineno}: a key of more than {MAX_NESTING} "
+                             "dotted parts")
+
+
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a TOML file; errors name the file (and line, when the parser gives one)."""
+    """Read a TOML file; errors name the file (and line, when the parser gives one).
+
+    Only regular files of at most ``MAX_CONFIG_BYTES`` are read, and nesting deeper than
+    ``MAX_NESTING`` is refused before parsing.
+    """
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
     except OSError as err:
         raise ValueError(f"{path}: cannot read the configuration ({err.strerror})") from None
-    if size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{path}: a configuration file of {size} bytes is too large "
-                         f"(limit {MAX_CONFIG_BYTES})")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: not a regular file")
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: not valid TOML: {err}") from None
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the configuration ({err.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: a configuration file larger than {MAX_CONFIG_BYTES} bytes "
+                         "is refused")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not valid UTF-8 TOML: {err}") from None
+    _screen_toml(text, path)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to parse") from None
 
 
 def check_keys(table: Any, *, where: str, required: tuple[str, ...] = (),

@@ -78,17 +78,51 @@ def solver_registry() -> dict[str, type]:
             "TauLeaping": jump.TauLeaping}
 
 
+MAX_TIMES = 1_000_000
+MAX_STEPS = 10_000_000
+
+
+def _number(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{where}: expected a finite number, got {v!r}"[:200])
+    return float(v)
+
+
+def _int(v: Any, where: str, *, minimum: int = 0, maximum: int = 2**62) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not (minimum <= v <= maximum):
+        raise ValueError(f"{where}: expected an int in [{minimum}, {maximum}], got {v!r}"[:200])
+    return v
+
+
 def _times(spec: Any, where: str) -> list[float]:
     if isinstance(spec, dict):
         check_keys(spec, where=where, required=("start", "stop", "step"))
-        start, stop, step = (float(spec[k]) for k in ("start", "stop", "step"))
+        start, stop, step = (_number(spec[k], f"{where}.{k}") for k in ("start", "stop", "step"))
         if not (step > 0 and stop >= start):
             raise ValueError(f"{where}: expected step > 0 and stop >= start, got {spec}")
-        n = int(math.floor((stop - start) / step + 1e-9)) + 1
+        count = (stop - start) / step
+        if not count < MAX_TIMES:
+            raise ValueError(f"{where}: more than {MAX_TIMES} observation times")
+        n = int(math.floor(count + 1e-9)) + 1
         return [round(start + i * step, 12) for i in range(n)]
-    if isinstance(spec, list) and all(isinstance(t, (int, float)) for t in spec):
-        return [float(t) for t in spec]
-    raise ValueError(f"{where}: expected a list of times or {{start, stop, step}}, got {spec!r}")
+    if isinstance(spec, list) and 0 < len(spec) <= MAX_TIMES:
+        return [_number(t, f"{where}[{i}]") for i, t in enumerate(spec)]
+    raise ValueError(f"{where}: expected a list of times or {{start, stop, step}}, got {spec!r}"[:300])
+
+
+def _check_steps(kwargs: dict, name: str) -> None:
+    """Refuse step sizes that would take more than MAX_STEPS steps (a hang, not an error)."""
+    t_obs = kwargs.get("t_obs")
+    if not t_obs:
+        return
+    horizon = max(t_obs) - float(kwargs.get("t0", 0.0) or 0.0)
+    for label, dt in (("dt", kwargs.get("dt")),
+                      ("solver.dt", getattr(kwargs.get("solver"), "dt", None)),
+                      ("solver.tau", getattr(kwargs.get("solver"), "tau", None))):
+        if isinstance(dt, (int, float)) and not isinstance(dt, bool) and dt > 0 and \
+                horizon / dt > MAX_STEPS:
+            raise ValueError(f"[model] ({name}) {label}: {dt!r} needs more than {MAX_STEPS} "
+                             f"steps to reach t = {max(t_obs)}")
 
 
 def _build_model(section: dict, *, device: str | None, seed: int | None = None):
@@ -110,6 +144,7 @@ def _build_model(section: dict, *, device: str | None, seed: int | None = None):
         kwargs["t_obs"] = _times(kwargs["t_obs"], f"[model] ({name}) t_obs")
     if "solver" in kwargs:
         kwargs["solver"] = _solver(kwargs["solver"], name)
+    _check_steps(kwargs, name)
     if device is not None and "device" in params:
         kwargs["device"] = device
     if seed is not None and "seed" in params:
@@ -123,7 +158,8 @@ def _build_model(section: dict, *, device: str | None, seed: int | None = None):
 def _solver(spec: Any, model_name: str):
     solvers = solver_registry()
     where = f"[model] ({model_name}) solver"
-    if not isinstance(spec, dict) or spec.get("type") not in solvers:
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) or \
+            spec["type"] not in solvers:
         raise ValueError(f"{where}: expected {{ type = one of {sorted(solvers)}, ... }}, "
                          f"got {spec!r}")
     kw = {k: v for k, v in spec.items() if k != "type"}
@@ -145,12 +181,11 @@ def _replicate(model, summary: dict):
 
 
 def _block_values(block, value: Any, where: str) -> torch.Tensor:
-    t = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(block.size)
-    if t.numel() != block.size:
-        raise ValueError(f"{where}: expected a number or {block.size} numbers, got {value!r}")
-    return t.reshape(block.size)
+    values = value if isinstance(value, list) else [value]
+    if len(values) not in (1, block.size):
+        raise ValueError(f"{where}: expected a number or {block.size} numbers, got {value!r}"[:200])
+    t = torch.tensor([_number(v, where) for v in values], dtype=torch.float64)
+    return t.expand(block.size).clone() if t.numel() == 1 else t
 
 
 def _priors(section: Any, layout: enkal.ParameterLayout, n_members: int,
@@ -196,12 +231,21 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None) -
                   "chunk_size"))
     data = check_keys(config.get("data", {}), where="[data]",
                       optional=("noise_std", "seed", "values"))
+    if "name" in config and not isinstance(config["name"], str):
+        raise ValueError(f"name: expected a string, got {config['name']!r}"[:200])
     if seed is None:
-        seed = smoother_cfg.get("seed", 0)
+        seed = _int(smoother_cfg.get("seed", 0), "[smoother] seed", maximum=2**31)
+    else:
+        seed = _int(seed, "seed", maximum=2**31)
+    max_iterations = _int(smoother_cfg.get("max_iterations", 100), "[smoother] max_iterations",
+                          minimum=1, maximum=10**9)
     model = _build_model(config["model"], device=device)
     n_members = smoother_cfg["ensemble_size"]
     if isinstance(n_members, bool) or not isinstance(n_members, int) or n_members < 2:
         raise ValueError(f"[smoother] ensemble_size: expected an int >= 2, got {n_members!r}")
+    if n_members > 10**6 or n_members * model.layout.size > 2**31:
+        raise ValueError(f"[smoother] ensemble_size: {n_members} members of "
+                         f"{model.layout.size} parameters is beyond this plugin's limits")
     gen = torch.Generator().manual_seed(seed)
     prior, truth = _priors(config["parameters"], model.layout, n_members, gen)
 
@@ -222,7 +266,7 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None) -
         raise ValueError("[data] noise_std = \"auto\": only with a [summary] section")
     # the data's noise follows both the configured data seed and the run's seed, so that
     # repeating a twin experiment over seeds repeats it over data sets too
-    data_seed = 1_000_003 * int(data.get("seed", 0)) + seed
+    data_seed = 1_000_003 * _int(data.get("seed", 0), "[data] seed", maximum=2**31) + seed
     if "values" in data:
         values = torch.as_tensor(data["values"], dtype=torch.float64)
         if noise_std == "auto":
@@ -233,7 +277,8 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None) -
         truth_model = _build_model(config["model"], device=device, seed=10_007 + data_seed)
         x_true = truth.unsqueeze(0).to(truth_model.dtype)
         if summary is not None:
-            truth_model = _replicate(truth_model, {**summary, "seed": 1_000_003 * (1 + data_seed)})
+            truth_model = _replicate(truth_model, {**summary,
+                                                   "seed": 1_000_003 * (1 + data_seed) % 2**62})
             paths = truth_model.paths(x_true)[0].to(torch.float64).cpu()
             clean = summarise(paths.unsqueeze(0), truth_model.statistics)[0]
             if noise_std == "auto":
@@ -246,6 +291,9 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None) -
             values = clean  # statistics of paths: their noise is the Monte-Carlo error
         else:
             clean = truth_model(x_true)[0].to(torch.float64).cpu()
+            if not bool(torch.isfinite(clean).all()):
+                raise ValueError("[parameters] truth: the model's prediction at the truth is "
+                                 "not finite")
             noise_gen = torch.Generator().manual_seed(data_seed)
             std = enkal.Observations(clean, noise_std=noise_std).noise_std
             values = clean + std * torch.randn(clean.shape, generator=noise_gen,
@@ -271,7 +319,7 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None) -
     return Experiment(
         name=config.get("name", config["model"]["type"]), model=model,
         observations=observations, prior=prior.to(dtype=dtype, device=model.device),
-        smoother=smoother, max_iterations=int(smoother_cfg.get("max_iterations", 100)),
+        smoother=smoother, max_iterations=max_iterations,
         executor=executor, truth=truth, config=config,
     )
 
