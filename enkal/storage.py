@@ -752,6 +752,67 @@ def _attr_str(v: Any) -> str:
     return str(v)
 
 
+_MAX_JSON_DEPTH = 32
+_CPU_RNG_STATE_SIZE = int(torch.Generator().get_state().numel())
+
+
+def _json_depth_ok(text: str, limit: int = _MAX_JSON_DEPTH) -> bool:
+    """Whether the brackets of the JSON ``text`` nest at most ``limit`` deep (a quick scan
+    before ``json.loads``, which recurses per level)."""
+    depth = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def _loads(text: str, what: str, path: Any) -> Any:
+    """``json.loads`` of an attribute, refusing deeply nested or malformed JSON with a
+    :class:`StorageError` naming ``path``."""
+    if not _json_depth_ok(text):
+        raise StorageError(f"{path}: {what} attribute nests deeper than {_MAX_JSON_DEPTH} "
+                           "levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise StorageError(f"{path}: {what} attribute is not valid JSON ({err})") from None
+
+
+def _int_attr(attrs: Any, name: str, path: Any) -> int:
+    """An integer header attribute (a scalar of an integer dtype; no float, bool, string)."""
+    a = np.asarray(attrs[name])
+    if a.size != 1 or a.dtype.kind not in "iu":
+        raise StorageError(f"{path}: attribute {name!r} is not an integer ({attrs[name]!r})")
+    return int(a.item())
+
+
+def _check_declared_size(ds: h5py.Dataset, name: str, path: Any, *, slack: int = 0,
+                         cap: int | None = None) -> None:
+    """Refuse a dataset whose declared size (shape x itemsize) exceeds what the file
+    allocated for it (plus ``slack`` bytes) or ``cap``, before anything reads it."""
+    declared = int(np.prod([int(n) for n in ds.shape], dtype=object)) * int(ds.dtype.itemsize)
+    if cap is not None and declared > cap:
+        raise StorageError(f"{path}: dataset {name!r} declares {declared} bytes (shape "
+                           f"{ds.shape}), more than the {cap} allowed")
+    if ds.compression is None and declared > int(ds.id.get_storage_size()) + slack:
+        raise StorageError(f"{path}: dataset {name!r} declares {declared} bytes (shape "
+                           f"{ds.shape}) but the file holds {ds.id.get_storage_size()} for it")
+
+
 def _create_diagnostic(nc: h5netcdf.File, name: str, kind: str, n_rows: int) -> None:
     if kind == "f8":
         data = np.full(n_rows, np.nan)
@@ -1050,6 +1111,7 @@ def open_dataset(path: Any, **kwargs: Any) -> Any:
     try:
         with h5py.File(path, "r", locking=False) as f:
             _check_format(f.attrs, path, HISTORY_FORMAT)
+            _check_history_file(f, path)
             lengths = [f[name].shape[0] for name in _unlimited(f)]
         ds = xr.open_dataset(path, engine="h5netcdf", **kwargs)
     except StorageError:
@@ -1075,6 +1137,26 @@ def open_dataset(path: Any, **kwargs: Any) -> Any:
 
 
 open = open_dataset  # noqa: A001 - the public name is enkal.storage.open / enkal.open
+
+
+def _check_history_file(f: h5py.File, path: Path) -> None:
+    """Checks on the raw HDF5 file before xarray reads it: no links into other files, a
+    floating ``parameters``, an ``iteration`` index that the file really holds."""
+    for name in f:
+        if isinstance(f.get(name, getlink=True), h5py.ExternalLink):
+            raise StorageError(f"{path}: {name!r} is a link into another file; enkal history "
+                               "files hold their own data only")
+    if isinstance(f.get("parameters", getlink=True), h5py.HardLink):
+        par = f["parameters"]
+        if isinstance(par, h5py.Dataset) and par.dtype.kind != "f":
+            raise StorageError(f"{path}: variable 'parameters' has dtype {par.dtype}, "
+                               "expected a floating dtype")
+    if isinstance(f.get("iteration", getlink=True), h5py.HardLink):
+        it = f["iteration"]
+        if isinstance(it, h5py.Dataset):
+            chunk = int(np.prod(it.chunks)) * it.dtype.itemsize if it.chunks else 0
+            # one chunk of slack: a killed append may have declared a row it never wrote
+            _check_declared_size(it, "iteration", path, slack=chunk, cap=1 << 34)
 
 
 def _check_format(attrs: Any, path: Any, expected: str) -> None:
@@ -1111,9 +1193,12 @@ def _validate_dataset(ds: Any, path: Path) -> None:
             raise StorageError(f"{path}: variable {name!r} has dims {ds[name].dims}, "
                                f"expected {want}")
     try:
-        layout = read_layout(ds)
-    except (KeyError, ValueError, TypeError) as err:
-        raise StorageError(f"{path}: unreadable layout attribute ({err})") from None
+        layout = _read_layout(ds, path)
+    except StorageError:
+        raise
+    except (AttributeError, RecursionError, KeyError, ValueError, TypeError) as err:
+        raise StorageError(f"{path}: unreadable layout attribute ({type(err).__name__}: "
+                           f"{err})") from None
     if layout.size != ds.sizes["parameter"]:
         raise StorageError(f"{path}: layout declares {layout.size} parameters, the file has "
                            f"{ds.sizes['parameter']}")
@@ -1124,7 +1209,19 @@ def _validate_dataset(ds: Any, path: Path) -> None:
 
 def read_layout(ds: Any) -> ParameterLayout:
     """The :class:`ParameterLayout` stored in a history Dataset's ``layout`` attribute."""
-    return ParameterLayout.from_dict(json.loads(_attr_str(ds.attrs["layout"])))
+    return _read_layout(ds, "dataset")
+
+
+def _read_layout(ds: Any, path: Any) -> ParameterLayout:
+    rows = _loads(_attr_str(ds.attrs["layout"]), "layout", path)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise StorageError(f"{path}: layout attribute is not a list of parameter blocks")
+    for r in rows:
+        c = r.get("constraint", {"type": "Real"})
+        if not isinstance(c, dict):
+            raise StorageError(f"{path}: layout block {r.get('name')!r} has a malformed "
+                               "constraint")
+    return ParameterLayout.from_dict(rows)
 
 
 def physical(ds: Any) -> Any:
@@ -1259,27 +1356,38 @@ def read_state_dict(path: Any, *, device: torch.device | str | None = None) -> d
         with h5py.File(path, "r", locking=False) as f:
             _check_format(f.attrs, path, CHECKPOINT_FORMAT)
             a = {k: f.attrs[k] for k in f.attrs}
-            e, p = int(a["n_members"]), int(a["n_parameters"])
+            e, p = _int_attr(a, "n_members", path), _int_attr(a, "n_parameters", path)
+            if e < 0 or p < 0:
+                raise StorageError(f"{path}: negative n_members/n_parameters ({e}, {p})")
             torch_dtype = getattr(torch, _attr_str(a["parameters_dtype"]), None)
             if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
                 raise StorageError(f"{path}: unknown parameters dtype {a['parameters_dtype']!r}")
             want = _storage_dtype(torch_dtype)
             par = _get_array(f, "parameters", (e, p), want, path)
-            rng = _get_array(f, "rng_state", (int(a["rng_state_size"]),), np.dtype(np.uint8),
-                             path)
+            device_type = _attr_str(a["device_type"])
+            rng_size = _int_attr(a, "rng_state_size", path)
+            if device_type == "cpu" and rng_size != _CPU_RNG_STATE_SIZE:
+                raise StorageError(f"{path}: rng_state_size {rng_size} is not the size of a "
+                                   f"CPU generator state ({_CPU_RNG_STATE_SIZE})")
+            if not 0 < rng_size <= 1 << 20:
+                raise StorageError(f"{path}: implausible rng_state_size {rng_size}")
+            rng = _get_array(f, "rng_state", (rng_size,), np.dtype(np.uint8), path)
             mask = None
-            if int(a["has_mask"]):
+            if _int_attr(a, "has_mask", path):
                 mask = _get_array(f, "mask", (p,), np.dtype(np.uint8), path)
                 if np.any(mask > 1):
                     raise StorageError(f"{path}: mask holds values other than 0/1")
-            iteration = int(np.asarray(a["iteration"]).item())
+            iteration = _int_attr(a, "iteration", path)
             if iteration < 0:
                 raise StorageError(f"{path}: negative iteration {iteration}")
-            schedule = json.loads(_attr_str(a["schedule"]))
-            config = json.loads(_attr_str(a["config"]))
+            schedule = _loads(_attr_str(a["schedule"]), "schedule", path)
+            config = _loads(_attr_str(a["config"]), "config", path)
             if not isinstance(schedule, dict) or "type" not in schedule:
                 raise StorageError(f"{path}: schedule attribute is not a schedule state")
-            device_type = _attr_str(a["device_type"])
+            for k, v in schedule.items():
+                if k != "type" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise StorageError(f"{path}: schedule field {k!r} is not a number "
+                                       f"({type(v).__name__})")
     except StorageError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
@@ -1305,14 +1413,21 @@ def read_state_dict(path: Any, *, device: torch.device | str | None = None) -> d
 
 def _get_array(f: h5py.File, name: str, shape: tuple[int, ...], dtype: np.dtype,
                path: Path) -> np.ndarray:
-    if name not in f or not isinstance(f[name], h5py.Dataset):
+    link = f.get(name, getlink=True)
+    if link is None:
         raise StorageError(f"{path}: dataset {name!r} missing")
+    if not isinstance(link, h5py.HardLink):
+        raise StorageError(f"{path}: {name!r} is a {type(link).__name__}; a checkpoint holds "
+                           "its own datasets only")
     ds = f[name]
+    if not isinstance(ds, h5py.Dataset):
+        raise StorageError(f"{path}: dataset {name!r} missing")
     if ds.shape != shape:
         raise StorageError(f"{path}: dataset {name!r} has shape {ds.shape}, its header "
                            f"declares {shape}")
     if ds.dtype != dtype:
         raise StorageError(f"{path}: dataset {name!r} has dtype {ds.dtype}, expected {dtype}")
+    _check_declared_size(ds, name, path)
     return ds[...]
 
 
