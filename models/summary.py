@@ -130,7 +130,7 @@ def monte_carlo_std(paths: torch.Tensor, statistics=("mean", "std"),
 
 
 def monte_carlo_cov(paths: torch.Tensor, statistics=("mean", "std"), *, n_boot: int = 1000,
-                    generator: torch.Generator | None = None,
+                    generator: torch.Generator | None = None, shrinkage: float = 0.3,
                     floor: float = 1e-6) -> torch.Tensor:
     """Covariance of :func:`summarise`'s statistics of ``(K, M)`` paths, by the bootstrap.
 
@@ -139,9 +139,16 @@ def monte_carlo_cov(paths: torch.Tensor, statistics=("mean", "std"), *, n_boot: 
     the parameters. Resampling the ``K`` paths ``n_boot`` times gives the joint covariance
     ``(len(statistics) * M, len(statistics) * M)``; ``floor**2`` is added to the diagonal
     (deterministic quantities, e.g. a known initial state).
+
+    Statistics at neighbouring times are nearly collinear, so a covariance estimated from
+    ``K ~ 100`` paths has badly underestimated small eigenvalues and its inverse overweights
+    those directions: measured on ``problems/ou.toml`` at the truth, the whitened misfit per
+    observation averaged 1.64 over 6 seeds instead of 1. ``shrinkage`` pulls the estimate
+    toward its diagonal, ``(1 - s) C + s diag(C)``; 0.3 gave 1.14 (0.6 gave 1.02).
     """
     k = paths.shape[0]
     idx = torch.randint(0, k, (n_boot, k), generator=generator, device=paths.device)
     boot = summarise(paths[idx], statistics)  # (n_boot, L)
     cov = torch.cov(boot.T.to(torch.float64)).reshape(boot.shape[1], boot.shape[1])
+    cov = (1.0 - shrinkage) * cov + shrinkage * torch.diag(torch.diagonal(cov))
     return cov + floor ** 2 * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
