@@ -252,3 +252,23 @@ def check_x0(x0: Any, d: int | None, name: str = "x0", *, dtype: torch.dtype,
     if nonnegative_int and bool(((t < 0) | (t != torch.round(t))).any()):
         raise ValueError(f"{name}: expected non-negative integer counts, got {t.tolist()}")
     return t.to(device=device, dtype=dtype)
+
+
+def march(x: torch.Tensor, obs_steps: list[int], advance) -> torch.Tensor:
+    """Fixed-step time loop shared by RK4, Euler-Maruyama and tau-leaping.
+
+    ``x`` is the ``(n, d)`` state at step 0; ``advance(k, x)`` returns the state at step
+    ``k + 1``. Returns the states at the step indices ``obs_steps`` (increasing), shape
+    ``(n, len(obs_steps), d)``; no step is taken after the last observation.
+    """
+    out = x.new_empty((x.shape[0], len(obs_steps), x.shape[1]))
+    j = 0
+    last = obs_steps[-1]
+    for k in range(last + 1):
+        while j < len(obs_steps) and obs_steps[j] == k:
+            out[:, j] = x
+            j += 1
+        if k == last:
+            break
+        x = advance(k, x)
+    return out

@@ -47,7 +47,7 @@ import torch
 
 from enkal import ParameterLayout, Positive
 
-from ._common import SimulatorModel, _check_float, check_x0, steps_for
+from ._common import SimulatorModel, _check_float, check_x0, march, steps_for
 from ._random import check_seed, poisson, stream_keys, uniform
 
 __all__ = [
@@ -246,22 +246,16 @@ class JumpModel(SimulatorModel):
         n, S = x.shape
         R = self.n_reactions
         tau = self.solver.tau
-        out = x.new_empty((n, len(self.t_obs), S))
         channel = torch.arange(R, dtype=torch.int64, device=self.device)[None, :]
         key = keys[:, None]
-        j = 0
-        last = self._obs_steps[-1]
-        for k in range(last + 1):
-            while j < len(self._obs_steps) and self._obs_steps[j] == k:
-                out[:, j] = x
-                j += 1
-            if k == last:
-                break
+
+        def advance(k: int, x: torch.Tensor) -> torch.Tensor:
             a = self._rates(x, p)
             fired = poisson(key, k * R + channel, a.clamp(min=0.0) * tau)
             fired = torch.where(torch.isfinite(a) & (a >= 0), fired, math.nan)
-            x = (x + fired @ self.stoichiometry).clamp(min=0.0)
-        return out
+            return (x + fired @ self.stoichiometry).clamp(min=0.0)
+
+        return march(x, self._obs_steps, advance)
 
 
 # -- named systems ----------------------------------------------------------------------

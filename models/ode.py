@@ -46,7 +46,7 @@ import torch
 
 from enkal import ParameterLayout, Positive, Real
 
-from ._common import SimulatorModel, _check_float, check_x0, steps_for
+from ._common import SimulatorModel, _check_float, check_x0, march, steps_for
 
 __all__ = [
     "RK4",
@@ -216,15 +216,8 @@ class ODEModel(SimulatorModel):
         n = x.shape[0]
         dt = self.solver.dt
         f = self.rhs
-        out = x.new_empty((n, len(self.t_obs), self.state_size))
-        j = 0
-        last = self._obs_steps[-1]
-        for k in range(last + 1):
-            while j < len(self._obs_steps) and self._obs_steps[j] == k:
-                out[:, j] = x
-                j += 1
-            if k == last:
-                break
+
+        def advance(k: int, x: torch.Tensor) -> torch.Tensor:
             t = self.t0 + k * dt
             tt = x.new_full((n, 1), t)
             th = x.new_full((n, 1), t + 0.5 * dt)
@@ -232,8 +225,9 @@ class ODEModel(SimulatorModel):
             k2 = f(th, x + (0.5 * dt) * k1, p)
             k3 = f(th, x + (0.5 * dt) * k2, p)
             k4 = f(x.new_full((n, 1), t + dt), x + dt * k3, p)
-            x = x + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
-        return out
+            return x + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+
+        return march(x, self._obs_steps, advance)
 
     # -- adaptive -----------------------------------------------------------------------
     def _rms(self, v: torch.Tensor) -> torch.Tensor:

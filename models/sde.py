@@ -51,7 +51,7 @@ import torch
 
 from enkal import ParameterLayout, Positive, Real
 
-from ._common import SimulatorModel, _check_float, check_x0, steps_for
+from ._common import SimulatorModel, _check_float, check_x0, march, steps_for
 from ._random import check_seed, standard_normal, stream_keys
 from .ode import lorenz63_rhs
 
@@ -159,19 +159,13 @@ class SDEModel(SimulatorModel):
         dt = self.dt
         sq = math.sqrt(dt)
         x = self.x0.expand(n, -1).clone()
-        out = x.new_empty((n, len(self.t_obs), d))
-        j = 0
-        last = self._obs_steps[-1]
-        for k in range(last + 1):
-            while j < len(self._obs_steps) and self._obs_steps[j] == k:
-                out[:, j] = x
-                j += 1
-            if k == last:
-                break
+
+        def advance(k: int, x: torch.Tensor) -> torch.Tensor:
             t = x.new_full((n, 1), self.t0 + k * dt)
             z = standard_normal(keys, k * pairs, d, self.dtype)
-            x = x + self.drift(t, x, p) * dt + self.diffusion(t, x, p) * (sq * z)
-        return out
+            return x + self.drift(t, x, p) * dt + self.diffusion(t, x, p) * (sq * z)
+
+        return march(x, self._obs_steps, advance)
 
 
 def _ou_drift(t, x, p):
