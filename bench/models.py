@@ -34,7 +34,6 @@ Run ``python bench/models.py [--quick] [--threads N]``. The last line is ``BENCH
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -42,6 +41,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _common import emit
 
 from enkal.models import (
     RK4,
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"bench": "models", "torch": torch.__version__, "python": platform.python_version(),
                "threads": torch.get_num_threads(), "repeats": repeats, "sizes": list(sizes),
                "target_ratio": TARGET_RATIO, "all_ok": all_ok, "results": rows}
-    print("BENCH_JSON " + json.dumps(payload, sort_keys=True))
+    emit(payload)
     return 0
 
 

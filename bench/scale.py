@@ -47,6 +47,7 @@ import sys
 import time
 
 import numpy as np
+from _common import emit
 
 RATIO_TARGET = 1.5
 
@@ -277,11 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             record["speedup"] = default["speedup"]
             record["overhead_per_task_ms"] = default["overhead_per_task_ms"]
 
-    line = json.dumps(record, separators=(",", ":"))
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(json.dumps(record, indent=1) + "\n")
-    print("BENCH_JSON " + line)
+    emit(record, args.json)
     return 0
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import platform
 import statistics
@@ -49,6 +48,8 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
+
+from _common import emit
 
 E_DEFAULT = 64
 HEADLINE_P, HEADLINE_M = 1_000_000, 2000
@@ -153,17 +154,6 @@ def _paired(a: list[float], b: list[float]) -> float | None:
     slow drifts in the machine's load cancel."""
     pairs = [x / y for x, y in zip(a, b, strict=True) if y > 0]
     return statistics.median(pairs) if pairs else None
-
-
-def _rounded(obj: object, digits: int = 4) -> object:
-    """Floats to ``digits`` significant digits, for a short JSON line."""
-    if isinstance(obj, float):
-        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _rounded(v, digits) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_rounded(v, digits) for v in obj]
-    return obj
 
 
 def _fmt(v: float | None, width: int, prec: int = 1) -> str:
@@ -389,11 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                      "assimilate_batch(X=X.numpy().T) (copies X, C order)",
         "rows": rows, "prepare": prepare_rows, "linearity": linearity, "headline": headline,
     }
-    line = json.dumps(_rounded(record), separators=(",", ":"))
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(json.dumps(record, indent=1) + "\n")
-    print("BENCH_JSON " + line)
+    emit(record, args.json)
     return 0
 
 
