@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_positive_float
+from ._checks import check_positive_float, column_variance
 
 __all__ = ["CollapseGuard"]
 
@@ -63,7 +63,7 @@ class CollapseGuard:
         total = 0
         for start in range(0, x.shape[1], self.chunk_size):
             block = x[:, start:start + self.chunk_size]
-            bad = block.var(dim=0) < self.threshold
+            bad = column_variance(block) < self.threshold
             if mask is not None:
                 bad &= mask[start:start + self.chunk_size]
             k = int(bad.sum())

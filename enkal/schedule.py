@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ._checks import check_positive_float, check_positive_int
+from ._checks import check_positive_float, check_positive_int, column_variance
 from .errors import ScheduleExhaustedError
 from .observations import Observations
 
@@ -63,7 +63,7 @@ def max_parameter_variance(parameters: torch.Tensor, chunk_size: int = 1 << 18) 
     best = 0.0
     for start in range(0, parameters.shape[1], chunk_size):
         block = parameters[:, start:start + chunk_size]
-        best = max(best, float(block.var(dim=0).max()))
+        best = max(best, float(column_variance(block).max()))
     return best
 
 
