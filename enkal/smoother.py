@@ -3,6 +3,7 @@
 One iteration, every decision taken from one forward evaluation::
 
     X_k --forward--> Yh_k --failure policy--> ok --schedule(Yh_k)--> alpha_k
+        --adapt(X_k, Yh_k), optional--> mask_{k+1} (structure adaptation, enkal.adapt)
         --ensemble_transform(Yh_k[ok], y, alpha_k)--> W (E x E)
         --apply W to X_k in chunks--> X_{k+1} --collapse guard, mask--> state_{k+1}
 
@@ -78,6 +79,9 @@ class SmootherState:
         ``torch.Generator.get_state()`` of the smoother's generator.
     mask : Tensor of bool, shape (N_par,), or None
         Live parameters (``False``: pruned, held at zero).
+    adapt : object
+        The structure-adaptation strategy's state (``None`` for the stateless
+        :class:`~enkal.adapt.StructureAdaptation`, or without ``adapt=``).
     """
 
     parameters: torch.Tensor
@@ -85,6 +89,7 @@ class SmootherState:
     schedule: Any
     rng_state: torch.Tensor
     mask: torch.Tensor | None = None
+    adapt: Any = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,8 @@ class StepInfo:
     ``misfit`` is the mean over successful members of ``||L^-1 (Yh_j - y)||^2 / N_obs`` and
     ``mean_misfit`` the same for the ensemble-mean prediction (about 1 when the fit matches
     the noise). ``spread`` is the root-mean parameter variance before the update.
+    ``n_live`` counts the live parameters after this step's structure adaptation, and
+    ``n_pruned`` those it switched off (``adapt=``).
     """
 
     iteration: int
@@ -105,6 +112,8 @@ class StepInfo:
     n_resampled: int
     done: bool
     schedule: dict = field(default_factory=dict)
+    n_live: int = -1
+    n_pruned: int = 0
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -188,6 +197,10 @@ class EnsembleSmoother:
         Seed of the smoother's ``torch.Generator``.
     chunk_size : int, optional
         Parameter columns per GEMM block of the update.
+    adapt : StructureAdaptation, optional
+        Prune the least-informative parameters as the run goes (``docs/adaptation.md``):
+        decided from each iteration's fresh predictions, after the schedule and before the
+        update; the newly pruned columns are zeroed in all members and masked.
     """
 
     def __init__(
@@ -200,6 +213,7 @@ class EnsembleSmoother:
         failure: FailurePolicy = ResampleFailed(),
         seed: int = 0,
         chunk_size: int | None = None,
+        adapt: Any = None,
     ) -> None:
         if not isinstance(observations, Observations):
             raise TypeError(
@@ -220,6 +234,10 @@ class EnsembleSmoother:
         self.failure = failure
         self.seed = seed
         self.chunk_size = chunk_size
+        from .adapt import check_adapt
+
+        check_adapt(adapt)
+        self.adapt = adapt
 
     # -- configuration -------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -229,12 +247,14 @@ class EnsembleSmoother:
                 return None
             d = {"type": type(obj).__name__}
             if dataclasses.is_dataclass(obj):
-                d.update({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+                for f in dataclasses.fields(obj):
+                    v = getattr(obj, f.name)
+                    d[f.name] = describe(v) if dataclasses.is_dataclass(v) else v
             return d
         return {"rule": describe(self.rule), "schedule": describe(self.schedule),
                 "guard": describe(self.guard), "failure": describe(self.failure),
                 "seed": self.seed, "chunk_size": self.chunk_size,
-                "n_obs": self.observations.size}
+                "n_obs": self.observations.size, "adapt": describe(self.adapt)}
 
     def __repr__(self) -> str:
         return (f"EnsembleSmoother(rule={self.rule}, schedule={self.schedule}, "
@@ -261,7 +281,8 @@ class EnsembleSmoother:
             mask = mask.to(prior.device)
         gen = torch.Generator(device=prior.device).manual_seed(self.seed)
         return SmootherState(parameters=prior, iteration=0, schedule=self.schedule.init(),
-                             rng_state=gen.get_state(), mask=mask)
+                             rng_state=gen.get_state(), mask=mask,
+                             adapt=self.adapt.init() if self.adapt is not None else None)
 
     def done(self, state: SmootherState) -> bool:
         """True when the schedule plans no further update."""
@@ -318,6 +339,18 @@ class EnsembleSmoother:
         alpha, sched_state, sched_info = self.schedule.step(
             state.schedule, parameters=x, predictions=used, observations=self.observations)
 
+        mask, adapt_state, n_pruned = state.mask, state.adapt, 0
+        if self.adapt is not None:
+            # structure adaptation reads the same fresh predictions as the schedule; the
+            # newly pruned columns are zeroed (with the old ones) after the update below
+            new_mask, adapt_state, adapt_info = self.adapt.step(
+                state.adapt, iteration=state.iteration, mask=state.mask,
+                parameters=x if all_ok else x[ok], predictions=used,
+                observations=self.observations)
+            if new_mask is not None:
+                mask = new_mask.to(device=x.device, dtype=torch.bool)
+                n_pruned = int(adapt_info.get("n_pruned", 0))
+
         gen = torch.Generator(device=x.device)
         gen.set_state(state.rng_state)
         perturbations = None
@@ -331,10 +364,10 @@ class EnsembleSmoother:
         new_x = apply_transform(w, x, out=out, chunk_size=self.chunk_size)
         n_resampled = 0
         if self.guard is not None:
-            new_x, n_resampled = self.guard.apply(new_x, generator=gen, mask=state.mask,
+            new_x, n_resampled = self.guard.apply(new_x, generator=gen, mask=mask,
                                                   inplace=True)
-        if state.mask is not None and not bool(state.mask.all()):
-            new_x[:, ~state.mask] = 0
+        if mask is not None and not bool(mask.all()):
+            new_x[:, ~mask] = 0
 
         phi = self.observations.misfit(used)
         mean_phi = self.observations.misfit(used.mean(dim=0, keepdim=True))
@@ -342,13 +375,14 @@ class EnsembleSmoother:
         spread = math.sqrt(_mean_variance(x))
         new_state = SmootherState(parameters=new_x, iteration=state.iteration + 1,
                                   schedule=sched_state, rng_state=gen.get_state(),
-                                  mask=state.mask)
+                                  mask=mask, adapt=adapt_state)
         info = StepInfo(
             iteration=new_state.iteration, alpha=float(alpha),
             misfit=float(2 * phi.mean() / m), mean_misfit=float(2 * mean_phi[0] / m),
             spread=spread, n_failed=n_failed, n_resampled=n_resampled,
             done=bool(self.schedule.done(sched_state)),
             schedule={k: v for k, v in sched_info.items() if isinstance(v, (int, float, bool))},
+            n_live=x.shape[1] if mask is None else int(mask.sum()), n_pruned=n_pruned,
         )
         return new_state, info
 
@@ -398,13 +432,21 @@ class EnsembleSmoother:
             Print one line per iteration to stderr.
         store : path, optional
             Stream the run to this HDF5 history file (``docs/schema.md``), one iteration at
-            a time: a crash keeps every completed iteration.
+            a time: a crash keeps every completed iteration. Every row that keeps the
+            ensemble also holds the generator and schedule state (a few kB, with a
+            checksum), so the history is its own checkpoint: ``resume=STORE`` continues
+            from its last complete row.
         history : enkal.storage.History, optional
             Which iterations keep the ensemble (and predictions); default all, no
             predictions.
         checkpoint : path or bool, optional
-            Write the whole smoother state here after every update, atomically (default
-            with ``store``: ``STORE.ckpt.h5`` beside it; ``False``: none).
+            A separate checkpoint file (the whole state, written atomically).
+            Default (``None``) with ``store``: ``STORE.ckpt.h5`` beside it, written at the
+            start, at the end, and after the updates whose history row does not hold the
+            state (``History(every=N)`` rows between kept ones): with the default
+            ``History()`` no second copy of the ensemble is written per iteration. A path
+            or ``True`` (``STORE.ckpt.h5``): written after every ``checkpoint_every``
+            updates, whatever the history keeps. ``False``: no checkpoint file.
         checkpoint_every : int
             Checkpoint every this many updates (and at the end). A resume from an older
             checkpoint recomputes the iterations since, bit for bit, and the history file
@@ -421,8 +463,16 @@ class EnsembleSmoother:
             2-core CPU the writer thread competes with torch's threads and measured no gain
             (``bench/storage.py``); on GPU runs it hides the I/O.
         resume : path, optional
-            Continue from this checkpoint (instead of ``prior``/``state``); with ``store``
-            the history file is continued where the checkpoint left it. A run resumed after
+            Continue from this history file or checkpoint (instead of ``prior``/``state``),
+            see :func:`enkal.storage.read_state`. From a history file: its last complete
+            state row (at most ``max_iterations``; a torn or corrupt last row falls back to
+            the previous one), and the history is continued in that file unless ``store``
+            names another (with ``history=None``, a continued file keeps the policy it
+            was written with). From a checkpoint with ``store``: the history file is continued
+            where the checkpoint left it, or, when that history holds later states of the
+            same run (the default checkpoint is written only at the start and the end), from
+            the latest of them: that is what recomputing gives, bit for bit (callbacks are
+            not called for the iterations taken from the history). A run resumed after
             being killed ends bit for bit where the uninterrupted run would (same device).
         store_attrs : dict, optional
             Extra attributes for the history file (JSON-able).
@@ -450,9 +500,12 @@ class EnsembleSmoother:
         if sum(x is not None for x in (prior, state, resume)) != 1:
             raise ValueError("run: expected exactly one of prior=, state= or resume=")
         if resume is not None:
-            from .storage import read_checkpoint
+            from .storage import HISTORY_FORMAT, _format_of, read_state
 
-            state = read_checkpoint(resume, self, device=getattr(model, "device", None))
+            if store is None and _format_of(resume) == HISTORY_FORMAT:
+                store = resume  # resuming a history continues it
+            state = read_state(resume, self, device=getattr(model, "device", None),
+                               store=store, max_iteration=max_iterations)
         elif state is None:
             state = self.init(prior)
         if state.parameters.shape[1] != model.layout.size:
@@ -460,9 +513,9 @@ class EnsembleSmoother:
                 f"prior: expected {model.layout.size} columns (the model's N_par), got shape "
                 f"{tuple(state.parameters.shape)}"
             )
-        writer, ckpt_path = self._open_store(model, state, store=store, history=history,
-                                             checkpoint=checkpoint, resume=resume,
-                                             attrs=store_attrs, truth=truth)
+        writer, ckpt_path, ckpt_always = self._open_store(
+            model, state, store=store, history=history, checkpoint=checkpoint, resume=resume,
+            attrs=store_attrs, truth=truth)
         if ckpt_path is not None and resume is None:
             from .storage import write_checkpoint
 
@@ -470,7 +523,8 @@ class EnsembleSmoother:
             write_checkpoint(ckpt_path, self, state)
         sink = None
         if writer is not None or ckpt_path is not None:
-            sink = _StoreSink(self, writer, ckpt_path, background=background_io)
+            sink = _StoreSink(self, writer, ckpt_path, always=ckpt_always,
+                              background=background_io)
         initial = state.parameters  # the caller's tensor: never used as an output buffer
         log: dict[str, list] = {}
         n_forwards = 0
@@ -524,20 +578,28 @@ class EnsembleSmoother:
                               stopped_by=stopped_by)
 
     def _open_store(self, model, state, *, store, history, checkpoint, resume, attrs, truth):
-        """The history writer (or None) and the checkpoint path (or None) of a run."""
+        """The history writer (or None), the checkpoint path (or None) of a run, and
+        whether the checkpoint is written at every ``checkpoint_every`` (``False``: only
+        where the history row does not hold the state, and at the start and the end)."""
         if checkpoint is True and store is None:
             raise ValueError("checkpoint=True: needs store= (or give a checkpoint path)")
-        ckpt = None
+        if checkpoint is not None and not isinstance(checkpoint, (bool, str, os.PathLike)):
+            raise TypeError(f"checkpoint: expected a path, a bool or None, got "
+                            f"{type(checkpoint).__name__}")
+        ckpt, always = None, True
         if checkpoint not in (None, False, True):
             ckpt = os.fspath(checkpoint)
         elif store is not None and checkpoint is not False:
             ckpt = default_checkpoint_path(store)
+            always = checkpoint is True
         if store is None:
             if history is not None:
                 raise ValueError("history=: only with store=")
-            return None, ckpt
-        from .storage import History, HistoryWriter
+            return None, ckpt, always
+        from .storage import History, HistoryWriter, _read_policy
 
+        if history is None and resume is not None and os.path.exists(store):
+            history = _read_policy(store)  # a continued history keeps its own policy
         extra = dict(attrs or {})
         if truth is not None:
             t = torch.as_tensor(truth, dtype=torch.float64).reshape(-1)
@@ -550,8 +612,8 @@ class EnsembleSmoother:
             history=history if history is not None else History(),
             output_names=model.output_names, seed=self.seed,
             resume_from=state.iteration if resume is not None else None, attrs=extra)
-        writer.start(state.iteration, state.parameters, mask=state.mask)
-        return writer, ckpt
+        writer.start(state)
+        return writer, ckpt, always
 
     # -- persistence -----------------------------------------------------------------------
     def state_dict(self, state: SmootherState) -> dict[str, Any]:
@@ -565,6 +627,9 @@ class EnsembleSmoother:
             "rng_state": state.rng_state,
             "mask": state.mask,
             "config": self.config(),
+            # a stateful adapt= strategy's state; StructureAdaptation has none (it derives
+            # from iteration and mask), so checkpoints need no extra field for it
+            **({"adapt": state.adapt} if state.adapt is not None else {}),
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> SmootherState:
@@ -589,7 +654,8 @@ class EnsembleSmoother:
         mask = d.get("mask")
         state = SmootherState(
             parameters=params, iteration=iteration, schedule=cls(**sched),
-            rng_state=torch.as_tensor(rng, dtype=torch.uint8).cpu(), mask=mask)
+            rng_state=torch.as_tensor(rng, dtype=torch.uint8).cpu(), mask=mask,
+            adapt=d.get("adapt", self.adapt.init() if self.adapt is not None else None))
         check_members_first(state.parameters, "state dict parameters")
         return state
 
@@ -599,13 +665,17 @@ class _StoreSink:
 
     The snapshot (a copy of the state's tensors) is taken on the caller's thread, so the
     smoother may reuse its buffers at once; at most one write is in flight, and its error
-    surfaces at the next ``submit`` or at ``close``.
+    surfaces at the next ``submit`` or at ``close``. With ``always=False`` a requested
+    checkpoint is written only when the history row just written does not hold the whole
+    state, or at the end of the run.
     """
 
-    def __init__(self, smoother, writer, ckpt_path, *, background: bool) -> None:
+    def __init__(self, smoother, writer, ckpt_path, *, always: bool = True,
+                 background: bool) -> None:
         self.smoother = smoother
         self.writer = writer
         self.ckpt_path = ckpt_path
+        self.always = always
         self.pool = None
         if background:
             from concurrent.futures import ThreadPoolExecutor
@@ -616,7 +686,8 @@ class _StoreSink:
     def _write(self, state, info, predictions, final, checkpoint) -> None:
         if self.writer is not None:
             self.writer.record(state, info, predictions=predictions, final=final)
-        if checkpoint and self.ckpt_path is not None:
+        if checkpoint and self.ckpt_path is not None and (
+                self.always or final or self.writer is None or not self.writer.holds_state):
             from .storage import write_checkpoint
 
             # after the history row; no fsync: the rename is atomic for a killed process

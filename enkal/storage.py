@@ -24,7 +24,11 @@ Three levels, one implementation (the streaming writer):
 * :class:`HistoryWriter` appends one iteration at a time during a run;
 * :func:`write_checkpoint` / :func:`read_checkpoint` store a
   :meth:`~enkal.EnsembleSmoother.state_dict` (parameters, generator state, schedule state)
-  so that a killed run resumes bit for bit.
+  so that a killed run resumes bit for bit;
+* a history row that keeps the ensemble also holds the rest of that state (``rng_state``,
+  ``schedule_state``, ``state_mask``, ``state_checksum``): :func:`read_history_state` reads
+  the last complete one, so a history is its own checkpoint; :func:`read_state` reads
+  either kind of file (what ``run(resume=path)`` does).
 
 Crash safety
 ------------
@@ -46,7 +50,10 @@ refuse the file until ``h5clear -s`` is run, whichever moment the kill hit. So e
 version-0 superblocks (no such flag), no SWMR, and appends with HDF5 file locking off so
 that a reader holding the file open (a notebook watching a run) never blocks the run. A
 checkpoint is written after the history row, so the history always reaches at least the
-checkpoint's iteration; a resumed writer (``resume_from=``) cuts the rows beyond it.
+checkpoint's iteration; a resumed writer (``resume_from=``) cuts the rows beyond it. A
+state row is only trusted when its checksum matches (the ensemble's 64-bit words summed,
+plus a CRC-32 of the small items), so a torn or rotten last row falls back to the previous
+state row, never to a wrong state.
 
 >>> import tempfile, os, torch
 >>> from enkal import CallableModel, EnsembleSmoother, ESMDA, Observations
@@ -60,13 +67,14 @@ checkpoint's iteration; a resumed writer (``resume_from=``) cuts the rows beyond
 ...         print(dict(ds.sizes), ds.parameter.values.tolist(), ds.iteration.values.tolist())
 ...         print(torch.equal(torch.from_numpy(ds.parameters.sel(iteration=2).values),
 ...                           result.parameters))
-{'iteration': 2, 'member': 8, 'parameter': 2, 'output': 1} ['a', 'b'] [1, 2]
+{'iteration': 2, 'member': 8, 'parameter': 2, 'output': 1, 'rng_byte': 5056} ['a', 'b'] [1, 2]
 True
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import datetime
 import io
@@ -74,7 +82,8 @@ import json
 import os
 import secrets
 import warnings
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +110,8 @@ __all__ = [
     "write_checkpoint",
     "read_checkpoint",
     "read_state_dict",
+    "read_history_state",
+    "read_state",
     "HISTORY_FORMAT",
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
@@ -114,11 +125,15 @@ FORMAT_VERSION = 1
 _RESERVED = frozenset({
     "iteration", "member", "parameter", "output", "output2", "parameters", "predictions",
     "stored", "observations", "noise_std", "noise_chol", "mask",
+    "rng_byte", "rng_state", "schedule_state", "state_mask", "state_checksum",
 })
 _ROW_CHUNK = 1024  # rows per chunk of the small per-iteration variables
 _INT_MISSING = -1  # integer/flag diagnostics at rows without an update
 _STORED_PARAMETERS = 1
 _STORED_PREDICTIONS = 2
+_STORED_STATE = 4  # the row is a whole smoother state: parameters, rng_state, schedule_state
+_STORED_MASK = 8  # ... whose mask is state_mask (else the state has no mask)
+_STATE_VARIABLES = ("rng_state", "schedule_state", "state_checksum")
 _FLOAT_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -214,6 +229,65 @@ def _check_ensemble(x: Any, name: str, *, columns: int | None = None,
             hint = f"; enkal expects members first: did you pass ({label}, N_ens)?"
         raise ValueError(f"{name}: expected shape {want} = (N_ens, {label}), got "
                          f"{tuple(x.shape)}{hint}")
+
+
+@contextlib.contextmanager
+def _read_errors(path: Any, what: str) -> Iterator[None]:
+    """Turn what h5py/h5netcdf/xarray raise on a damaged file into a :class:`StorageError`
+    naming ``path`` (a ``StorageError`` raised inside passes unchanged)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise StorageError(f"{path}: cannot be read as {what} (truncated or corrupt?): "
+                           f"{type(err).__name__}: {err}") from err
+
+
+def _schedule_dict(schedule: Any) -> dict[str, Any]:
+    """A schedule state as ``{"type": name, field: number, ...}`` (what
+    :meth:`~enkal.EnsembleSmoother.state_dict` stores)."""
+    if isinstance(schedule, Mapping):
+        return dict(schedule)
+    if dataclasses.is_dataclass(schedule) and not isinstance(schedule, type):
+        return {"type": type(schedule).__name__, **dataclasses.asdict(schedule)}
+    raise TypeError(f"schedule: expected a schedule state (dataclass) or its dict, got "
+                    f"{type(schedule).__name__}")
+
+
+def _schedule_problem(schedule: Any) -> str | None:
+    """Why ``schedule`` is not a schedule state dict (``None`` when it is one)."""
+    if not isinstance(schedule, dict) or not isinstance(schedule.get("type"), str):
+        return "is not a schedule state (a JSON object with a string 'type')"
+    for k, v in schedule.items():
+        if k != "type" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"field {k!r} is not a number ({type(v).__name__})"
+    return None
+
+
+def _check_rng_state(rng: Any, name: str = "rng_state") -> np.ndarray:
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.ndim != 1 or \
+            rng.numel() == 0:
+        raise ValueError(f"{name}: expected a 1-D uint8 tensor (Generator.get_state()), got "
+                         f"{getattr(rng, 'dtype', type(rng).__name__)} "
+                         f"{tuple(getattr(rng, 'shape', ()))}")
+    return rng.detach().cpu().numpy()
+
+
+def _state_checksum(params: np.ndarray, rng: np.ndarray, schedule: str,
+                    mask: np.ndarray | None, iteration: int) -> int:
+    """64-bit checksum of one state row: the sum of the ensemble's bytes read as 64-bit
+    words (mod 2^64; any changed word changes it) plus CRC-32 of the small items shifted
+    into the high half. A CRC of the whole ensemble would cost ~4 ms per 15 MB, a tenth of
+    an update; the word sum costs ~0.5 ms."""
+    raw = np.ascontiguousarray(params).reshape(-1).view(np.uint8)
+    n8 = raw.size // 8 * 8
+    total = int(raw[:n8].view("<u8").sum(dtype=np.uint64)) if n8 else 0
+    small = b"".join([raw[n8:].tobytes(), np.ascontiguousarray(rng).tobytes(),
+                      schedule.encode("utf-8"),
+                      b"" if mask is None else np.ascontiguousarray(mask).tobytes(),
+                      int(iteration).to_bytes(8, "little", signed=True)])
+    return (total + (zlib.crc32(small) << 32)) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 # -- the history policy --------------------------------------------------------------------
@@ -322,6 +396,13 @@ class HistoryWriter:
     closed again at each later one, so a killed run leaves a file that ``xarray`` opens with
     every completed iteration (see the module docstring). One writer per file.
 
+    A row that keeps the ensemble and is given the generator and schedule state
+    (:meth:`record` and :meth:`start` take them from a
+    :class:`~enkal.smoother.SmootherState`) holds the whole smoother state, with a
+    checksum: :func:`read_history_state` reads it back and ``run(resume=path)`` continues
+    from it, so a history that keeps the latest ensemble is its own checkpoint (a few kB a
+    row on top of the ensemble, instead of a second copy of it in a checkpoint file).
+
     Parameters
     ----------
     path : str or os.PathLike (or a binary file-like object, for in-memory files)
@@ -419,6 +500,8 @@ class HistoryWriter:
         self._mask: np.ndarray | None = None
         self._unlimited: list[str] = []
         self._predictions = history.predictions  # the file keeps predictions
+        self._rng_size: int | None = None  # bytes of rng_state; None: no state variables yet
+        self._state_mask = False  # the file has a state_mask variable
         self._closed = False
         if resume_from is not None:
             self._resume(resume_from)
@@ -433,19 +516,38 @@ class HistoryWriter:
     def n_rows(self) -> int:
         return self._rows
 
-    def start(self, iteration: int, parameters: torch.Tensor, *,
+    @property
+    def holds_state(self) -> bool:
+        """Whether the last row holds the whole smoother state (so it can be resumed from
+        without a checkpoint file)."""
+        return bool(self._last_flags & _STORED_STATE)
+
+    def start(self, iteration: Any, parameters: torch.Tensor | None = None, *,
               mask: torch.Tensor | None = None) -> None:
         """Record the starting ensemble (the prior, or a resumed state) unless the file
-        already ends at ``iteration`` (a resumed history)."""
+        already ends at its iteration (a resumed history).
+
+        ``start(state)`` with a :class:`~enkal.smoother.SmootherState` also records the
+        generator and schedule state (the row is then a resumable state);
+        ``start(iteration, parameters, mask=...)`` records the ensemble only.
+        """
+        if parameters is None and hasattr(iteration, "rng_state"):
+            state = iteration
+            if self._last is not None and self._last == state.iteration:
+                return
+            self.record(state)
+            return
         if self._last is not None and self._last == iteration:
             return
         self.append(iteration, parameters, mask=mask)
 
     def record(self, state: Any, info: Any = None, *, predictions: torch.Tensor | None = None,
                final: bool = False) -> None:
-        """:meth:`append` for a :class:`~enkal.smoother.SmootherState` after ``step``."""
+        """:meth:`append` for a :class:`~enkal.smoother.SmootherState` after ``step``: the
+        row also holds the generator and schedule state when it keeps the ensemble."""
         self.append(state.iteration, state.parameters, info, predictions=predictions,
-                    mask=state.mask, final=final)
+                    mask=state.mask, final=final, rng_state=state.rng_state,
+                    schedule=state.schedule)
 
     def append(
         self,
@@ -456,6 +558,8 @@ class HistoryWriter:
         predictions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         final: bool = False,
+        rng_state: torch.Tensor | None = None,
+        schedule: Any = None,
     ) -> None:
         """Add the row of ``iteration`` (the ensemble after ``iteration`` updates).
 
@@ -476,6 +580,12 @@ class HistoryWriter:
             Live (unpruned) parameters; ``mask(parameter)`` holds the latest one.
         final : bool
             This is the last ensemble of the run (kept when ``History.final``).
+        rng_state : uint8 Tensor, optional
+            ``torch.Generator.get_state()`` of the smoother after this update; with
+            ``schedule``, a row that keeps the ensemble holds the whole smoother state
+            (``rng_state``, ``schedule_state``, ``state_mask``, ``state_checksum``).
+        schedule : schedule state or its dict, optional
+            The schedule's state after this update (``{"type": ..., field: number}``).
         """
         if self._closed:
             raise ValueError("HistoryWriter: append after close()")
@@ -515,20 +625,46 @@ class HistoryWriter:
             mask_np = mask.detach().cpu().numpy().astype(np.int8)
             if self._mask is not None and np.array_equal(mask_np, self._mask):
                 mask_np = None
+        if (rng_state is None) != (schedule is None):
+            raise ValueError("rng_state, schedule: give both (a resumable state row) or neither")
+        state = None
+        if rng_state is not None:
+            rng_np = _check_rng_state(rng_state)
+            sched = _schedule_dict(schedule)
+            problem = _schedule_problem(sched)
+            if problem is not None:
+                raise ValueError(f"schedule: {problem}")
+            try:
+                sched_json = json.dumps(sched, allow_nan=False)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"schedule: expected finite JSON numbers ({err})") from None
+            if self._rng_size is not None and rng_np.size != self._rng_size:
+                raise ValueError(f"rng_state: expected {self._rng_size} bytes (the file's "
+                                 f"generator states), got {rng_np.size}; a generator of "
+                                 "another device type?")
+            if keep:
+                state = (rng_np, sched_json, parameters.device.type,
+                         None if mask is None else mask.detach().cpu().numpy().astype(np.int8))
         params_np = _cpu_numpy(parameters) if keep else None
         flags = _STORED_PARAMETERS if keep else 0
+        if state is not None:
+            flags |= _STORED_STATE | (_STORED_MASK if state[3] is not None else 0)
+            state = (*state, _state_checksum(params_np, state[0], state[1], state[3],
+                                             iteration))
 
         if not self._created:
             self._create(parameters.shape[0], parameters.dtype, kinds, first=(
-                iteration, flags, params_np, values, mask_np))
+                iteration, flags, params_np, values, mask_np, state))
         else:
             new = {k: v for k, v in kinds.items() if k not in self._diagnostics}
             if new:
                 self._add_diagnostics(new)
             with self._h5("r+") as f:
+                if state is not None:
+                    self._ensure_state_variables(f, state)
                 _write_row(f, self._rows, iteration, flags, params_np, values,
                            self._diagnostics, pred_np, self._last_flags, mask_np,
-                           self._unlimited)
+                           self._unlimited, state)
             if self.fsync and self.path is not None:
                 _fsync_path(self.path)
         if mask_np is not None:
@@ -580,6 +716,7 @@ class HistoryWriter:
             "history_policy": _to_json(dataclasses.asdict(self.history)),
             "noise": "diagonal" if self.observations.is_diagonal else "full",
             "complete": 0,
+            "parameters_dtype": self._torch_dtype,
         }
         if self.seed is not None:
             attrs["seed"] = int(self.seed)
@@ -594,6 +731,7 @@ class HistoryWriter:
         """Write the structure (and the first row) to a temporary file, then move it in."""
         self._n_members = int(n_members)
         self._dtype = _storage_dtype(dtype)
+        self._torch_dtype = str(dtype).removeprefix("torch.")
         tmp = None if self.path is None else _temp_path(self.path)
         target = self._target if tmp is None else tmp
         try:
@@ -607,11 +745,13 @@ class HistoryWriter:
             if self.history.predictions:
                 self._unlimited.append("predictions")
             if first is not None:
-                iteration, flags, params_np, values, mask_np = first
+                iteration, flags, params_np, values, mask_np, state = first
                 with (h5py.File(tmp, "r+", locking=False) if tmp is not None
                       else self._h5("r+")) as f:
+                    if state is not None:
+                        self._ensure_state_variables(f, state)
                     _write_row(f, 0, iteration, flags, params_np, values, self._diagnostics,
-                               None, 0, mask_np, self._unlimited)
+                               None, 0, mask_np, self._unlimited, state)
             if tmp is not None:
                 _atomic_replace(tmp, self.path, fsync=True)
         except BaseException:
@@ -671,6 +811,48 @@ class HistoryWriter:
         for k, val in self._global_attrs().items():
             nc.attrs[k] = val
 
+    def _ensure_state_variables(self, f: h5py.File, state: tuple) -> None:
+        """Create the per-row state variables at the first state row (and ``state_mask``
+        at the first state with a mask); earlier rows read as no state."""
+        rng_np, _, device_type, mask_np, _ = state
+        need_state = self._rng_size is None
+        need_mask = mask_np is not None and not self._state_mask
+        if not (need_state or need_mask):
+            return
+        p, rows = self.layout.size, self._rows
+        with h5netcdf.File(f, "a") as nc:
+            if need_state:
+                nc.dimensions["rng_byte"] = rng_np.size
+                v = nc.create_variable("rng_state", ("iteration", "rng_byte"), "u1",
+                                       chunks=(1, rng_np.size))
+                v.attrs["long_name"] = ("torch.Generator.get_state() of the smoother after "
+                                        "this row's update")
+                v.attrs["device_type"] = device_type
+                v.attrs["comment"] = "meaningful where stored bit 4 is set"
+                v = nc.create_variable("schedule_state", ("iteration",), h5py.string_dtype(),
+                                       chunks=(_ROW_CHUNK,))
+                v.attrs["long_name"] = "JSON of the schedule state after this row's update"
+                v.attrs["comment"] = "empty where stored bit 4 is 0"
+                v = nc.create_variable("state_checksum", ("iteration",), "u8",
+                                       chunks=(_ROW_CHUNK,))
+                v.attrs["long_name"] = ("checksum of the state row: sum of the parameters' "
+                                        "64-bit words + CRC-32 of the rest << 32, mod 2^64")
+            if need_mask:
+                v = nc.create_variable("state_mask", ("iteration", "parameter"), "i1",
+                                       chunks=(1, p), fillvalue=np.int8(1))
+                v.attrs["long_name"] = ("live parameters of the state of this row (0: "
+                                        "pruned); where stored bit 8 is set")
+        for name in ([*_STATE_VARIABLES] if need_state else []) + \
+                (["state_mask"] if need_mask else []):
+            if f[name].shape[0] != rows:
+                f[name].resize(rows, axis=0)
+            self._unlimited.append(name)
+        if need_mask:  # a plain int8 variable: no _FillValue, so xarray keeps int8 0/1
+            del f["state_mask"].attrs["_FillValue"]
+            self._state_mask = True
+        if need_state:
+            self._rng_size = int(rng_np.size)
+
     def _add_diagnostics(self, new: dict[str, str]) -> None:
         with self._h5("r+") as f, h5netcdf.File(f, "a") as nc:
             for name, kind in new.items():
@@ -721,7 +903,14 @@ class HistoryWriter:
                 self._last_flags = int(f["stored"][keep - 1]) if keep else 0
                 self._mask = f["mask"][:].astype(np.int8)
                 self._predictions = "predictions" in f  # the file's choice stands
+                self._rng_size = int(f["rng_state"].shape[1]) if "rng_state" in f else None
+                self._state_mask = "state_mask" in f
                 f.attrs["complete"] = np.int8(0)
+                if self.config is not None and "config" in f.attrs and \
+                        _attr_str(f.attrs["config"]) != _to_json(self.config):
+                    # the rows from here on come from this configuration: a later resume
+                    # must not take them for the continuation of the original one
+                    f.attrs["config"] = _to_json(self.config)
         except StorageError:
             raise
         except (OSError, KeyError, RuntimeError) as err:
@@ -879,8 +1068,12 @@ def _put_ensemble(did: Any, row: int, a: np.ndarray) -> None:
 def _write_row(f: h5py.File, row: int, iteration: int, flags: int, params: np.ndarray | None,
                values: Mapping[str, Any], kinds: Mapping[str, str],
                prev_predictions: np.ndarray | None, prev_flags: int,
-               mask: np.ndarray | None, unlimited: Sequence[str]) -> None:
-    """Extend every ``iteration`` variable by one row and fill it (one open file)."""
+               mask: np.ndarray | None, unlimited: Sequence[str],
+               state: tuple | None = None) -> None:
+    """Extend every ``iteration`` variable by one row and fill it (one open file).
+
+    ``state`` is ``(rng_state, schedule JSON, device type, mask or None, checksum)`` for a
+    row that holds the whole smoother state."""
     ds = {name: h5py.h5d.open(f.id, name.encode()) for name in unlimited}
     for did in ds.values():
         did.set_extent((row + 1,) + did.shape[1:])
@@ -890,6 +1083,13 @@ def _write_row(f: h5py.File, row: int, iteration: int, flags: int, params: np.nd
     if prev_predictions is not None and row > 0:
         _put_ensemble(ds["predictions"], row - 1, prev_predictions)
         _put(ds["stored"], row - 1, prev_flags | _STORED_PREDICTIONS)
+    if state is not None:
+        rng, schedule, _, state_mask, checksum = state
+        _put(ds["rng_state"], row, rng)
+        _put(ds["schedule_state"], row, schedule)
+        if state_mask is not None:
+            _put(ds["state_mask"], row, state_mask)
+        _put(ds["state_checksum"], row, np.uint64(checksum))
     _put(ds["iteration"], row, iteration)
     _put(ds["stored"], row, flags)
     for name, kind in kinds.items():
@@ -939,8 +1139,10 @@ def _row_complete(f: h5py.File, r: int, names: Sequence[str], its: np.ndarray) -
             row = f[name][r]
             if name == "parameters" and flags & _STORED_PARAMETERS and np.isnan(row).all():
                 return False
-            if name == "predictions" and flags & _STORED_PREDICTIONS and np.isnan(row).all():
-                return False
+            # (the predictions of row r come with the append of row r + 1: if that append
+            # was torn, row r is complete without them; repair clears their bit)
+            if name == "schedule_state" and flags & _STORED_STATE and not row:
+                return False  # the string never reached the file
     except (OSError, ValueError, KeyError):
         return False
     return True
@@ -1012,11 +1214,13 @@ def _write_result(writer: HistoryWriter, result: Any) -> None:
         writer.append(k - 1, None)  # the row that holds the last predictions
     for it, info in zip(its, rows, strict=True):
         if it == k:
-            writer.append(it, x, info, predictions=pred, mask=state.mask, final=True)
+            writer.append(it, x, info, predictions=pred, mask=state.mask, final=True,
+                          rng_state=state.rng_state, schedule=state.schedule)
         else:
             writer.append(it, None, info)
     if k not in its:
-        writer.append(k, x, None, predictions=pred, mask=state.mask, final=True)
+        writer.append(k, x, None, predictions=pred, mask=state.mask, final=True,
+                      rng_state=state.rng_state, schedule=state.schedule)
 
 
 def _result_writer(target: Any, result: Any, compression: str | None) -> HistoryWriter:
@@ -1108,19 +1312,12 @@ def open_dataset(path: Any, **kwargs: Any) -> Any:
     path = _as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such enkal history file")
-    try:
+    with _read_errors(path, "an enkal history file"):
         with h5py.File(path, "r", locking=False) as f:
             _check_format(f.attrs, path, HISTORY_FORMAT)
             _check_history_file(f, path)
             lengths = [f[name].shape[0] for name in _unlimited(f)]
         ds = xr.open_dataset(path, engine="h5netcdf", **kwargs)
-    except StorageError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise StorageError(
-            f"{path}: cannot be read as an enkal history file (truncated or corrupt?): "
-            f"{type(err).__name__}: {err}"
-        ) from err
     if lengths and min(lengths) < max(lengths):
         # an append was killed half-way through its metadata: h5netcdf pads the shorter
         # variables; the complete rows are the common ones
@@ -1352,49 +1549,39 @@ def read_state_dict(path: Any, *, device: torch.device | str | None = None) -> d
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            _check_format(f.attrs, path, CHECKPOINT_FORMAT)
-            a = {k: f.attrs[k] for k in f.attrs}
-            e, p = _int_attr(a, "n_members", path), _int_attr(a, "n_parameters", path)
-            if e < 0 or p < 0:
-                raise StorageError(f"{path}: negative n_members/n_parameters ({e}, {p})")
-            torch_dtype = getattr(torch, _attr_str(a["parameters_dtype"]), None)
-            if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
-                raise StorageError(f"{path}: unknown parameters dtype {a['parameters_dtype']!r}")
-            want = _storage_dtype(torch_dtype)
-            par = _get_array(f, "parameters", (e, p), want, path)
-            device_type = _attr_str(a["device_type"])
-            rng_size = _int_attr(a, "rng_state_size", path)
-            if device_type == "cpu" and rng_size != _CPU_RNG_STATE_SIZE:
-                raise StorageError(f"{path}: rng_state_size {rng_size} is not the size of a "
-                                   f"CPU generator state ({_CPU_RNG_STATE_SIZE})")
-            if not 0 < rng_size <= 1 << 20:
-                raise StorageError(f"{path}: implausible rng_state_size {rng_size}")
-            rng = _get_array(f, "rng_state", (rng_size,), np.dtype(np.uint8), path)
-            mask = None
-            if _int_attr(a, "has_mask", path):
-                mask = _get_array(f, "mask", (p,), np.dtype(np.uint8), path)
-                if np.any(mask > 1):
-                    raise StorageError(f"{path}: mask holds values other than 0/1")
-            iteration = _int_attr(a, "iteration", path)
-            if iteration < 0:
-                raise StorageError(f"{path}: negative iteration {iteration}")
-            schedule = _loads(_attr_str(a["schedule"]), "schedule", path)
-            config = _loads(_attr_str(a["config"]), "config", path)
-            if not isinstance(schedule, dict) or "type" not in schedule:
-                raise StorageError(f"{path}: schedule attribute is not a schedule state")
-            for k, v in schedule.items():
-                if k != "type" and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                    raise StorageError(f"{path}: schedule field {k!r} is not a number "
-                                       f"({type(v).__name__})")
-    except StorageError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
-        raise StorageError(
-            f"{path}: cannot be read as an enkal checkpoint (truncated or corrupt?): "
-            f"{type(err).__name__}: {err}"
-        ) from err
+    with _read_errors(path, "an enkal checkpoint"), \
+            h5py.File(path, "r", locking=False) as f:
+        _check_format(f.attrs, path, CHECKPOINT_FORMAT)
+        a = {k: f.attrs[k] for k in f.attrs}
+        e, p = _int_attr(a, "n_members", path), _int_attr(a, "n_parameters", path)
+        if e < 0 or p < 0:
+            raise StorageError(f"{path}: negative n_members/n_parameters ({e}, {p})")
+        torch_dtype = getattr(torch, _attr_str(a["parameters_dtype"]), None)
+        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+            raise StorageError(f"{path}: unknown parameters dtype {a['parameters_dtype']!r}")
+        want = _storage_dtype(torch_dtype)
+        par = _get_array(f, "parameters", (e, p), want, path)
+        device_type = _attr_str(a["device_type"])
+        rng_size = _int_attr(a, "rng_state_size", path)
+        if device_type == "cpu" and rng_size != _CPU_RNG_STATE_SIZE:
+            raise StorageError(f"{path}: rng_state_size {rng_size} is not the size of a "
+                               f"CPU generator state ({_CPU_RNG_STATE_SIZE})")
+        if not 0 < rng_size <= 1 << 20:
+            raise StorageError(f"{path}: implausible rng_state_size {rng_size}")
+        rng = _get_array(f, "rng_state", (rng_size,), np.dtype(np.uint8), path)
+        mask = None
+        if _int_attr(a, "has_mask", path):
+            mask = _get_array(f, "mask", (p,), np.dtype(np.uint8), path)
+            if np.any(mask > 1):
+                raise StorageError(f"{path}: mask holds values other than 0/1")
+        iteration = _int_attr(a, "iteration", path)
+        if iteration < 0:
+            raise StorageError(f"{path}: negative iteration {iteration}")
+        schedule = _loads(_attr_str(a["schedule"]), "schedule", path)
+        config = _loads(_attr_str(a["config"]), "config", path)
+        problem = _schedule_problem(schedule)
+        if problem is not None:
+            raise StorageError(f"{path}: schedule attribute {problem}")
     if not np.all(np.isfinite(par)):
         raise StorageError(f"{path}: parameters hold NaN/inf (a checkpoint never does)")
     params = torch.from_numpy(par).to(dtype=torch_dtype, device=device)
@@ -1431,11 +1618,272 @@ def _get_array(f: h5py.File, name: str, shape: tuple[int, ...], dtype: np.dtype,
     return ds[...]
 
 
+_MAX_STATE_ROWS_TRIED = 16  # a torn or corrupt row falls back to an earlier one, this far
+
+
+def _dataset(f: h5py.File, name: str, path: Path, *, what: str = "variable") -> h5py.Dataset:
+    """``f[name]``, which must be the file's own dataset (no soft or external link)."""
+    link = f.get(name, getlink=True)
+    if link is None:
+        raise StorageError(f"{path}: {what} {name!r} missing")
+    if not isinstance(link, h5py.HardLink) or not isinstance(f[name], h5py.Dataset):
+        raise StorageError(f"{path}: {name!r} is not a dataset of the file itself")
+    return f[name]
+
+
+def read_history_state(path: Any, *, device: torch.device | str | None = None,
+                       iteration: int | None = None,
+                       max_iteration: int | None = None) -> dict[str, Any]:
+    """Read the smoother state held by a history file's last complete state row.
+
+    A row holds the whole state (``stored`` bit 4) when the run's :class:`History` kept its
+    ensemble: ``parameters``, ``rng_state``, ``schedule_state``, ``state_mask`` and the
+    ``state_checksum`` over all of them. Everything is validated before it is trusted (the
+    variables' dims and dtypes, the declared sizes, the JSON, the checksum). A row that
+    fails (the torn last row of a killed append, a checksum mismatch) is skipped with a
+    ``RuntimeWarning`` and the previous state row is used: resuming from it recomputes the
+    lost iterations bit for bit.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    device : torch.device or str, optional
+        Where to put ``parameters`` and ``mask`` (default CPU).
+    iteration : int, optional
+        Read the state of exactly this iteration (default: the last one).
+    max_iteration : int, optional
+        The last state row at or before this iteration.
+
+    Returns
+    -------
+    dict
+        As :func:`read_state_dict`: ``parameters (N_ens, N_par)``, ``iteration``,
+        ``schedule``, ``rng_state``, ``mask``, ``config``, ``device_type``, ``attrs``.
+
+    Raises
+    ------
+    FileNotFoundError
+    StorageError
+        Not an enkal history, no state variables (a file of an older enkal, or written
+        without generator states), or no usable state row; the message names the file.
+    """
+    path = _as_path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such enkal history file")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    skipped: list[str] = []
+    with _read_errors(path, "an enkal history file"), \
+            h5py.File(path, "r", locking=False) as f:
+        _check_format(f.attrs, path, HISTORY_FORMAT)
+        _check_history_file(f, path)
+        if f.get("rng_state", getlink=True) is None:
+            raise StorageError(f"{path}: holds no smoother state (no 'rng_state' variable: "
+                               "written by HistoryWriter.append without generator states, "
+                               "or by an older enkal); resume from its checkpoint file")
+        par = _dataset(f, "parameters", path)
+        its_ds = _dataset(f, "iteration", path)
+        stored = _dataset(f, "stored", path)
+        rng = _dataset(f, "rng_state", path)
+        sched = _dataset(f, "schedule_state", path)
+        checks = _dataset(f, "state_checksum", path)
+        masks = _dataset(f, "state_mask", path) if "state_mask" in f else None
+        if par.ndim != 3 or par.dtype.kind != "f":
+            raise StorageError(f"{path}: variable 'parameters' has shape {par.shape} and "
+                               f"dtype {par.dtype}, expected (iteration, member, parameter) "
+                               "floats")
+        e, p = int(par.shape[1]), int(par.shape[2])
+        for name, ds, kind in (("iteration", its_ds, "iu"), ("stored", stored, "iu"),
+                               ("state_checksum", checks, "u")):
+            if ds.ndim != 1 or ds.dtype.kind not in kind:
+                raise StorageError(f"{path}: variable {name!r} has shape {ds.shape} and dtype "
+                                   f"{ds.dtype}, expected one integer per iteration")
+        if rng.ndim != 2 or rng.dtype != np.uint8 or not 0 < rng.shape[1] <= 1 << 20:
+            raise StorageError(f"{path}: variable 'rng_state' has shape {rng.shape} and dtype "
+                               f"{rng.dtype}, expected (iteration, rng_byte) uint8")
+        device_type = _attr_str(rng.attrs.get("device_type", ""))
+        if device_type not in ("cpu", "cuda", "mps", "xpu"):
+            raise StorageError(f"{path}: rng_state has an unknown device_type "
+                               f"{device_type!r}")
+        if device_type == "cpu" and rng.shape[1] != _CPU_RNG_STATE_SIZE:
+            raise StorageError(f"{path}: rng_state rows of {rng.shape[1]} bytes are not CPU "
+                               f"generator states ({_CPU_RNG_STATE_SIZE})")
+        if sched.ndim != 1 or h5py.check_string_dtype(sched.dtype) is None:
+            raise StorageError(f"{path}: variable 'schedule_state' has dtype {sched.dtype}, "
+                               "expected one JSON string per iteration")
+        if masks is not None and (masks.ndim != 2 or masks.shape[1] != p or
+                                  masks.dtype != np.int8):
+            raise StorageError(f"{path}: variable 'state_mask' has shape {masks.shape} and "
+                               f"dtype {masks.dtype}, expected (iteration, {p}) int8")
+        name = _attr_str(f.attrs.get("parameters_dtype", str(par.dtype)))
+        torch_dtype = getattr(torch, name, None) if name.isidentifier() and \
+            not name.startswith("_") else None
+        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point or \
+                _storage_dtype(torch_dtype) != par.dtype:
+            raise StorageError(f"{path}: parameters_dtype {name!r} does not describe the "
+                               f"stored {par.dtype} parameters")
+        row_bytes = e * p * par.dtype.itemsize
+        if par.compression is None and row_bytes > int(par.id.get_storage_size()) or \
+                row_bytes > 1 << 36:
+            raise StorageError(f"{path}: a parameters row declares {row_bytes} bytes, more "
+                               "than the file holds for them")
+        config = _loads(_attr_str(f.attrs["config"]), "config", path) \
+            if "config" in f.attrs else None
+        n = min(f[name].shape[0] for name in _unlimited(f))
+        its = its_ds[:n]
+        flags = stored[:n]
+        want = _STORED_PARAMETERS | _STORED_STATE
+        rows = [r for r in range(n - 1, -1, -1) if int(flags[r]) & want == want and
+                (iteration is None or int(its[r]) == iteration) and
+                (max_iteration is None or int(its[r]) <= max_iteration)]
+        found = None
+        for r in rows[:_MAX_STATE_ROWS_TRIED]:
+            try:
+                found = _state_row(f, r, its, flags, par, rng, sched, checks, masks, path)
+                break
+            except (StorageError, OSError, ValueError, UnicodeDecodeError) as err:
+                skipped.append(f"row {r} (iteration {int(its[r])}): "
+                               f"{str(err).removeprefix(f'{path}: ')}")
+        if found is None:
+            where = f"iteration {iteration}" if iteration is not None else "any row"
+            reason = f" ({'; '.join(skipped)})" if skipped else ""
+            raise StorageError(f"{path}: no complete smoother state at {where}{reason}")
+        attrs = {k: (_attr_str(v) if isinstance(v, (bytes, str)) else v)
+                 for k, v in f.attrs.items()}
+    if skipped:
+        warnings.warn(f"{path}: skipped unusable state rows ({'; '.join(skipped)}); resuming "
+                      f"from iteration {found[0]}", RuntimeWarning, stacklevel=2)
+    it, x, g, schedule, mask = found
+    return {
+        "parameters": torch.from_numpy(x).to(dtype=torch_dtype, device=device),
+        "iteration": it,
+        "schedule": schedule,
+        "rng_state": torch.from_numpy(g),
+        "mask": None if mask is None else torch.from_numpy(mask.astype(bool)).to(device),
+        "config": config,
+        "device_type": device_type,
+        "attrs": attrs,
+    }
+
+
+def _state_row(f, r, its, flags, par, rng, sched, checks, masks, path) -> tuple:
+    """Read and check state row ``r``; raise (StorageError, OSError, ...) if unusable."""
+    it = int(its[r])
+    if it < 0 or (r > 0 and it <= int(its[r - 1])):
+        raise StorageError("iteration out of order")
+    x = par[r]
+    g = rng[r]
+    raw = sched[r]
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    mask = None
+    if int(flags[r]) & _STORED_MASK:
+        if masks is None:
+            raise StorageError("stored bit 8 set but the file has no state_mask")
+        mask = masks[r]
+        if np.any((mask != 0) & (mask != 1)):
+            raise StorageError("state_mask holds values other than 0/1")
+    checksum = _state_checksum(x, g, text, mask, it)
+    if checksum != int(checks[r]):
+        raise StorageError("checksum mismatch (a torn or corrupted row)")
+    if not np.all(np.isfinite(x)):
+        raise StorageError("parameters hold NaN/inf")
+    schedule = _loads(text, "schedule_state", path)
+    problem = _schedule_problem(schedule)
+    if problem is not None:
+        raise StorageError(f"schedule_state {problem}")
+    return it, x, g, schedule, mask
+
+
+def _read_policy(path: Any) -> History:
+    """The :class:`History` policy a history file was written with (its
+    ``history_policy`` attribute), for a run that continues the file."""
+    path = _as_path(path)
+    with _read_errors(path, "an enkal history file"), \
+            h5py.File(path, "r", locking=False) as f:
+        _check_format(f.attrs, path, HISTORY_FORMAT)
+        if "history_policy" not in f.attrs:
+            return History()
+        d = _loads(_attr_str(f.attrs["history_policy"]), "history_policy", path)
+    names = {fld.name for fld in dataclasses.fields(History)}
+    if not isinstance(d, dict) or not set(d) <= names:
+        raise StorageError(f"{path}: history_policy attribute is not a History policy")
+    try:
+        return History(**d)
+    except (TypeError, ValueError) as err:
+        raise StorageError(f"{path}: history_policy attribute: {err}") from None
+
+
+def _format_of(path: Any) -> str | None:
+    """The ``enkal_format`` of an existing file (``None`` when it has none)."""
+    path = _as_path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or history file")
+    with _read_errors(path, "an enkal checkpoint or history file"), \
+            h5py.File(path, "r", locking=False) as f:
+        fmt = f.attrs.get("enkal_format")
+        return _attr_str(fmt) if fmt is not None else None
+
+
+def read_state(path: Any, smoother: Any, *, device: torch.device | str | None = None,
+               store: Any = None, max_iteration: int | None = None) -> Any:
+    """The :class:`~enkal.smoother.SmootherState` to resume a run from: ``path`` is a
+    checkpoint (:func:`read_checkpoint`) or a history file (:func:`read_history_state`:
+    its last complete state row, at most ``max_iteration``; when ``store`` is that same
+    file, which the run continues, it is :func:`repair`-ed first).
+
+    With a checkpoint and ``store`` (the run's history file), the history may hold later
+    states of the same run: run's default writes a checkpoint file at the start and the
+    end only, while every history row that keeps the ensemble holds the state. The later
+    state is used when the history's row at the checkpoint's iteration is the checkpoint's
+    state bit for bit and the history, the checkpoint and ``smoother`` have one
+    configuration: it is then what recomputing from the checkpoint gives (up to
+    ``max_iteration``, where the recomputation would stop), without the recomputation.
+
+    Raises
+    ------
+    FileNotFoundError, StorageError, ValueError
+        As :func:`read_checkpoint`.
+    """
+    path = _as_path(path)
+    if _format_of(path) == HISTORY_FORMAT:
+        if store is not None and _as_path(store).exists() and \
+                _as_path(store).resolve() == path.resolve():
+            repair(path)  # the run continues this file (its writer repairs it anyway)
+        d = read_history_state(path, max_iteration=max_iteration)
+        return _load_state(d, path, smoother, device, what="history state")
+    d = read_state_dict(path)
+    ckpt_config = d["config"]
+    state = _load_state(d, path, smoother, device, what="checkpoint")
+    if store is None:
+        return state
+    store = _as_path(store)
+    if not store.exists() or (store.resolve() == path.resolve()):
+        return state
+    try:
+        later = read_history_state(store, max_iteration=max_iteration)
+        if later["iteration"] <= state.iteration:
+            return state
+        mine = json.loads(_to_json(smoother.config()))
+        if later["config"] != mine or ckpt_config != mine:
+            return state
+        here = smoother.state_dict(state)
+        row = read_history_state(store, iteration=state.iteration)
+    except StorageError:
+        return state  # no usable later state: recompute from the checkpoint
+    same = (torch.equal(row["parameters"], here["parameters"].cpu())
+            and torch.equal(row["rng_state"], here["rng_state"].cpu())
+            and row["schedule"] == json.loads(json.dumps(here["schedule"]))
+            and (row["mask"] is None) == (here["mask"] is None)
+            and (row["mask"] is None or torch.equal(row["mask"], here["mask"].cpu())))
+    if not same:
+        return state
+    return _load_state(later, store, smoother, device, what="history state")
+
+
 def read_checkpoint(path: Any, smoother: Any, *, device: torch.device | str | None = None) -> Any:
     """Read a checkpoint into a :class:`~enkal.smoother.SmootherState` for ``smoother``.
 
     Continuing from it with the same smoother repeats the uninterrupted run bit for bit
-    (on the same device and software).
+    (on the same device and software). :func:`read_state` reads a history file's state too.
 
     Parameters
     ----------
@@ -1454,8 +1902,13 @@ def read_checkpoint(path: Any, smoother: Any, *, device: torch.device | str | No
         The checkpoint does not fit ``smoother`` (another schedule type, another number of
         observations) or ``device``.
     """
-    d = read_state_dict(path)
-    path = _as_path(path)
+    return _load_state(read_state_dict(path), _as_path(path), smoother, device,
+                       what="checkpoint")
+
+
+def _load_state(d: dict[str, Any], path: Path, smoother: Any, device: Any, *,
+                what: str) -> Any:
+    """A validated state dict (from a checkpoint or a history row) -> SmootherState."""
     target = torch.device(device) if device is not None else torch.device("cpu")
     if d["device_type"] != target.type:
         raise ValueError(
@@ -1470,19 +1923,26 @@ def read_checkpoint(path: Any, smoother: Any, *, device: torch.device | str | No
     n_obs = config.get("n_obs")
     if n_obs is not None and n_obs != smoother.observations.size:
         raise ValueError(
-            f"{path}: checkpoint of a run with {n_obs} observations, this smoother has "
+            f"{path}: {what} of a run with {n_obs} observations, this smoother has "
             f"{smoother.observations.size}"
         )
     try:
         state = smoother.load_state_dict(d)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: checkpoint does not fit this smoother: {err}") from None
+        raise ValueError(f"{path}: {what} does not fit this smoother: {err}") from None
+    _config_differs(smoother, config, path, what)
+    return state
+
+
+def _config_differs(smoother: Any, config: Any, path: Path, what: str) -> bool:
+    """Warn (and say so) when ``config`` is not ``smoother.config()``."""
+    config = config if isinstance(config, dict) else {}
     mine = json.loads(_to_json(smoother.config()))
     differ = sorted(k for k in set(mine) | set(config) if mine.get(k) != config.get(k))
     if differ:
         warnings.warn(
-            f"{path}: checkpoint written with another configuration ({', '.join(differ)} "
+            f"{path}: {what} written with another configuration ({', '.join(differ)} "
             "differ); the resumed run will not repeat the original one",
-            RuntimeWarning, stacklevel=2,
+            RuntimeWarning, stacklevel=4,
         )
-    return state
+    return bool(differ)

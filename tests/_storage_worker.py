@@ -1,12 +1,17 @@
 """A small streaming smoother run for ``tests/test_storage.py`` to kill and resume.
 
-    python tests/_storage_worker.py DIR --iterations N [--sleep S] [--resume]
+    python tests/_storage_worker.py DIR --iterations N [--sleep S] [--resume] [--run]
 
-Writes ``DIR/history.h5`` (a row per iteration, predictions kept) and ``DIR/checkpoint.h5``
-(after the start and after every update, always after the history row), and prints each
-completed iteration on its own line (flushed), so that a test can SIGKILL it mid-run and
-then resume it with ``--resume``. The loop is the one ``EnsembleSmoother.run`` will do with
-``store=``/``resume=``: evaluate, step, append the row, write the checkpoint.
+Without ``--run``: writes ``DIR/history.h5`` (a row per iteration, predictions kept) and an
+explicit ``DIR/checkpoint.h5`` (after the start and after every update, always after the
+history row) in the loop ``EnsembleSmoother.run`` does, and prints each completed iteration
+on its own line (flushed), so that a test can SIGKILL it mid-run and then resume it with
+``--resume`` (from the checkpoint).
+
+With ``--run``: ``EnsembleSmoother.run(store=DIR/history.h5)`` with its default checkpoint
+policy (the history rows hold the state; ``DIR/history.ckpt.h5`` only at the start and the
+end); each iteration is printed by a callback, i.e. *before* its row is written.
+``--resume`` then is ``run(resume=DIR/history.h5)``: the history is its own checkpoint.
 
 The problem: a nonlinear 3-parameter model (one ``Positive`` parameter), 32 members, the
 perturbed-observations update and fixed annealing, so the generator state matters.
@@ -69,15 +74,33 @@ def run(directory: Path, iterations: int, *, sleep: float = 0.0, resume: bool = 
     return state
 
 
+def run_smoother(directory: Path, iterations: int, *, sleep: float = 0.0,
+                 resume: bool = False) -> enkal.SmootherResult:
+    model, smoother, prior = build()
+    history = directory / "history.h5"
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def report(state, info):
+        print(state.iteration, flush=True)
+        if sleep:
+            time.sleep(sleep)
+
+    return smoother.run(model, None if resume else prior, store=history, history=HISTORY,
+                        resume=history if resume else None, max_iterations=iterations,
+                        callbacks=[report])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path)
     parser.add_argument("--iterations", type=int, required=True)
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--run", action="store_true", help="EnsembleSmoother.run, store=")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the same BLAS path in every process: bitwise comparisons
-    run(args.directory, args.iterations, sleep=args.sleep, resume=args.resume)
+    (run_smoother if args.run else run)(args.directory, args.iterations, sleep=args.sleep,
+                                        resume=args.resume)
 
 
 if __name__ == "__main__":

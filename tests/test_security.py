@@ -624,3 +624,116 @@ def test_cli_reports_crafted_toml_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.toml" in err[0]
     assert not out.exists()
+
+
+# -- crafted state rows of history files (the history as its own checkpoint) ---------------
+def _state_rows(path: Path, *, rng=None, rng_dtype="u1", device_type="cpu", schedules=None,
+                sched_dtype=None, checksums=None, checksum_dtype="u8", flags=(5, 5),
+                masks=None, iterations=(0, 1), data=None, attrs=None,
+                after=None) -> Path:
+    """A history of 2 rows, both holding a whole ESMDA state (``stored`` bit 4), built from
+    scratch; the checksums are the right ones for what is written unless given."""
+    x = np.arange(24.0).reshape(2, 4, 3) if data is None else data
+    header = {"config": json.dumps(SMOOTHER.config()), "parameters_dtype": "float64"}
+    header.update(attrs or {})
+    _history(path, attrs=header, data=x, iterations=list(iterations))
+    g = np.stack([RNG, RNG]) if rng is None else rng
+    texts = schedules or [json.dumps({"type": "ESMDAState", "iteration": int(k)})
+                          for k in iterations]
+    if checksums is None:
+        checksums = [storage._state_checksum(x[r], g[r].astype(np.uint8), str(texts[r]),
+                                             None if masks is None else masks[r],
+                                             int(iterations[r])) for r in range(2)]
+    with h5netcdf.File(path, "a") as nc:
+        nc.dimensions["rng_byte"] = g.shape[1]
+        v = nc.create_variable("rng_state", ("iteration", "rng_byte"), rng_dtype,
+                               chunks=(1, g.shape[1]))
+        v[:] = g
+        v.attrs["device_type"] = device_type
+        v = nc.create_variable("schedule_state", ("iteration",),
+                               sched_dtype or h5py.string_dtype(), chunks=(16,))
+        v[:] = np.array(texts, dtype=object if sched_dtype is None else sched_dtype)
+        v = nc.create_variable("state_checksum", ("iteration",), checksum_dtype, chunks=(16,))
+        v[:] = np.array(checksums, dtype=checksum_dtype)
+        if masks is not None:
+            v = nc.create_variable("state_mask", ("iteration", "parameter"), masks.dtype,
+                                   chunks=(1, masks.shape[1]))
+            v[:] = masks
+    with h5py.File(path, "r+") as f:
+        f["stored"][:] = np.array(flags, np.int8)
+        if after is not None:
+            after(f)
+    return path
+
+
+def _swap(name, link):
+    def edit(f):
+        f["elsewhere"] = f[name][...]
+        del f[name]
+        f[name] = link
+    return edit
+
+
+STATE_HISTORIES = {
+    "rng_state_int64": dict(rng_dtype="i8"),
+    "rng_state_not_a_cpu_state": dict(rng=np.zeros((2, 10), np.uint8)),
+    "rng_state_device_unknown": dict(device_type="bogus"),
+    "rng_state_soft_link": dict(after=_swap("rng_state", h5py.SoftLink("/elsewhere"))),
+    "rng_state_external_link": dict(after=_swap("rng_state", h5py.ExternalLink(
+        "/nonexistent/enkal.h5", "/data"))),
+    "schedule_state_floats": dict(sched_dtype="f8", schedules=[0.5, 1.5]),
+    "schedule_state_invalid_json": dict(schedules=["{", "{"]),
+    "schedule_state_deeply_nested": dict(schedules=["[" * 10_000 + "]" * 10_000] * 2),
+    "schedule_state_a_list": dict(schedules=["[1, 2]"] * 2),
+    "schedule_state_field_a_string": dict(schedules=[json.dumps(
+        {"type": "ESMDAState", "iteration": "one"})] * 2),
+    "schedule_state_of_another_schedule": dict(schedules=[json.dumps(
+        {"type": "AnnealingState", "rho": 1.0, "iteration": 0})] * 2),
+    "schedule_state_unknown_field": dict(schedules=[json.dumps(
+        {"type": "ESMDAState", "bogus": 1})] * 2),
+    "checksums_wrong": dict(checksums=[1, 2]),
+    "checksums_floats": dict(checksums=[1.0, 2.0], checksum_dtype="f8"),
+    "state_mask_not_boolean": dict(flags=(13, 13), masks=np.full((2, 3), 7, np.int8)),
+    "state_mask_wrong_shape": dict(flags=(13, 13), after=lambda f: f.create_dataset(
+        "state_mask", data=np.ones((2, 5), np.int8), maxshape=(None, 5))),
+    "state_mask_flag_without_state_mask": dict(flags=(13, 13)),
+    "parameters_dtype_dunder": dict(attrs={"parameters_dtype": "__class__"}),
+    "parameters_dtype_an_integer_type": dict(attrs={"parameters_dtype": "int64"}),
+    "parameters_dtype_not_the_stored_one": dict(attrs={"parameters_dtype": "float32"}),
+    "parameters_nan": dict(data=np.full((2, 4, 3), np.nan)),
+    "iterations_negative": dict(iterations=(-2, -1)),
+    "no_row_holds_a_state": dict(flags=(1, 1)),
+    "config_invalid_json": dict(attrs={"config": "{"}),
+    "config_deeply_nested": dict(attrs={"config": "[" * 100_000 + "]" * 100_000}),
+    "huge_declared_rows": dict(after=_huge_rows),
+}
+
+
+def test_the_state_history_builder_makes_a_valid_file(tmp_path):
+    """So that each crafted case below fails for its own reason."""
+    path = _state_rows(tmp_path / "good.h5")
+    with bounded():
+        state = storage.read_state(path, SMOOTHER)
+    assert state.iteration == 1 and state.schedule.iteration == 1
+    assert torch.equal(state.parameters, torch.arange(12.0, 24.0, dtype=torch.float64)
+                       .reshape(4, 3))
+    assert torch.equal(state.rng_state, torch.from_numpy(RNG))
+
+
+@pytest.mark.parametrize("case", sorted(STATE_HISTORIES))
+def test_crafted_state_rows_raise_clear_errors(case, tmp_path):
+    path = _state_rows(tmp_path / f"{case}.h5", **STATE_HISTORIES[case])
+    expect_clear_error(lambda: storage.read_state(path, SMOOTHER), path)
+    expect_clear_error(lambda: SMOOTHER.run(
+        enkal.CallableModel(lambda x: x[:, :2], parameters=["a", "b", "c"], output_size=2),
+        resume=path, store=tmp_path / "out.h5"), path)
+
+
+@pytest.mark.parametrize("policy", ["{", "[1]", '{"bogus": 1}', '{"every": 0}',
+                                    '{"compression": "zstd"}', '{"chunk_bytes": "big"}',
+                                    "[" * 1000 + "]" * 1000])
+def test_crafted_history_policy_of_a_continued_file(policy, tmp_path):
+    """``run(resume=history)`` continues the file with the policy it declares."""
+    path = _state_rows(tmp_path / "policy.h5", attrs={"history_policy": policy})
+    model = enkal.CallableModel(lambda x: x[:, :2], parameters=["a", "b", "c"], output_size=2)
+    expect_clear_error(lambda: SMOOTHER.run(model, resume=path), path)

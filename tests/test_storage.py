@@ -63,8 +63,8 @@ def _writer(path, smoother, model, history=storage.History(), **kw):
 
 
 def _loop(writer, smoother, model, state, n, ckpt=None):
-    """The loop the lead wires into ``run``: evaluate, step, append, checkpoint."""
-    writer.start(state.iteration, state.parameters, mask=state.mask)
+    """The loop of ``run``: evaluate, step, append (with the state), checkpoint."""
+    writer.start(state)
     target = state.iteration + n
     while state.iteration < target:
         y, ok = enkal.evaluate(model, model.layout.to_physical(state.parameters))
@@ -86,12 +86,12 @@ def test_save_open_round_trip(tmp_path, dtype, full_noise):
         k = result.state.iteration
         assert list(ds.iteration.values) == result.history["iteration"] == [1, 2, 3, 4]
         assert dict(ds.sizes) == {"iteration": 4, "member": 32, "parameter": 2, "output": 2,
-                                  **({"output2": 2} if full_noise else {})}
+                                  "rng_byte": 5056, **({"output2": 2} if full_noise else {})}
         assert ds.parameters.dtype == np.dtype(str(dtype).removeprefix("torch."))
         last = torch.from_numpy(ds.parameters.sel(iteration=k).values)
         assert last.dtype == dtype and torch.equal(last, result.parameters)
         assert np.isnan(ds.parameters.sel(iteration=1).values).all()  # only the final kept
-        assert list(ds.stored.values) == [0, 0, 2, 1]
+        assert list(ds.stored.values) == [0, 0, 2, 1 | 4]  # the final row: the whole state
         pred = torch.from_numpy(ds.predictions.sel(iteration=k - 1).values)
         assert torch.equal(pred, result.predictions)  # G of the ensemble of that row
         for name in ("alpha", "misfit", "mean_misfit", "spread", "n_failed",
@@ -168,7 +168,8 @@ def test_history_every_n_with_predictions(tmp_path):
     with storage.open(path) as ds:
         assert ds.iteration.values.tolist() == list(range(8))
         # kept: 0, 3, 6 (every 3) and 7 (final); predictions of 0, 3, 6 and of 6 (last forward)
-        assert ds.stored.values.tolist() == [3, 0, 0, 3, 0, 0, 3, 1]
+        # bit 4: the kept rows hold the whole state (rng_state, schedule_state, checksum)
+        assert ds.stored.values.tolist() == [7, 0, 0, 7, 0, 0, 7, 5]
         assert torch.equal(torch.from_numpy(ds.parameters.values[7]), state.parameters)
         for k in (0, 3, 6):  # predictions(k) = G(parameters(k)): the same row, exactly
             x = torch.from_numpy(ds.parameters.values[k])
@@ -189,7 +190,7 @@ def test_history_final_only(tmp_path):
     writer = _writer(path, smoother, model, storage.History(every=None))
     state = _loop(writer, smoother, model, smoother.init(_prior()), 5)
     with storage.open(path) as ds:
-        assert ds.stored.values.tolist() == [0, 0, 0, 0, 0, 1]
+        assert ds.stored.values.tolist() == [0, 0, 0, 0, 0, 4 | 1]
         assert "predictions" not in ds
         assert torch.equal(torch.from_numpy(ds.parameters.values[-1]), state.parameters)
         assert ds.attrs["complete"] == 0  # not closed: an interrupted or running run
@@ -330,11 +331,17 @@ def test_repair_stale_end_of_address(tmp_path):
     with open(path, "r+b") as fh:  # the superblock as it was before the last append
         fh.seek(40)
         fh.write(before.to_bytes(8, "little"))
-    with pytest.raises(OSError, match="addr overflow"):  # read lazily: the load fails
+    # the schedule_state strings are read at open, the arrays lazily: either fails
+    with pytest.raises((OSError, StorageError), match="addr overflow|past end of alloc"):
         storage.open(path).load()
+    # the state of the last row cannot be read: resuming falls back to the row before
+    with pytest.warns(RuntimeWarning, match="h.h5: skipped unusable state rows.*row 3"):
+        assert storage.read_history_state(path)["iteration"] == 2
     assert storage.repair(path) == 4
     with storage.open(path) as ds:
         assert torch.equal(torch.from_numpy(ds.parameters.values[3]), state.parameters)
+    back = storage.read_history_state(path)
+    assert back["iteration"] == 3 and torch.equal(back["parameters"], state.parameters)
 
 
 def test_torn_row_of_different_lengths(tmp_path):
@@ -585,3 +592,286 @@ def test_sigkill_mid_run_keeps_completed_iterations_and_resume_is_bitwise(tmp_pa
         for name in ("parameters", "predictions", "stored", "alpha", "misfit", "n_failed"):
             assert np.array_equal(ds[name].values, ref[name].values, equal_nan=True), name
         assert ds.attrs["complete"] == 1
+
+
+# -- the history as its own checkpoint ---------------------------------------------------------
+def test_sigkill_mid_run_then_resume_from_the_history_file_is_bitwise(tmp_path):
+    """``run(store=...)`` with the default policy writes no per-iteration checkpoint file:
+    the history rows hold the state. Kill it at a random point, ``run(resume=history)``:
+    the result and the file are the uninterrupted run's, bit for bit."""
+    n = 25
+    killed = tmp_path / "killed"
+    seed = int.from_bytes(os.urandom(4), "little")
+    delay = random.Random(seed).uniform(0.0, 0.1)
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(killed), "--iterations", str(n),
+                             "--sleep", "0.02", "--run"], stdout=subprocess.PIPE, text=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = worker.run_smoother(tmp_path / "ref", n)
+    finally:
+        torch.set_num_threads(threads)
+    printed = 0
+    for line in proc.stdout:  # a line is printed before its row is written
+        printed = int(line)
+        if printed >= 3:
+            break
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL, f"the run finished before the kill (seed {seed})"
+    history = killed / "history.h5"
+    # the checkpoint file holds the start only: no second copy of the ensemble per iteration
+    assert storage.read_state_dict(killed / "history.ckpt.h5")["iteration"] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a torn last row is skipped
+        d = storage.read_history_state(history)
+    # row k - 1 was complete before iteration k was printed; later ones may be there too
+    assert d["iteration"] >= printed - 1, f"seed {seed}"
+    _run_worker(killed, n, "--run", "--resume")
+    _, smoother, _ = worker.build()
+    final = storage.read_state(history, smoother)
+    assert final.iteration == n
+    assert torch.equal(final.parameters, reference.parameters), f"seed {seed}"
+    assert torch.equal(final.rng_state, reference.state.rng_state)
+    assert final.schedule == reference.state.schedule
+    end = storage.read_checkpoint(killed / "history.ckpt.h5", smoother)  # written at the end
+    assert end.iteration == n and torch.equal(end.parameters, reference.parameters)
+    with storage.open(history) as ds, storage.open(tmp_path / "ref" / "history.h5") as ref:
+        assert ds.iteration.values.tolist() == list(range(n + 1))  # no duplicates
+        for name in ("parameters", "predictions", "stored", "alpha", "misfit", "n_failed",
+                     "rng_state", "schedule_state", "state_checksum"):
+            assert np.array_equal(ds[name].values, ref[name].values,
+                                  equal_nan=name != "schedule_state"), name
+        assert ds.attrs["complete"] == 1
+
+
+def _straight(n, store=None, **kw):
+    return _smoother().run(_model(), _prior(), max_iterations=n, store=store, **kw)
+
+
+def _corrupt_row(path, row, name="parameters"):
+    """Overwrite 8 bytes in the middle of ``name``'s chunk of ``row`` (bit rot)."""
+    with h5py.File(path, "r") as f:
+        info = f[name].id.get_chunk_info_by_coord((row,) + (0,) * (f[name].ndim - 1))
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        old = fh.read(8)
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(bytes(b ^ 0xFF for b in old))
+
+
+@pytest.mark.parametrize("damage", ["bit_rot", "rows_of_different_lengths",
+                                    "predictions_of_the_previous_row_missing"])
+def test_torn_or_corrupt_last_row_falls_back_to_the_previous_state(tmp_path, damage):
+    path = tmp_path / "h.h5"
+    policy = storage.History(predictions=True)
+    _straight(5, path, history=policy)
+    _straight(7, tmp_path / "ref.h5", history=policy)
+    if damage == "bit_rot":
+        _corrupt_row(path, 5)
+    elif damage == "rows_of_different_lengths":  # only some headers of the last append
+        with h5py.File(path, "r+") as f:
+            for name in ("rng_state", "schedule_state", "iteration"):
+                f[name].resize(5, axis=0)
+    else:  # append 5 torn after row 4's "has predictions" flag, before their chunk
+        with h5py.File(path, "r+") as f:
+            for name in storage._unlimited(f):
+                f[name].resize(5, axis=0)
+            f["predictions"][4] = np.nan
+            assert f["stored"][4] == 1 | 2 | 4
+    with pytest.warns(RuntimeWarning, match="h.h5: skipped unusable state rows") \
+            if damage == "bit_rot" else warnings.catch_warnings():
+        d = storage.read_history_state(path)
+    assert d["iteration"] == 4
+    # resuming recomputes iteration 5 (and on), bit for bit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        resumed = _smoother().run(_model(), resume=path, max_iterations=7, history=policy)
+    assert torch.equal(resumed.parameters, _straight(7).parameters)
+    with storage.open(path) as ds, storage.open(tmp_path / "ref.h5") as ref:
+        assert ds.iteration.values.tolist() == list(range(8))
+        for name in ("parameters", "predictions", "stored", "alpha", "misfit",
+                     "rng_state", "state_checksum"):  # every row, diagnostics included
+            assert np.array_equal(ds[name].values, ref[name].values, equal_nan=True), name
+
+
+def test_no_usable_state_row_is_a_clear_error(tmp_path):
+    path = tmp_path / "h.h5"
+    _straight(1, path, history=storage.History(every=None))  # one state row: the last
+    _corrupt_row(path, 1)
+    with pytest.raises(StorageError, match=r"h.h5: no complete smoother state.*checksum"):
+        storage.read_history_state(path)
+    old = tmp_path / "old.h5"  # rows without generator states (an older enkal's file)
+    w = _writer(old, _smoother(), _model())
+    w.append(0, _prior())
+    with pytest.raises(StorageError, match="old.h5: holds no smoother state"):
+        storage.read_state(old, _smoother())
+    with pytest.raises(StorageError, match="old.h5: holds no smoother state"):
+        _smoother().run(_model(), resume=old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_state_variables_round_trip(tmp_path, dtype, with_mask):
+    smoother, model = _smoother(), _model()
+    mask = torch.tensor([True, False]) if with_mask else None
+    state = smoother.init(_prior().to(dtype), mask=mask)
+    path = tmp_path / "h.h5"
+    w = _writer(path, smoother, model)
+    state = _loop(w, smoother, model, state, 2)
+    with storage.open(path) as ds:
+        assert ds.stored.values.tolist() == [1 | 4 | (8 if with_mask else 0)] * 3
+        assert ds.rng_state.dtype == np.uint8 and ds.sizes["rng_byte"] == 5056
+        assert np.array_equal(ds.rng_state.values[-1], state.rng_state.numpy())
+        assert ds.rng_state.attrs["device_type"] == "cpu"
+        sched = json.loads(ds.schedule_state.values[-1])
+        assert sched == {"type": "AnnealingState", **dataclasses_asdict(state.schedule)}
+        assert ds.attrs["parameters_dtype"] == str(dtype).removeprefix("torch.")
+        assert ("state_mask" in ds) == with_mask
+        if with_mask:
+            assert ds.state_mask.dtype == np.int8
+            assert ds.state_mask.values.tolist() == [[1, 0]] * 3
+        assert ds.state_checksum.dtype == np.uint64
+    for k in range(3):
+        d = storage.read_history_state(path, iteration=k)
+        assert d["iteration"] == k and d["parameters"].dtype == dtype
+    back = storage.read_state(path, smoother)
+    assert back.iteration == 2 and back.parameters.dtype == dtype
+    assert torch.equal(back.parameters, state.parameters)
+    assert torch.equal(back.rng_state, state.rng_state) and back.schedule == state.schedule
+    assert (back.mask is None) == (mask is None)
+    if with_mask:
+        assert torch.equal(back.mask, mask)
+    # the same as a checkpoint of that state
+    ckpt = storage.read_checkpoint(storage.write_checkpoint(tmp_path / "c.h5", smoother, state),
+                                   smoother)
+    assert torch.equal(ckpt.parameters, back.parameters) and ckpt.schedule == back.schedule
+
+
+def dataclasses_asdict(obj):
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+def test_state_rows_validation(tmp_path):
+    smoother, model = _smoother(), _model()
+    w = _writer(tmp_path / "h.h5", smoother, model)
+    state = smoother.init(_prior())
+    x = state.parameters
+    with pytest.raises(ValueError, match="give both"):
+        w.append(0, x, rng_state=state.rng_state)
+    with pytest.raises(ValueError, match="rng_state: expected a 1-D uint8"):
+        w.append(0, x, rng_state=state.rng_state.long(), schedule=state.schedule)
+    with pytest.raises(ValueError, match="schedule: field 'rho' is not a number"):
+        w.append(0, x, rng_state=state.rng_state, schedule={"type": "AnnealingState",
+                                                            "rho": "x"})
+    with pytest.raises(ValueError, match="schedule: expected finite"):
+        w.append(0, x, rng_state=state.rng_state, schedule={"type": "AnnealingState",
+                                                            "rho": float("nan")})
+    with pytest.raises(TypeError, match="schedule: expected a schedule state"):
+        w.append(0, x, rng_state=state.rng_state, schedule=3)
+    w.append(0, x, rng_state=state.rng_state, schedule=state.schedule)
+    with pytest.raises(ValueError, match="expected 5056 bytes"):
+        w.append(1, x, rng_state=torch.zeros(16, dtype=torch.uint8), schedule=state.schedule)
+
+
+def test_resume_from_a_history_without_the_latest_ensemble(tmp_path):
+    """``History(every=3, final=False)``: the rows between kept ones hold no state, so the
+    default policy writes the checkpoint file after them; a resume from the checkpoint
+    continues at the checkpoint, a resume from the history at its last state row."""
+    policy = storage.History(every=3, final=False)
+    store = tmp_path / "h.h5"
+    ckpt = tmp_path / "h.ckpt.h5"
+    calls = []
+    real = storage.write_checkpoint
+
+    def counting(path, smoother, state, **kw):
+        calls.append(state.iteration)
+        return real(path, smoother, state, **kw)
+
+    import enkal.storage as mod
+
+    mod.write_checkpoint = counting
+    try:
+        _straight(7, store, history=policy)
+    finally:
+        mod.write_checkpoint = real
+    assert calls == [0, 1, 2, 4, 5, 7]  # the start, the stateless rows, the end
+    reference = _straight(10)
+    with storage.open(store) as ds:
+        assert ds.stored.values.tolist() == [5, 0, 0, 5, 0, 0, 5, 0]
+    a_store = tmp_path / "a.h5"
+    a_store.write_bytes(store.read_bytes())
+    a_ckpt = tmp_path / "a.ckpt.h5"
+    a_ckpt.write_bytes(ckpt.read_bytes())
+    a = _smoother().run(_model(), resume=a_ckpt, store=a_store, history=policy,
+                        max_iterations=10)
+    b = _smoother().run(_model(), resume=store, max_iterations=10)  # the file's own policy
+    assert torch.equal(a.parameters, reference.parameters)
+    assert torch.equal(b.parameters, reference.parameters)
+    assert a.history["iteration"] == [8, 9, 10]  # from the checkpoint at 7
+    assert b.history["iteration"] == [7, 8, 9, 10]  # from the history's row 6
+    for path in (a_store, store):
+        with storage.open(path) as ds:
+            assert ds.iteration.values.tolist() == list(range(11))
+            assert ds.stored.values.tolist() == [5, 0, 0, 5, 0, 0, 5, 0, 0, 5, 0]
+
+
+def test_checkpoint_policies_of_run(tmp_path, monkeypatch):
+    calls = []
+    real = storage.write_checkpoint
+    monkeypatch.setattr(storage, "write_checkpoint",
+                        lambda path, sm, st, **kw: (calls.append((Path(path).name,
+                                                                  st.iteration)),
+                                                    real(path, sm, st, **kw))[1])
+    _straight(4, tmp_path / "d.h5")  # default: the start and the end
+    assert calls == [("d.ckpt.h5", 0), ("d.ckpt.h5", 4)]
+    calls.clear()
+    _straight(4, tmp_path / "t.h5", checkpoint=True)  # every update, as before
+    assert calls == [("t.ckpt.h5", k) for k in range(5)]
+    calls.clear()
+    _straight(4, tmp_path / "p.h5", checkpoint=tmp_path / "own.h5", checkpoint_every=2)
+    assert calls == [("own.h5", 0), ("own.h5", 2), ("own.h5", 4)]
+    calls.clear()
+    _straight(4, tmp_path / "n.h5", checkpoint=False)
+    assert calls == [] and not (tmp_path / "n.ckpt.h5").exists()
+    back = storage.read_state(tmp_path / "n.h5", _smoother())  # the history suffices
+    assert back.iteration == 4
+    with pytest.raises(TypeError, match="checkpoint: expected a path"):
+        _straight(1, tmp_path / "x.h5", checkpoint=3)
+
+
+def test_resume_from_the_start_checkpoint_takes_the_later_history_states(tmp_path):
+    """The default checkpoint file holds the start only while the run goes on; resuming
+    from it with the run's history continues from the history's latest state (what
+    recomputing gives, bit for bit), up to max_iterations."""
+    store = tmp_path / "h.h5"
+    smoother = _smoother()
+    start = smoother.init(_prior())
+    ckpt = storage.write_checkpoint(tmp_path / "start.h5", smoother, start)
+    _straight(6, store, checkpoint=False)  # the "killed" run got to 6
+    seen = []
+    resumed = _smoother().run(_model(), resume=ckpt, store=store, max_iterations=8,
+                              callbacks=[lambda s, i: seen.append(s.iteration)])
+    assert seen == [7, 8]  # 1..6 were taken from the history, not recomputed
+    assert torch.equal(resumed.parameters, _straight(8).parameters)
+    # max_iterations below the history's end: the state where recomputing would stop
+    short = _smoother().run(_model(), resume=ckpt, store=store, max_iterations=4)
+    assert short.state.iteration == 4 and short.history == {}
+    assert torch.equal(short.parameters, _straight(4).parameters)
+    with storage.open(store) as ds:
+        assert ds.iteration.values.tolist() == [0, 1, 2, 3, 4]
+    # another configuration: no shortcut (the history's later rows are not its run's)
+    other = _smoother(schedule=enkal.FixedAnnealing(factor=0.5))
+    _straight(6, store, checkpoint=False)
+    with pytest.warns(RuntimeWarning, match="configuration"):
+        state = storage.read_state(ckpt, other, store=store)
+    assert state.iteration == 0
+    # a history whose row at the checkpoint's iteration is another state: no shortcut
+    _smoother().run(_model(), 2 * _prior(), max_iterations=6, store=store, checkpoint=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert storage.read_state(ckpt, smoother, store=store).iteration == 0
