@@ -10,16 +10,32 @@ The public API (a contract: docs and external checks use these names):
 * guards and failures: :class:`CollapseGuard`, :class:`ResampleFailed`,
   :class:`IgnoreFailed`, :class:`Raise`
 * the loop: :class:`EnsembleSmoother`
+* structure adaptation: :class:`StructureAdaptation` with :class:`MutualInformation` or
+  :class:`Significance` or :class:`Saliency`; :func:`mutual_information`, :func:`prune_mask`,
+  :func:`remove_dead_units`
 * storage: :func:`save`, :func:`open`, :func:`to_xarray`, :class:`History`
   (``docs/schema.md``)
 """
 
+from .adapt import MutualInformation, Saliency, Significance, StructureAdaptation
 from .collapse import CollapseGuard
 from .ensemble import Bounded, ParameterLayout, Positive, Real, gaussian_ensemble
 from .errors import EnkalError, FailedMembersError, ScheduleExhaustedError, StorageError
-from .executors import Dask, InProcess
+from .executors import Dask, InProcess, MultiDevice
 from .failures import IgnoreFailed, Raise, ResampleFailed
 from .forward import CallableModel, ForwardModel, evaluate
+from .information import mutual_information, prune_mask, remove_dead_units
+from .nn import (
+    Carry,
+    Classification,
+    EnsembleKalmanOptimizer,
+    HybridOptimizer,
+    NeuralModel,
+    Redraw,
+    Regression,
+    RelativeNoise,
+    Sections,
+)
 from .observations import Observations
 from .schedule import ESMDA, DataMisfitController, FixedAnnealing
 from .smoother import EnsembleSmoother, SmootherResult, SmootherState, StepInfo
@@ -72,4 +88,23 @@ __all__ = [
     "open_dataset",
     "save",
     "to_xarray",
+    # neural networks (docs/nn.md)
+    "Classification",
+    "EnsembleKalmanOptimizer",
+    "HybridOptimizer",
+    "MultiDevice",
+    "NeuralModel",
+    "Regression",
+    "Sections",
+    "Redraw",
+    "Carry",
+    "RelativeNoise",
+    # structure adaptation (docs/adaptation.md)
+    "MutualInformation",
+    "Saliency",
+    "Significance",
+    "StructureAdaptation",
+    "mutual_information",
+    "prune_mask",
+    "remove_dead_units",
 ]

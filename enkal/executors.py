@@ -6,6 +6,9 @@ and dtype, NaN rows and ``ok = False`` for failed members, errors per failed mem
 result's ``errors`` attribute.
 
 * :class:`InProcess` (default): in this process, in chunks of ``members_per_call`` members.
+* :class:`MultiDevice`: on several devices of this process (GPUs, or CPU entries for
+  tests), one thread per device taking the next chunk of ``members_per_call`` members from
+  a shared queue as soon as it finished its previous one (:func:`run_on_devices`).
 * :class:`Dask`: on a ``distributed`` cluster (a :class:`~distributed.LocalCluster` on one
   machine, dask-jobqueue on a batch system), in tasks of ``members_per_task`` members. Needs
   the optional dependency: ``pip install "enkal[dask]"``.
@@ -40,6 +43,7 @@ from __future__ import annotations
 import itertools
 import math
 import pickle
+import queue
 import threading
 import uuid
 from dataclasses import KW_ONLY, dataclass, field
@@ -51,7 +55,7 @@ import torch
 from ._checks import check_members_first, check_positive_float, check_positive_int
 from .forward import EvaluationReport, ForwardModel, evaluate
 
-__all__ = ["InProcess", "Dask", "check_executor"]
+__all__ = ["InProcess", "MultiDevice", "Dask", "check_executor", "run_on_devices"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,160 @@ class InProcess:
     def evaluate(self, model: ForwardModel, parameters: torch.Tensor):
         return evaluate(model, parameters, members_per_call=self.members_per_call,
                         max_abs=self.max_abs)
+
+
+# -- several devices in this process ---------------------------------------------------------
+
+
+def run_on_devices(work, spans, devices) -> dict:
+    """Run ``work(index, start, stop)`` for every span of members, dynamically over devices.
+
+    One thread per entry of ``devices``; the spans wait in a shared queue and each thread
+    takes the next one as soon as it finished its previous one, so a faster (or less loaded)
+    device does more of them (the paper's section III). ``index`` is the device's position in
+    ``devices`` (two entries may name the same device: each has its own thread and should
+    have its own replica of the model). With one device everything runs in the calling
+    thread, in order. The first exception raised by ``work`` stops the other threads from
+    taking new spans and is re-raised here once they are done.
+
+    Parameters
+    ----------
+    work : callable
+        ``work(index, start, stop) -> result`` for members ``start:stop``.
+    spans : list of (int, int)
+        Member ranges, e.g. ``[(0, 16), (16, 32)]``.
+    devices : sequence
+        One entry per thread (``torch.device`` or str).
+
+    Returns
+    -------
+    dict
+        ``{(start, stop): result}`` for every span.
+
+    >>> out = run_on_devices(lambda i, a, b: list(range(a, b)), [(0, 2), (2, 3)],
+    ...                      ["cpu", "cpu"])
+    >>> [out[s] for s in sorted(out)]
+    [[0, 1], [2]]
+    """
+    spans = [(int(a), int(b)) for a, b in spans]
+    devices = list(devices)
+    if not devices:
+        raise ValueError("devices: expected at least one device, got none")
+    if len(devices) == 1 or len(spans) <= 1:
+        return {span: work(0, *span) for span in spans}
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for span in spans:
+        todo.put(span)
+    results: dict = {}
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def loop(index: int) -> None:
+        while not stop.is_set():
+            try:
+                span = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[span] = work(index, *span)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the caller
+                failures.append(err)
+                stop.set()
+                return
+
+    threads = [threading.Thread(target=loop, args=(i,), name=f"enkal-device-{i}", daemon=True)
+               for i in range(len(devices))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
+    return results
+
+
+def _check_devices(devices: Any, name: str) -> tuple[torch.device, ...]:
+    if isinstance(devices, (str, torch.device)):
+        devices = (devices,)
+    try:
+        out = tuple(torch.device(d) for d in devices)
+    except (TypeError, RuntimeError) as err:
+        raise TypeError(
+            f"{name}: expected a sequence of devices such as ['cuda:0', 'cuda:1'], got "
+            f"{devices!r} ({err})"[:300]
+        ) from None
+    if not out:
+        raise ValueError(f"{name}: expected at least one device, got none")
+    return out
+
+
+@dataclass(frozen=True)
+class MultiDevice:
+    """Run forwards on several devices of this process, one thread per device.
+
+    The members are cut into chunks of ``members_per_call`` (default
+    ``ceil(N_ens / (2 * len(devices)))``: two chunks per device, so a slow device leaves a
+    tail of at most half its share); each device's thread takes the next chunk from a shared
+    queue as soon as it finished its previous one (:func:`run_on_devices`). Inside a chunk
+    failures are isolated as in :func:`enkal.evaluate`.
+
+    The model must provide ``replicate(device) -> ForwardModel``: an independent copy that
+    computes on ``device`` (threads never share a model object). ``NeuralModel``'s
+    batch forward (``NeuralModel.with_inputs``) does; for networks the simplest is
+    ``NeuralModel(module, devices=[...])``, which dispatches the same way inside
+    ``predict``.
+
+    Parameters
+    ----------
+    devices : sequence of torch.device or str
+        One thread per entry; ``["cpu", "cpu"]`` is allowed (tests).
+    members_per_call : int, optional
+    max_abs : float, optional
+        Predictions with a larger entry in magnitude count as failed.
+    """
+
+    devices: tuple = ("cpu",)
+    _: KW_ONLY
+    members_per_call: int | None = None
+    max_abs: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "devices", _check_devices(self.devices, "MultiDevice.devices"))
+        check_positive_int(self.members_per_call, "MultiDevice.members_per_call",
+                           allow_none=True)
+        check_positive_float(self.max_abs, "MultiDevice.max_abs", allow_none=True)
+
+    def evaluate(self, model: ForwardModel, parameters: torch.Tensor):
+        """The contract of :func:`enkal.evaluate`, chunks of members spread over devices."""
+        _check_inputs(model, parameters)
+        if not callable(getattr(model, "replicate", None)):
+            raise TypeError(
+                f"model: MultiDevice needs a model with replicate(device) (an independent "
+                f"copy computing on that device); {type(model).__name__} has none. Use "
+                "InProcess(), or add replicate() to the model"
+            )
+        n, m = parameters.shape[0], model.output_size
+        step = self.members_per_call or max(1, math.ceil(n / (2 * len(self.devices))))
+        spans = [(a, min(a + step, n)) for a in range(0, n, step)]
+        replicas = [model.replicate(d) for d in self.devices]
+
+        def work(index: int, a: int, b: int):
+            replica = replicas[index]
+            chunk = parameters[a:b].to(device=replica.device)
+            return evaluate(replica, chunk, max_abs=self.max_abs)
+
+        out = torch.full((n, m), float("nan"), dtype=parameters.dtype,
+                         device=parameters.device)
+        ok = torch.zeros(n, dtype=torch.bool, device=parameters.device)
+        errors: dict[int, str] = {}
+        for (a, b), res in sorted(run_on_devices(work, spans, self.devices).items()):
+            y, ok_chunk = res
+            out[a:b] = y.to(device=out.device, dtype=out.dtype)
+            ok[a:b] = ok_chunk.to(ok.device)
+            errors.update({a + i: msg for i, msg in res.errors.items()})
+        result = EvaluationReport((out, ok))
+        result.errors = errors
+        return result
 
 
 # -- Dask ------------------------------------------------------------------------------------
@@ -401,6 +559,6 @@ def _evaluate_block(blob: bytes, x: np.ndarray, members_per_call: int | None,
 def check_executor(executor: object) -> None:
     if not callable(getattr(executor, "evaluate", None)):
         raise TypeError(
-            "executor: expected InProcess(), Dask(...) or an object with "
+            "executor: expected InProcess(), MultiDevice(...), Dask(...) or an object with "
             f"evaluate(model, parameters), got {type(executor).__name__}"
         )

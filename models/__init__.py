@@ -9,6 +9,10 @@ Simulators, vectorised over ensemble members (``(N_ens, N_par) -> (N_ens, N_obs)
 * :mod:`enkal.models.jump` -- :class:`JumpModel` with :class:`Gillespie` /
   :class:`TauLeaping`; :class:`BirthDeath`, :class:`StochasticSIR`,
   :class:`StochasticLotkaVolterra`.
+* :mod:`enkal.models.polynomial` -- :class:`PolynomialODE`: a library of monomials (sparse
+  identification of dynamics by structure adaptation, ``docs/adaptation.md``).
+* :mod:`enkal.models.nn` -- neural networks: :class:`NeuralModel` (from :mod:`enkal.nn`),
+  :func:`mlp`, :class:`LeNet5`.
 * :mod:`enkal.models.template` -- :class:`TemplateModel` (copy me) and
   :class:`ExternalProgramModel` (one external program run per member).
 """
@@ -21,7 +25,9 @@ from .jump import (
     StochasticSIR,
     TauLeaping,
 )
+from .nn import LeNet5, NeuralModel, mlp
 from .ode import RK4, SIR, DormandPrince, Lorenz63, Lorenz96, LotkaVolterra, ODEModel
+from .polynomial import PolynomialODE
 from .sde import GeometricBrownianMotion, OrnsteinUhlenbeck, SDEModel, StochasticLorenz63
 from .template import ExternalProgramModel, TemplateModel
 
@@ -34,9 +40,12 @@ __all__ = [
     "JumpModel",
     "Lorenz63",
     "Lorenz96",
+    "LeNet5",
     "LotkaVolterra",
+    "NeuralModel",
     "ODEModel",
     "OrnsteinUhlenbeck",
+    "PolynomialODE",
     "RK4",
     "SDEModel",
     "SIR",
@@ -45,4 +54,5 @@ __all__ = [
     "StochasticSIR",
     "TauLeaping",
     "TemplateModel",
+    "mlp",
 ]
