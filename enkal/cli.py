@@ -81,8 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="torch device for the model and the update, e.g. cpu, cuda")
     r.add_argument("--max-iterations", type=int, help="at most this many updates")
     r.add_argument("--resume", metavar="FILE",
-                   help="continue from the checkpoint FILE (written next to --out as "
-                        "OUT.ckpt.h5 by every run)")
+                   help="continue a killed or stopped run from FILE: its history file (the "
+                        "--out of that run; its last complete row holds the whole state) or "
+                        "its checkpoint OUT.ckpt.h5")
     r.add_argument("--executor", choices=["inprocess", "dask"],
                    help="where forwards run (overrides [executor])")
     r.add_argument("--workers", type=int, help="local Dask workers (with --executor dask)")
@@ -107,7 +108,8 @@ def _check_run_args(args: argparse.Namespace) -> None:
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers: expected an int >= 1, got {args.workers}")
     if args.resume is not None and not os.path.isfile(args.resume):
-        raise ValueError(f"--resume {args.resume}: no such checkpoint file")
+        raise ValueError(f"--resume {args.resume}: no such file (expected a history file or "
+                         "a checkpoint)")
     if args.out is not None:
         if os.path.isdir(args.out):
             raise ValueError(f"--out {args.out}: is a directory, expected a file name")

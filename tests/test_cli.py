@@ -420,7 +420,8 @@ def test_executor_inprocess(tmp_path, capsys):
 
 
 # -- resume ----------------------------------------------------------------------------------
-def test_resume_continues_bit_for_bit(tmp_path, capsys):
+@pytest.mark.parametrize("source", ["checkpoint", "history"])
+def test_resume_continues_bit_for_bit(tmp_path, capsys, source):
     cfg = write(tmp_path, annealing())
     straight, split = tmp_path / "straight.h5", tmp_path / "split.h5"
     common = ["--quiet", "--seed", "5"]
@@ -428,7 +429,8 @@ def test_resume_continues_bit_for_bit(tmp_path, capsys):
     assert main(["run", str(cfg), "--out", str(split), "--max-iterations", "2", *common]) == 0
     with enkal.open(split) as ds:
         assert ds.iteration.values.tolist() == [0, 1, 2]
-    assert main(["run", str(cfg), "--resume", str(tmp_path / "split.ckpt.h5"), "--out",
+    resume = tmp_path / "split.ckpt.h5" if source == "checkpoint" else split
+    assert main(["run", str(cfg), "--resume", str(resume), "--out",
                  str(split), "--max-iterations", "4", *common]) == 0
     assert np.array_equal(final_parameters(split), final_parameters(straight))
     with enkal.open(split) as a, enkal.open(straight) as b:
