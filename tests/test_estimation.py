@@ -115,3 +115,85 @@ def test_lorenz63_against_peer_esmda_over_20_seeds():
     print("enkal mean relative error", ours_err, "peer", peer_err, "coverage", covered / cases)
     assert np.all(ours_err <= 1.15 * peer_err), (ours_err, peer_err)
     assert 0.80 <= covered / cases <= 0.98
+
+
+# -- stochastic twin experiments through summary statistics ----------------------------------
+def test_path_statistics_of_white_noise_have_their_known_covariance():
+    # T iid N(0, 1) values per path: Var(time mean) = 1/T, E(time var) = 1, and the lag-1
+    # autocorrelation has mean ~ -1/T and variance ~ 1/T. 4000 paths: the variances are
+    # within 4 standard errors (4 sqrt(2/4000) = 9% relative).
+    from enkal.models.summary import path_statistics, path_statistics_cov
+
+    t = 50
+    paths = torch.randn(4000, t, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    stats = ("time_mean", "time_var", "acf1")
+    s = path_statistics(paths, stats)
+    assert s.shape == (4000, 3)
+    cov = path_statistics_cov(paths, stats)
+    torch.testing.assert_close(cov[0, 0] * t, torch.tensor(1.0, dtype=torch.float64), rtol=0.09,
+                               atol=0)
+    torch.testing.assert_close(cov[2, 2] * t, torch.tensor(1.0, dtype=torch.float64), rtol=0.15,
+                               atol=0)  # 1/T up to O(1/T^2)
+    assert abs(float(s[:, 1].mean()) - 1.0) < 4 * (2 / t / 4000) ** 0.5
+    # per-time statistics of one path: the values themselves, and log(1 + x) of counts
+    both = path_statistics(paths.abs(), ("mean", "log1p"))
+    assert torch.equal(both, torch.cat([paths.abs(), torch.log1p(paths.abs())], dim=1))
+
+
+def ou_config(**summary):
+    cfg = load_toml(ROOT / "problems" / "ou.toml")
+    cfg["model"]["t_obs"] = {"start": 0.5, "stop": 20.0, "step": 0.5}
+    cfg["summary"].update({"replicates": 4, "covariance_paths": 200, **summary})
+    return cfg
+
+
+def test_twin_statistics_noise_is_one_realisation_plus_the_models_monte_carlo_error():
+    from enkal.models.summary import path_statistics_cov
+
+    exp = estimation.build(ou_config())
+    k = exp.model.n_replicates
+    assert exp.observations.size == 4 and exp.model.output_names[0] == "time_mean x"
+    # the same covariance paths, rebuilt: Gamma = C (1/K_d + 1/K) with K_d = 1
+    cfg = ou_config()
+    paths = estimation._truth_paths(cfg["model"], exp.truth.unsqueeze(0), 200,
+                                    seed=20_011 + 3 * (1_000_003 * 1 + 0), device=None)
+    c = path_statistics_cov(paths, exp.model.statistics, n_times=exp.model.n_times)
+    torch.testing.assert_close(exp.observations.covariance(), (1 + 1 / k) * c, rtol=1e-12,
+                               atol=1e-15)
+    cfg["data"]["realisations"] = 3
+    exp3 = estimation.build(cfg)
+    torch.testing.assert_close(exp3.observations.covariance(), (1 / 3 + 1 / k) * c,
+                               rtol=1e-12, atol=1e-15)
+    assert not torch.equal(exp3.observations.values, exp.observations.values)
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda c: c["summary"].update(statistics=["std"]), r"\[data\] realisations: .*'std'"),
+    (lambda c: c["summary"].update(statistics=["acf3"]), r"\[summary\]: statistics: expected"),
+    (lambda c: c["summary"].update(covariance_paths=3), r"\[summary\] covariance_paths"),
+    (lambda c: c["data"].update(realisations=0), r"\[data\] realisations"),
+    (lambda c: c.pop("summary"), r"noise_std = \"auto\": only with a \[summary\]"),
+])
+def test_summary_config_errors_name_the_key(edit, pattern):
+    cfg = ou_config()
+    edit(cfg)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        estimation.build(cfg)
+
+
+def test_statistics_over_several_realisations_bootstrap_their_covariance():
+    # "std" is a statistic over realisations: K_d = 6 observed paths, covariance bootstrapped
+    # from them and scaled by 1 + K_d / K for the model's own K = 4 replicates
+    from enkal.models.summary import monte_carlo_cov
+
+    cfg = ou_config(statistics=["mean", "std"])
+    cfg["model"]["t_obs"] = [0.5, 1.0, 1.5]
+    cfg["data"]["realisations"] = 6
+    exp = estimation.build(cfg)
+    paths = estimation._truth_paths(cfg["model"], exp.truth.unsqueeze(0), 6,
+                                    seed=10_007 + 1_000_003, device=None)
+    torch.testing.assert_close(exp.observations.values[:3], paths.mean(0))
+    cov = monte_carlo_cov(paths, ("mean", "std"),
+                          generator=torch.Generator().manual_seed(1_000_003))
+    torch.testing.assert_close(exp.observations.covariance(), (1 + 6 / 4) * cov, rtol=1e-12,
+                               atol=1e-15)
