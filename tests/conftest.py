@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -16,6 +17,29 @@ settings.register_profile(
     "dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """Run the block with ``n`` intra-op threads, restoring the count afterwards.
+
+    One thread: many tiny tensor ops on a shared 2-core machine (where extra threads only
+    wait on each other: 2-20x slower measured), and the BLAS path of an
+    ``OMP_NUM_THREADS=1`` child process, for bitwise comparisons with one.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """Fixture form of :func:`torch_threads` (``pytestmark = usefixtures("one_thread")``)."""
+    with torch_threads(1):
+        yield
 
 
 def linear_gaussian_problem(n_members: int, n_par: int, n_obs: int, *, seed: int,

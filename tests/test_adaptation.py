@@ -24,14 +24,7 @@ from enkal.storage import read_checkpoint, write_checkpoint
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these runs are many tiny ops: on a shared 2-core machine torch's thread pool makes
-    # them ~20x slower (measured), so use one thread here and restore it afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.torch_threads
 
 
 def _sparse_linear(n_par: int = 8, n_obs: int = 6, used=(0, 2, 5), seed: int = 0):

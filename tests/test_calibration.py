@@ -32,7 +32,7 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-import torch
+from conftest import torch_threads
 
 from enkal.config import load_toml
 from enkal.problems import estimation
@@ -69,12 +69,8 @@ def check(result):
 @pytest.mark.timeout(1800)  # ~40-50 s each on an idle core; far more on a loaded one
 @pytest.mark.parametrize("make", [small_ou, small_sir], ids=["ou", "sir"])
 def test_90_percent_intervals_cover_the_truth_in_80_to_98_percent_of_20_seeds(make):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many tiny ops per step: extra threads only wait on each other
-    try:
+    with torch_threads(1):  # many tiny ops per step: extra threads only wait on each other
         result = estimation.calibration(make(), SEEDS)
-    finally:
-        torch.set_num_threads(threads)
     print(result)
     check(result)
 

@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from conftest import torch_threads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_security import Exhausted, bounded
@@ -110,17 +111,6 @@ def run_quiet(*argv) -> tuple[int, str, str]:
 def final_parameters(path: Path) -> np.ndarray:
     with xr.open_dataset(path, engine="h5netcdf") as ds:
         return ds.parameters.isel(iteration=-1).values
-
-
-@contextlib.contextmanager
-def one_thread():
-    """The BLAS path of a ``OMP_NUM_THREADS=1`` child process, for bitwise comparisons."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_toml_writer_round_trips():
@@ -477,7 +467,7 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path, capsys):
     ckpt = tmp_path / "killed.ckpt.h5"
     done = storage.read_state_dict(ckpt)["iteration"]  # the history has it, or one more
     n = max(8, done + 4)  # the resumed run has updates left to do
-    with one_thread():
+    with torch_threads(1):
         assert main(["run", str(cfg), "--out", str(reference), "--max-iterations", str(n),
                      "--quiet"]) == 0
         assert main(["run", str(cfg), "--resume", str(ckpt), "--out", str(killed),

@@ -44,15 +44,7 @@ from enkal.models import (
     TemplateModel,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tests run many tiny tensor ops on a shared 2-core machine, where intra-op threads
-    # only add synchronisation cost (measured: 2-10x slower under load). Restored after.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.torch_threads
 
 
 def _rows(*rows):

@@ -35,13 +35,7 @@ from enkal.models.ode import lorenz63_rhs
 Z = 4.0  # standard errors allowed
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # many tiny ops on a shared 2-core machine: intra-op threads only add sync cost
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.torch_threads
 
 
 def _replicates(theta, n):

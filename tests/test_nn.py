@@ -344,6 +344,10 @@ def test_step_rejects_wrong_targets():
         opt.step(x[:8].tolist(), y[:8])
     with pytest.raises(RuntimeError):          # inputs of the wrong width: the module says so
         opt.step(x[:8, :10], y[:8])
+    _, fresh = _optimizer()                    # refused steps left no trace (same draws)
+    opt.step(x[:8], y[:8])
+    fresh.step(x[:8], y[:8])
+    assert torch.equal(opt.ensemble, fresh.ensemble) and torch.equal(opt.mean, fresh.mean)
 
 
 PAPER = dict(members=Carry(CollapseGuard(threshold=1e-4, reset=1e-3)),

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from conftest import torch_threads
 
 import enkal
 from enkal import storage
@@ -538,12 +539,8 @@ def test_sigkill_mid_run_keeps_completed_iterations_and_resume_is_bitwise(tmp_pa
     proc = subprocess.Popen([sys.executable, str(WORKER), str(killed), "--iterations", str(n),
                              "--sleep", "0.05"], stdout=subprocess.PIPE, text=True)
     # the uninterrupted reference, here while the worker starts (one thread, as the worker)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         worker.run(tmp_path / "ref", n)
-    finally:
-        torch.set_num_threads(threads)
     printed = 0
     for line in proc.stdout:  # wait until the file has >= 2 updates (3 rows)
         printed = int(line)
@@ -605,12 +602,8 @@ def test_sigkill_mid_run_then_resume_from_the_history_file_is_bitwise(tmp_path):
     delay = random.Random(seed).uniform(0.0, 0.1)
     proc = subprocess.Popen([sys.executable, str(WORKER), str(killed), "--iterations", str(n),
                              "--sleep", "0.02", "--run"], stdout=subprocess.PIPE, text=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         reference = worker.run_smoother(tmp_path / "ref", n)
-    finally:
-        torch.set_num_threads(threads)
     printed = 0
     for line in proc.stdout:  # a line is printed before its row is written
         printed = int(line)
