@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from enkal import FixedAnnealing, mutual_information, prune_mask
+from enkal import mutual_information, prune_mask
 from enkal.information import count_nonzero, saliency
 from enkal.nn import EnsembleKalmanOptimizer, NeuralModel
 from enkal.problems.datasets import load_digits
@@ -88,8 +88,7 @@ METHODS = ("mi", "saliency", "magnitude")
 
 def _optimizer(net: nn.Module, cfg: Config) -> EnsembleKalmanOptimizer:
     return EnsembleKalmanOptimizer(
-        net, ensemble_size=cfg.ensemble_size, noise=cfg.noise,
-        schedule=FixedAnnealing(factor=1.0, initial=1.0, floor=1.0), seed=cfg.seed)
+        net, ensemble_size=cfg.ensemble_size, seed=cfg.seed)  # the library's defaults
 
 
 def _batches(n: int, batch: int, g: torch.Generator):
@@ -132,9 +131,8 @@ def mi_scores(opt: EnsembleKalmanOptimizer, x: torch.Tensor, y: torch.Tensor, cf
 def magnitude_mask(opt: EnsembleKalmanOptimizer, n_zero: int) -> torch.Tensor:
     """Global L1 (torch.nn.utils.prune) on the ensemble mean: a mask over the layout."""
     net = copy.deepcopy(opt.model)
-    NeuralModel(net).load_into(opt.ensemble.mean(dim=0))
-    if opt.mask is not None:
-        NeuralModel(net).load_into(opt.ensemble.mean(dim=0) * opt.mask)
+    mean = opt.mean if opt.mask is None else opt.mean * opt.mask
+    NeuralModel(net).load_into(mean)
     params = [(m, "weight") for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=n_zero)
     masks = {name: buf for name, buf in net.named_buffers() if name.endswith("weight_mask")}
