@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from _common import emit, environment
 from torch import nn
 from torch.nn.utils import prune
 
@@ -62,7 +63,8 @@ class Config:
     dense_epochs: int = 20
     rounds: int = 3
     finetune_steps: int = 60        # per round, the same for both methods
-    score_batches: int = 4          # training batches whose MI is averaged
+    score_batch: int = 256          # training images the scores are computed on
+    score_draws: int = 16           # fresh ensembles scored together (N = 16 x 64 members)
     sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)
     seed: int = 0
 
@@ -83,7 +85,7 @@ def lenet_digits() -> nn.Sequential:
 
 
 NETS = {"mlp": mlp_digits, "lenet": lenet_digits}
-METHODS = ("mi", "saliency", "magnitude")
+METHODS = ("mi", "saliency", "magnitude", "magnitude_eq")
 
 
 def _optimizer(net: nn.Module, cfg: Config) -> EnsembleKalmanOptimizer:
@@ -113,19 +115,12 @@ def weight_columns(opt: EnsembleKalmanOptimizer) -> torch.Tensor:
 
 def mi_scores(opt: EnsembleKalmanOptimizer, x: torch.Tensor, y: torch.Tensor, cfg: Config,
               g: torch.Generator, score=mutual_information) -> torch.Tensor:
-    """Eq. 12 (or ``score``) of the ensemble against its errors, averaged over batches."""
-    model = NeuralModel(opt.model)
-    total = torch.zeros(opt.layout.size, dtype=torch.float64)
-    for k, idx in enumerate(_batches(x.shape[0], cfg.batch, g)):
-        if k == cfg.score_batches:
-            break
-        out = model.predict(opt.ensemble, x[idx])                       # (E, B, C)
-        probs = torch.softmax(out, dim=-1)
-        onehot = torch.nn.functional.one_hot(y[idx], probs.shape[-1]).to(probs.dtype)
-        errors = (probs - onehot).reshape(probs.shape[0], -1) / cfg.noise
-        keep = errors.std(dim=0) > 0
-        total += score(opt.ensemble, errors[:, keep]).cpu()
-    return total
+    """Eq. 12 (or ``score``) from ``cfg.score_draws`` fresh ensembles on one training batch
+    of ``cfg.score_batch`` images (:meth:`EnsembleKalmanOptimizer.information`)."""
+    idx = torch.randperm(x.shape[0], generator=g)[:cfg.score_batch]
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    return opt.information(x[idx], y[idx], draws=cfg.score_draws, score=score,
+                           seed=seed).cpu()
 
 
 def magnitude_mask(opt: EnsembleKalmanOptimizer, n_zero: int) -> torch.Tensor:
@@ -193,7 +188,10 @@ def run_net(name: str, cfg: Config, split, *, log=print) -> list[dict]:
                 else:
                     mask = magnitude_mask(opt_m, n_zero)
                 opt_m.set_mask(mask)
-                finetune(opt_m, x, y, cfg.finetune_steps, cfg.batch, gm)
+                steps = cfg.finetune_steps
+                if method == "magnitude_eq":  # + the forwards the scores cost, as steps
+                    steps += cfg.score_draws * cfg.score_batch // cfg.batch
+                finetune(opt_m, x, y, steps, cfg.batch, gm)
             acc = accuracy(net_m, split.test_inputs, split.test_labels)
             row = {"net": name, "method": method, "sparsity": sparsity,
                    "nonzero": count_nonzero(net_m), "accuracy": acc,
@@ -216,7 +214,9 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, name in zip(axes[0], nets, strict=True):
         for method, style, label in (("mi", "o-", "mutual information (eq. 12)"),
                                      ("saliency", "^-", "ensemble saliency"),
-                                     ("magnitude", "s--", "magnitude (L1)")):
+                                     ("magnitude", "s--", "magnitude (L1)"),
+                                     ("magnitude_eq", "d:", "magnitude (L1), + scoring "
+                                      "forwards as fine-tuning")):
             pts = sorted((r["nonzero"], r["accuracy"]) for r in rows
                          if r["net"] == name and r["method"] == method)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     cfg = Config()
     if args.quick:
-        cfg = Config(dense_epochs=2, rounds=1, finetune_steps=10, score_batches=1,
+        cfg = Config(dense_epochs=2, rounds=1, finetune_steps=10, score_draws=4,
                      sparsities=(0.5, 0.9))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,14 +252,24 @@ def main(argv: list[str] | None = None) -> int:
         (out / "sparsity.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows},
                                                       indent=1))
         plot(rows, out / "sparsity.png")
-    print(f"{'net':6s} {'sparsity':>8s} {'mi':>7s} {'saliency':>8s} {'magnitude':>9s}")
+    cols = ("mi", "saliency", "magnitude", "magnitude_eq")
+    print(f"\n{'net':6s} {'sparsity':>8s} " + " ".join(f"{c:>12s}" for c in cols)
+          + f" {'mi-magnitude':>12s}")
+    verdicts = {}
     for name in args.nets.split(","):
         for s in cfg.sparsities:
             acc = {r["method"]: r["accuracy"] for r in rows
                    if r["net"] == name and r["sparsity"] == s}
-            print(f"{name:6s} {s:8.2f} {acc.get('mi', float('nan')):7.4f} "
-                  f"{acc.get('saliency', float('nan')):8.4f} "
-                  f"{acc.get('magnitude', float('nan')):9.4f}")
+            diff = acc.get("mi", math.nan) - acc.get("magnitude", math.nan)
+            print(f"{name:6s} {s:8.2f} " + " ".join(f"{acc.get(c, math.nan):12.4f}"
+                                                    for c in cols) + f" {100 * diff:+11.1f}p")
+            if s == 0.9:
+                verdicts[name] = diff >= 0.02
+    for name, ok in verdicts.items():
+        print(f"target (90% sparsity, MI >= magnitude + 2 points) on {name}: "
+              f"{'met' if ok else 'MISSED'}")
+    emit({"bench": "sparsity", **environment(), "config": asdict(cfg), "rows": rows,
+          "target_met": verdicts})
     return 0
 
 

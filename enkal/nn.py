@@ -1155,6 +1155,70 @@ class EnsembleKalmanOptimizer:
         mapped = task.predictions(out).reshape(out.shape)
         return mapped.mean(dim=0), mapped.std(dim=0)
 
+    def information(self, inputs: torch.Tensor, targets: torch.Tensor, *, draws: int = 16,
+                    score: Callable[..., torch.Tensor] | None = None,
+                    seed: int | None = None) -> torch.Tensor:
+        r"""Mutual information (eq. 12) of each parameter with the errors on a batch.
+
+        With :class:`Redraw`, ``draws`` fresh ensembles are drawn around the mean (the
+        masked parameters held at zero) and run on ``inputs``; their ``N = draws * N_ens``
+        members and errors are scored together. More members are what the ranking needs:
+        each correlation carries sampling noise of about ``1/sqrt(N)``, so the sum over
+        ``N_obs`` error dimensions carries noise of about ``sqrt(2 N_obs) / N`` per
+        parameter, while a parameter's share of the signal is about ``N_obs / N_par``
+        (for the digits MLP, ``N_par = 6570`` and ``N_obs = 2560``: noise 1.1 at ``N = 64``,
+        0.07 at ``N = 1024``, against a signal of 0.4). With :class:`Carry` the carried
+        ensemble is the sample (``draws`` must be 1).
+
+        Parameters
+        ----------
+        inputs, targets :
+            A batch, as for :meth:`step`.
+        draws : int
+            Fresh ensembles (``Redraw`` only).
+        score : callable, optional
+            ``score(parameters, errors) -> (N_par,)``; default
+            :func:`enkal.mutual_information` (or :func:`enkal.information.saliency`).
+        seed : int, optional
+            Seed of the draws (default: from the optimizer's seed and iteration). The
+            optimizer's own generator is not touched, so training continues unchanged.
+
+        Returns
+        -------
+        Tensor, shape (N_par,), float64
+            Masked parameters score 0 (they do not vary).
+
+        Memory: ``draws * N_ens * N_par`` parameters and ``draws * N_ens * N_obs`` errors.
+        """
+        from .information import mutual_information
+
+        check_positive_int(draws, "draws")
+        score = mutual_information if score is None else score
+        if not callable(score):
+            raise TypeError(f"score: expected a callable score(parameters, errors), got "
+                            f"{type(score).__name__}")
+        if self._redraw_std is None and draws != 1:
+            raise ValueError(f"draws: with Carry the carried ensemble is the sample; expected "
+                             f"draws=1, got {draws}")
+        self.net._check_inputs(inputs)
+        task = self._task_for(targets)
+        seed = self.seed * 1_000_003 + self._iteration if seed is None else seed
+        gen = torch.Generator(device=self.net.device).manual_seed(int(seed))
+        xs, es = [], []
+        for _ in range(draws):
+            if self._redraw_std is None:
+                x = self.ensemble
+            else:
+                std = self._redraw_std if self.mask is None else self._redraw_std * self.mask
+                x = torch.randn(self.ensemble_size, self.net.n_parameters, generator=gen,
+                                dtype=self.net.dtype, device=self.net.device)
+                x = x.mul_(std).add_(self._mean)
+            out = self.net.predict(x, inputs)
+            y = task.targets(targets, out.shape[1], out.shape[2]).to(out.device)
+            xs.append(x)
+            es.append(task.predictions(out) - y.to(out.dtype))
+        return score(torch.cat(xs), torch.cat(es))
+
     def members_at_mean(self) -> torch.Tensor:
         """The ensemble's anomalies around the current mean, ``(N_ens, N_par)``: with
         :class:`Carry` the ensemble itself; with :class:`Redraw` the last draw shifted so

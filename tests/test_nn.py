@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import struct
 import threading
 import time
@@ -477,6 +478,46 @@ def test_mask_keeps_pruned_parameters_at_zero(members):
     assert bool((NeuralModel(net).flatten()[~mask] == 0).all())
     with pytest.raises(ValueError, match=r"mask: expected shape"):
         opt.set_mask(torch.ones(3, dtype=torch.bool))
+
+
+def test_information_ranks_ignored_inputs_last_and_leaves_training_unchanged():
+    x, y, _, _ = _digits_subset(256)
+    x = x.clone()
+    x[:, :8] = 0.0          # the first 8 pixels never vary: their first-layer weights do nothing
+    net, opt = _optimizer()
+    _, twin = _optimizer()
+    mask = torch.ones(opt.layout.size, dtype=torch.bool)
+    mask[-5:] = False       # five pruned output biases
+    opt.set_mask(mask)
+    twin.set_mask(mask)
+    mi = opt.information(x, y, draws=32, seed=1)           # N = 32 x 16 = 512 members
+    assert mi.shape == (opt.layout.size,) and mi.dtype == torch.float64
+    assert bool((mi[~mask] == 0).all())
+    w1 = opt.layout.unflatten(torch.arange(opt.layout.size)[None])["0.weight"][0]  # (16, 64)
+    ignored, used = w1[:, :8].reshape(-1), w1[:, 8:].reshape(-1)
+    # an ignored weight scores sampling noise only: r^2 ~ chi2_1 / N per error dimension, so
+    # its mean is N_obs / (2 N) = 2560 / 1024 = 2.5 nats (measured 2.63); used weights add
+    # their signal (measured +0.38), far beyond the standard errors of the two means
+    n_obs, n = 256 * 10, 32 * 16
+    assert abs(float(mi[ignored].mean()) / (n_obs / (2 * n)) - 1) < 0.2
+    se = math.hypot(float(mi[ignored].std()) / math.sqrt(ignored.numel()),
+                    float(mi[used].std()) / math.sqrt(used.numel()))
+    assert float(mi[used].mean() - mi[ignored].mean()) > 4 * se
+    # the optimizer's own generator is untouched: the next step equals the twin's
+    opt.step(x[:32], y[:32])
+    twin.step(x[:32], y[:32])
+    assert torch.equal(opt.mean, twin.mean)
+    # more draws, less noise: the spread of the ignored weights' scores shrinks ~ 1/N
+    assert float(opt.information(x, y, draws=8, seed=1)[ignored].std()) > \
+        2 * float(mi[ignored].std())
+    with pytest.raises(ValueError, match="draws"):
+        opt.information(x, y, draws=0)
+    with pytest.raises(TypeError, match="score"):
+        opt.information(x, y, score="mi")
+    _, carry = _optimizer(members=Carry())
+    with pytest.raises(ValueError, match="draws=1"):
+        carry.information(x, y, draws=4)
+    assert carry.information(x, y, draws=1).shape == (opt.layout.size,)
 
 
 def test_sections_one_at_a_time_updates_one_tensor_per_step():
