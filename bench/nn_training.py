@@ -69,6 +69,7 @@ from _common import emit, environment
 from torch import nn
 
 import enkal
+from enkal._checks import column_variance
 from enkal.models.nn import LeNet5, mlp
 
 METHODS = ("adamw", "enkal", "hybrid")
@@ -122,11 +123,6 @@ def variance_snapshot_epochs(epochs: int) -> list[int]:
     return sorted({0, 1, max(1, epochs // 4), max(1, epochs // 2), epochs})
 
 
-def _column_variance(ens: torch.Tensor) -> torch.Tensor:
-    m = ens.mean(dim=0)
-    return ((ens - m) ** 2).sum(dim=0) / (ens.shape[0] - 1)
-
-
 # -- one training run -----------------------------------------------------------------------
 def train(problem: str, method: str, seed: int, data, *, epochs: int, batch: int,
           ensemble: int, sizes: list[int] | None, keep_variances: bool,
@@ -156,7 +152,7 @@ def train(problem: str, method: str, seed: int, data, *, epochs: int, batch: int
     snaps = variance_snapshot_epochs(epochs) if keep_variances and kalman is not None else []
     variances: dict[int, torch.Tensor] = {}
     if 0 in snaps:
-        variances[0] = _column_variance(kalman.ensemble).cpu()
+        variances[0] = column_variance(kalman.ensemble).cpu()
     acc = [accuracy(net, xte, yte)]
     wall = [0.0]
     step_times: list[float] = []
@@ -185,7 +181,7 @@ def train(problem: str, method: str, seed: int, data, *, epochs: int, batch: int
             mean = kalman.mean if hasattr(kalman, "mean") else kalman.ensemble.mean(0)
             mean_gap = max(mean_gap, float((theta - mean).abs().max()))
             if epoch in snaps:
-                variances[epoch] = _column_variance(kalman.ensemble).cpu()
+                variances[epoch] = column_variance(kalman.ensemble).cpu()
             redrawn.append(n_redrawn / math.ceil(n / batch) / kalman.net.n_parameters)
         print(f"{log_prefix}{method:6s} seed {seed} epoch {epoch:3d}: test acc {acc[-1]:.4f}, "
               f"train {wall[-1]:8.1f} s, step median {statistics.median(step_times):.4f} s"
@@ -196,7 +192,7 @@ def train(problem: str, method: str, seed: int, data, *, epochs: int, batch: int
     if kalman is not None:
         run["max_model_minus_mean"] = mean_gap
         run["redrawn_fraction_per_step"] = redrawn
-        v = _column_variance(kalman.ensemble)
+        v = column_variance(kalman.ensemble)
         run["final_variance_quantiles"] = {
             q: float(torch.quantile(v.double(), q)) for q in (0.05, 0.5, 0.95)}
     run["_variances"] = variances  # tensors for the figures; dropped from the JSON

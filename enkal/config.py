@@ -68,8 +68,6 @@ def _screen_toml(text: str, path: str) -> None:
                 raise ValueError(f"{path}: arrays/tables nested deeper than {MAX_NESTING} levels")
         elif ch in "]}":
             depth = max(depth - 1, 0)
-        elif ch == "\n":
-            in_str = None
     for lineno, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
         key = stripped.split("]", 1)[0] if stripped.startswith("[") else \

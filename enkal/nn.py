@@ -86,13 +86,11 @@ from .observations import Observations
 from .schedule import SCHEDULE_STATES, check_schedule
 from .smoother import StepInfo
 from .update import (
-    PerturbedObservations,
     SquareRoot,
     UpdateRule,
     _check_rule,
     apply_transform,
-    embed_transform,
-    ensemble_transform,
+    draw_transform,
 )
 
 __all__ = [
@@ -953,9 +951,10 @@ class EnsembleKalmanOptimizer:
                         device=self.net.device)
         return theta + std * z
 
-    def _draw(self, section: list[slice] | None = None) -> torch.Tensor:
-        """``m + std * Z`` (``Z`` from the generator, all columns drawn); with ``section``
-        only those columns deviate from the mean."""
+    def _draw(self, section: list[slice] | None = None,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """``m + std * Z`` (``Z`` from ``generator``, default the optimizer's; all columns
+        drawn); with ``section`` only those columns deviate from the mean."""
         std = self._redraw_std
         if self.mask is not None:
             std = std * self.mask
@@ -964,7 +963,8 @@ class EnsembleKalmanOptimizer:
             for s in section:
                 keep[s] = 1
             std = std * keep
-        z = torch.randn(self.ensemble_size, self.net.n_parameters, generator=self._generator,
+        z = torch.randn(self.ensemble_size, self.net.n_parameters,
+                        generator=self._generator if generator is None else generator,
                         dtype=self.net.dtype, device=self.net.device)
         return z.mul_(std).add_(self._mean)  # m + std * Z without (N_ens, N_par) temporaries
 
@@ -1095,14 +1095,8 @@ class EnsembleKalmanOptimizer:
                 self._schedule_states[k], parameters=cols, predictions=used,
                 observations=obs)
             self._schedule_states[k] = state
-            perturbations = None
-            if isinstance(self.rule, PerturbedObservations):
-                perturbations = obs.sample_noise(used.shape[0], generator=self._generator,
-                                                 device=used.device, scale=alpha)
-            w = ensemble_transform(used, obs, rule=self.rule, alpha=alpha,
-                                   perturbations=perturbations)
-            if n_failed:
-                w = embed_transform(w, ok.to(w.device), self._generator)
+            w = draw_transform(used, obs, rule=self.rule, alpha=alpha,
+                               generator=self._generator, ok=ok if n_failed else None)
             w = w.to(x.device)
             if redraw:  # keep only the new mean m+ = (1^T W / E) X
                 r = w.mean(dim=0).to(x.dtype)
@@ -1206,13 +1200,7 @@ class EnsembleKalmanOptimizer:
         gen = torch.Generator(device=self.net.device).manual_seed(int(seed))
         xs, es = [], []
         for _ in range(draws):
-            if self._redraw_std is None:
-                x = self.ensemble
-            else:
-                std = self._redraw_std if self.mask is None else self._redraw_std * self.mask
-                x = torch.randn(self.ensemble_size, self.net.n_parameters, generator=gen,
-                                dtype=self.net.dtype, device=self.net.device)
-                x = x.mul_(std).add_(self._mean)
+            x = self.ensemble if self._redraw_std is None else self._draw(generator=gen)
             out = self.net.predict(x, inputs)
             y = task.targets(targets, out.shape[1], out.shape[2]).to(out.device)
             xs.append(x)

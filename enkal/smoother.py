@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ._checks import check_finite, check_members_first, check_positive_int
+from ._checks import check_finite, check_members_first, check_positive_int, column_variance
 from .collapse import CollapseGuard
 from .ensemble import ParameterLayout
 from .errors import ScheduleExhaustedError
@@ -51,13 +51,11 @@ from .forward import ForwardModel
 from .observations import Observations
 from .schedule import DataMisfitController, check_schedule
 from .update import (
-    PerturbedObservations,
     SquareRoot,
     UpdateRule,
     _check_rule,
     apply_transform,
-    embed_transform,
-    ensemble_transform,
+    draw_transform,
 )
 
 __all__ = ["EnsembleSmoother", "SmootherState", "StepInfo", "SmootherResult"]
@@ -353,14 +351,9 @@ class EnsembleSmoother:
 
         gen = torch.Generator(device=x.device)
         gen.set_state(state.rng_state)
-        perturbations = None
-        if isinstance(self.rule, PerturbedObservations):
-            perturbations = self.observations.sample_noise(
-                used.shape[0], generator=gen, device=used.device, scale=alpha)
-        w = ensemble_transform(used, self.observations, rule=self.rule, alpha=alpha,
-                               perturbations=perturbations)
-        if not all_ok:
-            w = embed_transform(w, ok, gen, redraw=not isinstance(self.failure, IgnoreFailed))
+        w = draw_transform(used, self.observations, rule=self.rule, alpha=alpha, generator=gen,
+                           ok=None if all_ok else ok,
+                           redraw=not isinstance(self.failure, IgnoreFailed))
         new_x = apply_transform(w, x, out=out, chunk_size=self.chunk_size)
         n_resampled = 0
         if self.guard is not None:
@@ -727,5 +720,5 @@ def default_checkpoint_path(store: str | os.PathLike) -> str:
 def _mean_variance(x: torch.Tensor, chunk_size: int = 1 << 18) -> float:
     total = 0.0
     for start in range(0, x.shape[1], chunk_size):
-        total += float(x[:, start:start + chunk_size].var(dim=0).sum())
+        total += float(column_variance(x[:, start:start + chunk_size]).sum())
     return total / max(x.shape[1], 1)

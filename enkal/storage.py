@@ -615,14 +615,14 @@ class HistoryWriter:
             if self._predictions and self._rows > 0 and self._last == iteration - 1 and \
                     (self._last_flags & _STORED_PARAMETERS or (final and self.history.final)):
                 pred_np = _cpu_numpy(predictions)
-        mask_np = None
+        mask_np = full_mask = None
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
                     tuple(mask.shape) != (p,):
                 raise ValueError(f"mask: expected a bool tensor of shape ({p},), got "
                                  f"{getattr(mask, 'dtype', type(mask).__name__)} "
                                  f"{tuple(getattr(mask, 'shape', ()))}")
-            mask_np = mask.detach().cpu().numpy().astype(np.int8)
+            mask_np = full_mask = mask.detach().cpu().numpy().astype(np.int8)
             if self._mask is not None and np.array_equal(mask_np, self._mask):
                 mask_np = None
         if (rng_state is None) != (schedule is None):
@@ -643,8 +643,7 @@ class HistoryWriter:
                                  f"generator states), got {rng_np.size}; a generator of "
                                  "another device type?")
             if keep:
-                state = (rng_np, sched_json, parameters.device.type,
-                         None if mask is None else mask.detach().cpu().numpy().astype(np.int8))
+                state = (rng_np, sched_json, parameters.device.type, full_mask)
         params_np = _cpu_numpy(parameters) if keep else None
         flags = _STORED_PARAMETERS if keep else 0
         if state is not None:

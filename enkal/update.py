@@ -388,6 +388,29 @@ def assimilate(
                 f"device {parameters.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}"
             )
     used = predictions if ok is None or bool(ok.all()) else predictions[ok]
+    w = draw_transform(used, observations, rule=rule, alpha=alpha, generator=generator, ok=ok)
+    return apply_transform(w, parameters, out=out, chunk_size=chunk_size)
+
+
+def draw_transform(
+    used: torch.Tensor,
+    observations: Observations,
+    *,
+    rule: UpdateRule,
+    alpha: float,
+    generator: torch.Generator | None,
+    ok: torch.Tensor | None = None,
+    redraw: bool = True,
+) -> torch.Tensor:
+    """The ``(N_ens, N_ens)`` transform of one update, random draws included.
+
+    Draws the perturbations (``PerturbedObservations``: ``N_ok x N_obs`` normals scaled by
+    ``alpha``) from ``generator``, builds :func:`ensemble_transform` from the successful
+    members' predictions ``used``, and, when ``ok`` marks failed members, embeds it with
+    :func:`embed_transform` (failed rows redrawn unless ``redraw=False``). The draws come in
+    this order, so every caller (``assimilate``, the smoother, the network optimizer)
+    repeats the same stream.
+    """
     perturbations = None
     if isinstance(rule, PerturbedObservations):
         perturbations = observations.sample_noise(
@@ -396,5 +419,5 @@ def assimilate(
     w = ensemble_transform(used, observations, rule=rule, alpha=alpha,
                            perturbations=perturbations)
     if ok is not None and not bool(ok.all()):
-        w = embed_transform(w, ok, generator)
-    return apply_transform(w, parameters, out=out, chunk_size=chunk_size)
+        w = embed_transform(w, ok.to(w.device), generator, redraw=redraw)
+    return w

@@ -134,7 +134,6 @@ class PolynomialODE(SimulatorModel):
         self.degree = degree
         self.solver = solver
         self._obs_steps = steps_for(self.t_obs, self.t0, solver.dt)
-        self._exp = torch.tensor(self.exponents, dtype=torch.long, device=self.device)
 
     @property
     def output_size(self) -> int:
