@@ -27,12 +27,12 @@ ES-MDA 4 x 4): OU theta 0.95, mu 0.85, sigma 0.90 (misfit 1.27); SIR beta 0.80, 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
 
 import torch
+from _common import emit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROBLEMS = {"ou": "ou.toml", "sir": "sir.toml", "lorenz63": "lorenz63.toml"}
@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{row['rel_width']:9.3f} {tail}", flush=True)
     record["torch"] = torch.__version__
     record["threads"] = torch.get_num_threads()
-    line = json.dumps(record, separators=(",", ":"))
-    print("BENCH_JSON " + line)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    emit(record, args.json)
     return record
 
 

@@ -30,7 +30,6 @@ Prints tables and one line ``BENCH_JSON {...}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -43,6 +42,7 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import emit
 from torch import nn
 
 import enkal
@@ -341,17 +341,15 @@ def main() -> None:
           f"floor is {base['raw_of_update']:.1%}); whole runs "
           f"{whole['overhead'][store_key]:+.1%} ({'met' if met_runs else 'missed'}; compare "
           f"with the repeats' spread of {whole['spread']['no store']:.0%})")
-    print("BENCH_JSON " + json.dumps({
+    emit({
         "bench": "storage", "members": e, "parameters": p, "observations": m,
         "batch": args.batch, "iterations": args.iterations, "dtype": "float32",
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "forward_ms": round(forward_ms, 2),
-        "results": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-                    for r in rows],
+        "forward_ms": forward_ms, "results": rows,
         "run_overhead_lenet": whole, "run_overhead_update_only": strict,
         "target_fraction": 0.10, "target_met_iteration": met_iteration,
         "target_met_update": met_update, "target_met_whole_runs": met_runs,
-    }))
+    })
 
 
 if __name__ == "__main__":

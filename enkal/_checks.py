@@ -22,6 +22,7 @@ __all__ = [
     "check_positive_int",
     "check_fraction",
     "check_positive_float",
+    "cpu_numpy",
 ]
 
 
@@ -141,6 +142,15 @@ def check_fraction(x: Any, name: str, *, allow_none: bool = True) -> None:
         raise TypeError(f"{name}: expected a float in (0, 1], got {_describe(x)}")
     if not (0 < x <= 1):
         raise ValueError(f"{name}: expected a float in (0, 1], got {x}")
+
+
+def cpu_numpy(t: torch.Tensor) -> np.ndarray:
+    """A C-contiguous CPU numpy view or copy of ``t`` (floating dtypes numpy lacks, such as
+    bfloat16, go to float32, which holds them exactly)."""
+    t = t.detach()
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        t = t.to(torch.float32)
+    return np.ascontiguousarray(t.cpu().numpy())
 
 
 def column_variance(x: torch.Tensor) -> torch.Tensor:

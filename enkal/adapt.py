@@ -51,32 +51,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
 from typing import Any
 
 import torch
 
+from ._checks import check_fraction, check_positive_float, check_positive_int
 from .information import mutual_information, prune_mask, saliency
 from .observations import Observations
 
 __all__ = ["StructureAdaptation", "MutualInformation", "Significance", "Saliency",
            "check_adapt"]
-
-
-def _check_num(value: Any, name: str, *, low: float, high: float | None = None,
-               low_open: bool = False, integer: bool = False, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    kind = Integral if integer else Real
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-        want = "an int" if integer else "a finite number"
-        raise TypeError(f"{name}: expected {want}, got {type(value).__name__} {value!r}")
-    bad = value <= low if low_open else value < low
-    if high is not None:
-        bad = bad or value > high
-    if bad:
-        rng = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
-        raise ValueError(f"{name}: expected a value in {rng}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -92,8 +77,7 @@ class MutualInformation:
     chunk_size: int | None = 4096
 
     def __post_init__(self) -> None:
-        _check_num(self.chunk_size, "MutualInformation.chunk_size", low=1, integer=True,
-                   allow_none=True)
+        check_positive_int(self.chunk_size, "MutualInformation.chunk_size", allow_none=True)
 
     def __call__(self, parameters: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
         """``(N_ens, N_par)``, whitened errors ``(N_ens, N_obs)`` -> ``(N_par,)`` float64."""
@@ -117,7 +101,7 @@ class Significance:
     chunk_size: int = 1 << 18
 
     def __post_init__(self) -> None:
-        _check_num(self.chunk_size, "Significance.chunk_size", low=1, integer=True)
+        check_positive_int(self.chunk_size, "Significance.chunk_size")
 
     def __call__(self, parameters: torch.Tensor, errors: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -148,8 +132,7 @@ class Saliency:
     chunk_size: int | None = 4096
 
     def __post_init__(self) -> None:
-        _check_num(self.chunk_size, "Saliency.chunk_size", low=1, integer=True,
-                   allow_none=True)
+        check_positive_int(self.chunk_size, "Saliency.chunk_size", allow_none=True)
 
     def __call__(self, parameters: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
         return saliency(parameters, errors, chunk_size=self.chunk_size)
@@ -195,19 +178,19 @@ class StructureAdaptation:
     score: Score = MutualInformation()
 
     def __post_init__(self) -> None:
-        _check_num(self.every, "every", low=1, integer=True)
-        _check_num(self.fraction, "fraction", low=0.0, high=1.0, low_open=True)
-        _check_num(self.target_sparsity, "target_sparsity", low=0.0, high=1.0,
-                   allow_none=True)
+        check_positive_int(self.every, "every")
+        check_fraction(self.fraction, "fraction", allow_none=False)
+        check_positive_float(self.target_sparsity, "target_sparsity", allow_zero=True,
+                             allow_none=True)
         if self.target_sparsity is not None and self.target_sparsity >= 1.0:
             raise ValueError(f"target_sparsity: expected a value in [0, 1), got "
                              f"{self.target_sparsity!r} (1 would prune everything)")
-        _check_num(self.error_budget, "error_budget", low=0.0, low_open=True, allow_none=True)
+        check_positive_float(self.error_budget, "error_budget", allow_none=True)
         if self.threshold is not None and (isinstance(self.threshold, bool) or
                                            not isinstance(self.threshold, Real)):
             raise TypeError(f"threshold: expected a number, got {self.threshold!r}")
-        _check_num(self.min_live, "min_live", low=0, integer=True)
-        _check_num(self.start, "start", low=0, integer=True, allow_none=True)
+        check_positive_int(self.min_live, "min_live", minimum=0)
+        check_positive_int(self.start, "start", minimum=0, allow_none=True)
         if not isinstance(self.score, (MutualInformation, Significance, Saliency)):
             raise TypeError(f"score: expected MutualInformation(), Significance() or "
                             f"Saliency(), got "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
 import sys
 from typing import Any
@@ -51,24 +52,54 @@ def register_strategy(kind: str, cls: type) -> None:
 MAX_NESTING = 64
 
 
-def _screen_toml(text: str, path: str) -> None:
-    """Refuse inputs that make the standard parser recurse deeply or go quadratic."""
-    depth = 0
-    in_str = None
-    for ch in text:
-        if in_str:
-            if ch == in_str:
-                in_str = None
+#: TOML's strings, each from its opening quote (a single-line one stops at a newline, where
+#: the parser reports it unterminated; a multi-line one closes with up to two extra quotes)
+_STRINGS = {
+    '"""': re.compile(r'"""(?:[^"\\]|\\.|"(?!""))*"{3,5}', re.S),
+    "'''": re.compile(r"'''(?:[^']|'(?!''))*'{3,5}"),
+    '"': re.compile(r'"(?:[^"\\\n]|\\.)*"?'),
+    "'": re.compile(r"'[^'\n]*'?"),
+}
+_STRING_OR_COMMENT = re.compile("[\"'#]")
+
+
+def _toml_structure(text: str) -> str:
+    """``text`` without its comments and with every string emptied to ``""`` (newlines
+    kept): the brackets, keys and dots left are TOML's structure.
+
+    >>> _toml_structure('a = ["[", "it\\'s"]  # it\\'s [\\nb = 1')
+    'a = ["", ""]  \\nb = 1'
+    """
+    parts = []
+    i, n = 0, len(text)
+    while (m := _STRING_OR_COMMENT.search(text, i)) is not None:
+        j = m.start()
+        parts.append(text[i:j])
+        if text[j] == "#":
+            end = text.find("\n", j)
+            i = n if end < 0 else end
             continue
-        if ch in "\"'":
-            in_str = ch
-        elif ch in "[{":
+        quote = text[j:j + 3] if text[j:j + 3] in _STRINGS else text[j]
+        string = _STRINGS[quote].match(text, j)
+        i = n if string is None else string.end()  # an unterminated multi-line string
+        parts.append('""' + "\n" * text.count("\n", j, i))
+    parts.append(text[i:])
+    return "".join(parts)
+
+
+def _screen_toml(text: str, path: str) -> None:
+    """Refuse inputs that make the standard parser recurse deeply or go quadratic (counted
+    outside strings and comments)."""
+    structure = _toml_structure(text)
+    depth = 0
+    for ch in structure:
+        if ch in "[{":
             depth += 1
             if depth > MAX_NESTING:
                 raise ValueError(f"{path}: arrays/tables nested deeper than {MAX_NESTING} levels")
         elif ch in "]}":
             depth = max(depth - 1, 0)
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(structure.splitlines(), 1):
         stripped = line.strip()
         key = stripped.split("]", 1)[0] if stripped.startswith("[") else \
             stripped.split("=", 1)[0] if "=" in stripped else ""

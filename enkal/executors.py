@@ -52,8 +52,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import check_members_first, check_positive_float, check_positive_int
-from .forward import EvaluationReport, ForwardModel, evaluate
+from ._checks import check_positive_float, check_positive_int, cpu_numpy
+from .forward import EvaluationReport, ForwardModel, check_inputs, evaluate
 
 __all__ = ["InProcess", "MultiDevice", "Dask", "check_executor", "run_on_devices"]
 
@@ -199,7 +199,7 @@ class MultiDevice:
 
     def evaluate(self, model: ForwardModel, parameters: torch.Tensor):
         """The contract of :func:`enkal.evaluate`, chunks of members spread over devices."""
-        _check_inputs(model, parameters)
+        check_inputs(model, parameters)
         if not callable(getattr(model, "replicate", None)):
             raise TypeError(
                 f"model: MultiDevice needs a model with replicate(device) (an independent "
@@ -214,20 +214,10 @@ class MultiDevice:
         def work(index: int, a: int, b: int):
             replica = replicas[index]
             chunk = parameters[a:b].to(device=replica.device)
-            return evaluate(replica, chunk, max_abs=self.max_abs)
+            y, ok = res = evaluate(replica, chunk, max_abs=self.max_abs)
+            return y, ok, res.errors
 
-        out = torch.full((n, m), float("nan"), dtype=parameters.dtype,
-                         device=parameters.device)
-        ok = torch.zeros(n, dtype=torch.bool, device=parameters.device)
-        errors: dict[int, str] = {}
-        for (a, b), res in sorted(run_on_devices(work, spans, self.devices).items()):
-            y, ok_chunk = res
-            out[a:b] = y.to(device=out.device, dtype=out.dtype)
-            ok[a:b] = ok_chunk.to(ok.device)
-            errors.update({a + i: msg for i, msg in res.errors.items()})
-        result = EvaluationReport((out, ok))
-        result.errors = errors
-        return result
+        return _assemble(parameters, m, run_on_devices(work, spans, self.devices))
 
 
 # -- Dask ------------------------------------------------------------------------------------
@@ -406,30 +396,18 @@ class Dask:
     def evaluate(self, model: ForwardModel, parameters: torch.Tensor):
         """Run ``model`` on the members on the cluster; the contract of
         :func:`enkal.evaluate` (predictions, ok, and ``errors`` per failed member)."""
-        _check_inputs(model, parameters)
+        check_inputs(model, parameters)
         blob = _serialise_model(model)
-        n, m = parameters.shape[0], model.output_size
-        out = torch.full((n, m), float("nan"), dtype=parameters.dtype,
-                         device=parameters.device)
-        ok = torch.zeros(n, dtype=torch.bool, device=parameters.device)
-        errors: dict[int, str] = {}
+        n = parameters.shape[0]
+        results: dict[tuple[int, int], Any] = {}
         if n:
             client = self.connect()
-            x = _to_numpy(parameters)
+            x = cpu_numpy(parameters)
             step = self.members_per_task or _default_members_per_task(n, client,
                                                                       self.n_workers)
             spans = [(a, min(a + step, n)) for a in range(0, n, step)]
-            for (a, b), res in sorted(self._map(client, blob, x, spans).items()):
-                if isinstance(res, str):  # the member killed its worker, even alone
-                    errors[a] = res
-                    continue
-                y, ok_chunk, errs = res
-                out[a:b] = torch.from_numpy(y).to(device=out.device, dtype=out.dtype)
-                ok[a:b] = torch.from_numpy(ok_chunk).to(ok.device)
-                errors.update({a + i: msg for i, msg in errs.items()})
-        result = EvaluationReport((out, ok))
-        result.errors = dict(sorted(errors.items()))
-        return result
+            results = self._map(client, blob, x, spans)
+        return _assemble(parameters, model.output_size, results)
 
     def _map(self, client, blob: bytes, x: np.ndarray, spans: list[tuple[int, int]]
              ) -> dict[tuple[int, int], Any]:
@@ -492,15 +470,28 @@ class _Killed(str):
     """The message of a ``KilledWorker`` for a span of members (see ``Dask._map``)."""
 
 
-def _check_inputs(model: object, parameters: object) -> None:
-    """The boundary checks of :func:`enkal.evaluate`, done before anything is shipped."""
-    if not isinstance(model, ForwardModel):
-        raise TypeError(f"model: expected an enkal.ForwardModel, got {type(model).__name__}")
-    if not isinstance(parameters, torch.Tensor):
-        raise TypeError(f"parameters: expected a torch.Tensor, got {type(parameters).__name__}")
-    if not parameters.is_floating_point():
-        raise TypeError(f"parameters: expected a floating dtype, got {parameters.dtype}")
-    check_members_first(parameters, "parameters", n_columns=model.layout.size)
+def _assemble(parameters: torch.Tensor, output_size: int,
+              results: dict[tuple[int, int], Any]) -> EvaluationReport:
+    """The report of :func:`enkal.evaluate` from the results of spans of members:
+    ``{(a, b): (predictions, ok, errors)}`` (tensors or numpy arrays, errors keyed by the
+    row in the span), or a str where the span's one member failed as a whole (its error).
+    Rows of members without a result are NaN and failed."""
+    n = parameters.shape[0]
+    out = torch.full((n, output_size), float("nan"), dtype=parameters.dtype,
+                     device=parameters.device)
+    ok = torch.zeros(n, dtype=torch.bool, device=parameters.device)
+    errors: dict[int, str] = {}
+    for (a, b), res in sorted(results.items()):
+        if isinstance(res, str):  # (Dask) the member killed its worker, even alone
+            errors[a] = res
+            continue
+        y, ok_span, errs = res
+        out[a:b] = torch.as_tensor(y).to(device=out.device, dtype=out.dtype)
+        ok[a:b] = torch.as_tensor(ok_span).to(ok.device)
+        errors.update({a + i: msg for i, msg in errs.items()})
+    result = EvaluationReport((out, ok))
+    result.errors = dict(sorted(errors.items()))
+    return result
 
 
 def _serialise_model(model: ForwardModel) -> bytes:
@@ -519,13 +510,6 @@ def _serialise_model(model: ForwardModel) -> bytes:
             "function at module level with its resources created on first use), or run it "
             "with InProcess()"[:1500]
         ) from err
-
-
-def _to_numpy(parameters: torch.Tensor) -> np.ndarray:
-    x = parameters.detach()
-    if x.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
-        x = x.to(torch.float32)
-    return np.ascontiguousarray(x.cpu().numpy())
 
 
 def _default_members_per_task(n: int, client: Any, n_workers: int | None) -> int:

@@ -178,6 +178,18 @@ def _check_output(model: ForwardModel, y: Any, n: int) -> torch.Tensor:
     return y
 
 
+def check_inputs(model: object, parameters: object) -> None:
+    """The boundary checks of :func:`evaluate` (and of the executors, before anything is
+    shipped): a :class:`ForwardModel` and a floating ``(N_ens, N_par)`` tensor."""
+    if not isinstance(model, ForwardModel):
+        raise TypeError(f"model: expected an enkal.ForwardModel, got {type(model).__name__}")
+    if not isinstance(parameters, torch.Tensor):
+        raise TypeError(f"parameters: expected a torch.Tensor, got {type(parameters).__name__}")
+    if not parameters.is_floating_point():
+        raise TypeError(f"parameters: expected a floating dtype, got {parameters.dtype}")
+    check_members_first(parameters, "parameters", n_columns=model.layout.size)
+
+
 def evaluate(
     model: ForwardModel,
     parameters: torch.Tensor,
@@ -210,16 +222,8 @@ def evaluate(
     A forward that returns the wrong shape is a bug in the model, not a failed member: it
     raises ``ValueError`` at once.
     """
-    if not isinstance(model, ForwardModel):
-        raise TypeError(f"model: expected an enkal.ForwardModel, got {type(model).__name__}")
+    check_inputs(model, parameters)
     check_positive_int(members_per_call, "members_per_call", allow_none=True)
-    if not isinstance(parameters, torch.Tensor):
-        raise TypeError(
-            f"parameters: expected a torch.Tensor, got {type(parameters).__name__}"
-        )
-    if not parameters.is_floating_point():
-        raise TypeError(f"parameters: expected a floating dtype, got {parameters.dtype}")
-    check_members_first(parameters, "parameters", n_columns=model.layout.size)
     n = parameters.shape[0]
     m = model.output_size
     step = members_per_call or max(n, 1)

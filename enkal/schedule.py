@@ -30,7 +30,9 @@ Three rules:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -245,6 +247,21 @@ SCHEDULE_STATES = {
     "ESMDA": ESMDAState,
     "DataMisfitController": MisfitControllerState,
 }
+
+
+def schedule_state_dict(state: Any) -> dict[str, Any]:
+    """A schedule state as ``{"type": name, field: number, ...}`` (what
+    :meth:`~enkal.EnsembleSmoother.state_dict` stores; a dict is taken as one already).
+
+    >>> schedule_state_dict(ESMDAState(iteration=1))
+    {'type': 'ESMDAState', 'iteration': 1}
+    """
+    if isinstance(state, Mapping):
+        return dict(state)
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        return {"type": type(state).__name__, **dataclasses.asdict(state)}
+    raise TypeError(f"schedule: expected a schedule state (dataclass) or its dict, got "
+                    f"{type(state).__name__}")
 
 
 def check_schedule(schedule: object) -> None:

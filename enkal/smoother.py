@@ -49,7 +49,7 @@ from .executors import InProcess, check_executor
 from .failures import FailurePolicy, IgnoreFailed, ResampleFailed, check_policy, classify_members
 from .forward import ForwardModel
 from .observations import Observations
-from .schedule import DataMisfitController, check_schedule
+from .schedule import DataMisfitController, check_schedule, schedule_state_dict
 from .update import (
     SquareRoot,
     UpdateRule,
@@ -611,12 +611,10 @@ class EnsembleSmoother:
     # -- persistence -----------------------------------------------------------------------
     def state_dict(self, state: SmootherState) -> dict[str, Any]:
         """Plain tensors and numbers describing ``state`` (no pickled objects)."""
-        sched = dataclasses.asdict(state.schedule) if dataclasses.is_dataclass(state.schedule) \
-            else dict(state.schedule)
         return {
             "parameters": state.parameters,
             "iteration": state.iteration,
-            "schedule": {"type": type(state.schedule).__name__, **sched},
+            "schedule": schedule_state_dict(state.schedule),
             "rng_state": state.rng_state,
             "mask": state.mask,
             "config": self.config(),
@@ -656,11 +654,11 @@ class EnsembleSmoother:
 class _StoreSink:
     """Writes history rows and checkpoints of a run, in order, possibly in a thread.
 
-    The snapshot (a copy of the state's tensors) is taken on the caller's thread, so the
-    smoother may reuse its buffers at once; at most one write is in flight, and its error
-    surfaces at the next ``submit`` or at ``close``. With ``always=False`` a requested
-    checkpoint is written only when the history row just written does not hold the whole
-    state, or at the end of the run.
+    The snapshot (a copy of the tensors the row and the checkpoint will write; ``None`` for
+    the others) is taken on the caller's thread, so the smoother may reuse its buffers at
+    once; at most one write is in flight, and its error surfaces at the next ``submit`` or
+    at ``close``. With ``always=False`` a requested checkpoint is written only when the
+    history row just written does not hold the whole state, or at the end of the run.
     """
 
     def __init__(self, smoother, writer, ckpt_path, *, always: bool = True,
@@ -697,8 +695,16 @@ class _StoreSink:
         if self.pool is None:
             self._write(state, info, predictions, final, checkpoint)
             return
-        snap = dataclasses.replace(state, parameters=state.parameters.detach().clone())
-        preds = predictions.detach().clone() if predictions is not None else None
+        # copy only what the row and the checkpoint will write: the writer then never sees
+        # a tensor the smoother reuses; what it would not keep it is not given at all
+        keep_x = keep_y = False
+        if self.writer is not None:
+            keep_x, keep_y = self.writer._keeps(state.iteration, final=final)
+        # a row without the ensemble does not hold the state: the checkpoint is written
+        keep_x = keep_x or (checkpoint and self.ckpt_path is not None)
+        snap = dataclasses.replace(
+            state, parameters=state.parameters.detach().clone() if keep_x else None)
+        preds = predictions.detach().clone() if keep_y and predictions is not None else None
         self.pending = self.pool.submit(self._write, snap, info, preds, final, checkpoint)
 
     def close(self, attrs: dict) -> None:

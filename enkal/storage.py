@@ -93,9 +93,11 @@ import h5py
 import numpy as np
 import torch
 
+from ._checks import cpu_numpy
 from .ensemble import ParameterLayout
 from .errors import StorageError
 from .observations import Observations
+from .schedule import schedule_state_dict
 
 __all__ = [
     "History",
@@ -201,15 +203,6 @@ def _as_path(path: Any, name: str = "path") -> Path:
     raise TypeError(f"{name}: expected a str or os.PathLike file path, got {type(path).__name__}")
 
 
-def _cpu_numpy(t: torch.Tensor) -> np.ndarray:
-    """A C-contiguous CPU numpy view or copy (bfloat16 and other dtypes numpy lacks go to
-    float32, exactly)."""
-    t = t.detach()
-    if t.dtype not in _FLOAT_DTYPES and t.is_floating_point():
-        t = t.to(torch.float32)
-    return np.ascontiguousarray(t.cpu().numpy())
-
-
 def _storage_dtype(dtype: torch.dtype) -> np.dtype:
     return np.dtype(_FLOAT_DTYPES.get(dtype, np.float32))
 
@@ -242,17 +235,6 @@ def _read_errors(path: Any, what: str) -> Iterator[None]:
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
         raise StorageError(f"{path}: cannot be read as {what} (truncated or corrupt?): "
                            f"{type(err).__name__}: {err}") from err
-
-
-def _schedule_dict(schedule: Any) -> dict[str, Any]:
-    """A schedule state as ``{"type": name, field: number, ...}`` (what
-    :meth:`~enkal.EnsembleSmoother.state_dict` stores)."""
-    if isinstance(schedule, Mapping):
-        return dict(schedule)
-    if dataclasses.is_dataclass(schedule) and not isinstance(schedule, type):
-        return {"type": type(schedule).__name__, **dataclasses.asdict(schedule)}
-    raise TypeError(f"schedule: expected a schedule state (dataclass) or its dict, got "
-                    f"{type(schedule).__name__}")
 
 
 def _schedule_problem(schedule: Any) -> str | None:
@@ -606,15 +588,15 @@ class HistoryWriter:
             raise ValueError("parameters: the first row of a history must carry the ensemble")
         values = _info_dict(info, iteration)
         kinds = {k: _diagnostic_kind(k, v) for k, v in values.items()}
-        keep = parameters is not None and self.history.keeps(iteration, final=final)
+        keeps_parameters, keeps_predictions = self._keeps(iteration, final=final)
+        keep = parameters is not None and keeps_parameters
         pred_np = None
         if predictions is not None:
             n_ens = self._n_members if parameters is None else parameters.shape[0]
             _check_ensemble(predictions, "predictions", columns=self.observations.size,
                             rows=n_ens, label="N_obs")
-            if self._predictions and self._rows > 0 and self._last == iteration - 1 and \
-                    (self._last_flags & _STORED_PARAMETERS or (final and self.history.final)):
-                pred_np = _cpu_numpy(predictions)
+            if keeps_predictions:
+                pred_np = cpu_numpy(predictions)
         mask_np = full_mask = None
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
@@ -630,7 +612,7 @@ class HistoryWriter:
         state = None
         if rng_state is not None:
             rng_np = _check_rng_state(rng_state)
-            sched = _schedule_dict(schedule)
+            sched = schedule_state_dict(schedule)
             problem = _schedule_problem(sched)
             if problem is not None:
                 raise ValueError(f"schedule: {problem}")
@@ -644,7 +626,7 @@ class HistoryWriter:
                                  "another device type?")
             if keep:
                 state = (rng_np, sched_json, parameters.device.type, full_mask)
-        params_np = _cpu_numpy(parameters) if keep else None
+        params_np = cpu_numpy(parameters) if keep else None
         flags = _STORED_PARAMETERS if keep else 0
         if state is not None:
             flags |= _STORED_STATE | (_STORED_MASK if state[3] is not None else 0)
@@ -698,6 +680,15 @@ class HistoryWriter:
         return f"HistoryWriter({where}, rows={self._rows}, last_iteration={self._last})"
 
     # -- internals -----------------------------------------------------------------------
+    def _keeps(self, iteration: int, *, final: bool = False) -> tuple[bool, bool]:
+        """What the next :meth:`append`, of ``iteration``, writes of the tensors it is
+        given: ``(parameters, predictions)``, i.e. whether it keeps the ensemble (when one
+        is given) and whether it stores the predictions (at the previous row)."""
+        keeps_predictions = self._predictions and self._rows > 0 and \
+            self._last == iteration - 1 and \
+            bool(self._last_flags & _STORED_PARAMETERS or (final and self.history.final))
+        return self.history.keeps(iteration, final=final), keeps_predictions
+
     def _h5(self, mode: str) -> h5py.File:
         if self.path is None:
             self._target.seek(0)
@@ -1466,9 +1457,7 @@ def write_checkpoint(path: Any, smoother: Any, state: Any, *, fsync: bool = True
     d = smoother.state_dict(state)
     x = d["parameters"]
     _check_ensemble(x, "state.parameters")
-    rng = d["rng_state"]
-    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.ndim != 1:
-        raise ValueError("state.rng_state: expected a 1-D uint8 tensor (Generator.get_state())")
+    rng = _check_rng_state(d["rng_state"], "state.rng_state")
     mask = d.get("mask")
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
                              or tuple(mask.shape) != (x.shape[1],)):
@@ -1490,7 +1479,7 @@ def write_checkpoint(path: Any, smoother: Any, state: Any, *, fsync: bool = True
         "parameters_dtype": torch_dtype,
         "n_members": int(x.shape[0]),
         "n_parameters": int(x.shape[1]),
-        "rng_state_size": int(rng.numel()),
+        "rng_state_size": int(rng.size),
         "device_type": x.device.type,
         "has_mask": int(mask is not None),
     }
@@ -1499,8 +1488,8 @@ def write_checkpoint(path: Any, smoother: Any, state: Any, *, fsync: bool = True
         with h5py.File(tmp, "w", libver="latest", locking=False) as f:
             for k, v in attrs.items():
                 f.attrs[k] = _attr_value(v)
-            _put_array(f, "parameters", _cpu_numpy(x))
-            _put_array(f, "rng_state", rng.detach().cpu().numpy())
+            _put_array(f, "parameters", cpu_numpy(x))
+            _put_array(f, "rng_state", rng)
             if mask is not None:
                 _put_array(f, "mask", mask.detach().cpu().numpy().astype(np.uint8))
         _atomic_replace(tmp, path, fsync=fsync)

@@ -91,6 +91,16 @@ def steps_for(t_obs: Sequence[float], t0: float, dt: float, what: str = "dt") ->
     return out
 
 
+def state_size(x0: Any, state_names: Any) -> int:
+    """``d``: the number of ``state_names`` when given, else of ``x0`` (1 for a scalar)."""
+    if state_names is not None:
+        return len(list(state_names))
+    try:
+        return len(x0)
+    except TypeError:
+        return 1
+
+
 def _check_state_names(names: Any, d: int) -> list[str]:
     if names is None:
         return [f"x{i}" for i in range(d)]

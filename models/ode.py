@@ -46,7 +46,7 @@ import torch
 
 from enkal import ParameterLayout, Positive, Real
 
-from ._common import SimulatorModel, _check_float, check_x0, march, steps_for
+from ._common import SimulatorModel, _check_float, check_x0, march, state_size, steps_for
 
 __all__ = [
     "RK4",
@@ -182,8 +182,7 @@ class ODEModel(SimulatorModel):
             )
         if callable(x0) and state_names is None:
             raise ValueError("state_names: required when x0 is a callable (it fixes d)")
-        d = len(list(state_names)) if state_names is not None else _len_x0(x0)
-        super()._setup(layout, d=d, t_obs=t_obs, t0=t0,
+        super()._setup(layout, d=state_size(x0, state_names), t_obs=t_obs, t0=t0,
                        observe=observe, state_names=state_names, device=device, dtype=dtype)
         self.rhs = rhs
         self.solver = solver
@@ -314,13 +313,6 @@ class ODEModel(SimulatorModel):
                          torch.pow(0.01 / big.clamp(min=1e-300), 0.2))
         h = torch.minimum(100.0 * h0, h1).clamp(max=span)
         return torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, 1e-6))
-
-
-def _len_x0(x0: Any) -> int:
-    try:
-        return len(x0)
-    except TypeError:
-        return 1
 
 
 # -- named systems ----------------------------------------------------------------------

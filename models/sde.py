@@ -51,7 +51,7 @@ import torch
 
 from enkal import ParameterLayout, Positive, Real
 
-from ._common import SimulatorModel, _check_float, check_x0, march, steps_for
+from ._common import SimulatorModel, _check_float, check_x0, march, state_size, steps_for
 from ._random import check_seed, standard_normal, stream_keys
 from .ode import lorenz63_rhs
 
@@ -133,14 +133,7 @@ class SDEModel(SimulatorModel):
             if not callable(fn):
                 raise TypeError(f"{name}: expected a callable {name}(t, x, p), got "
                                 f"{type(fn).__name__}")
-        if state_names is not None:
-            d = len(list(state_names))
-        else:
-            try:
-                d = len(x0)
-            except TypeError:
-                d = 1
-        super()._setup(layout, d=d, t_obs=t_obs, t0=t0, observe=observe,
+        super()._setup(layout, d=state_size(x0, state_names), t_obs=t_obs, t0=t0, observe=observe,
                        state_names=state_names, device=device, dtype=dtype)
         self.drift = drift
         self.diffusion = diffusion

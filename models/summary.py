@@ -49,6 +49,8 @@ import torch
 
 from enkal.forward import ForwardModel
 
+from ._common import SimulatorModel
+
 __all__ = ["Replicated", "monte_carlo_std", "monte_carlo_cov", "path_statistics",
            "path_statistics_cov", "summarise", "PER_PATH", "STATISTICS"]
 
@@ -139,10 +141,47 @@ class Replicated(ForwardModel):
 
     def paths(self, parameters: torch.Tensor) -> torch.Tensor:
         """All replicate predictions, shape ``(N_ens, K, N_obs of the model)``."""
+        first = self._replicas[0]
+        if isinstance(first, SimulatorModel) and type(first).forward is SimulatorModel.forward:
+            # SimulatorModel.forward of each replica, with the parameters validated and
+            # unflattened once for all K (the replicas differ only in their noise)
+            x, p = first._prepare(parameters)
+            if x.shape[0] == 0:
+                return x.new_empty((0, self.n_replicates, first.output_size))
+            return torch.stack([r._observe(r._simulate(x, p)) for r in self._replicas], dim=1)
         return torch.stack([r(parameters) for r in self._replicas], dim=1)
 
     def forward(self, parameters: torch.Tensor) -> torch.Tensor:
         return summarise(self.paths(parameters), self.statistics, n_times=self.n_times)
+
+
+def _per_path(paths: torch.Tensor, stats: tuple[str, ...], n_times: int | None
+              ) -> list[torch.Tensor]:
+    """The per-path statistics ``stats`` (checked, no ``"std"``) of ``(..., M)`` paths, one
+    ``(..., L_s)`` tensor each; the paths are centred over time once, when a statistic
+    needs it."""
+    m = paths.shape[-1]
+    t = n_times or m
+    x = paths.reshape(*paths.shape[:-1], t, m // t)  # (..., T, C)
+    xc = ss = None
+    parts = []
+    for s in stats:
+        if s == "mean":
+            parts.append(paths)
+        elif s == "log1p":
+            parts.append(torch.log1p(paths))
+        elif s == "time_mean":
+            parts.append(x.mean(dim=-2))
+        else:
+            if xc is None:
+                xc = x - x.mean(dim=-2, keepdim=True)
+                ss = (xc * xc).sum(dim=-2)
+            if s == "time_var":
+                parts.append(ss / (t - 1))
+            else:  # lag-l autocorrelation
+                lag = int(s[-1])
+                parts.append((xc[..., lag:, :] * xc[..., :-lag, :]).sum(dim=-2) / ss)
+    return parts
 
 
 def path_statistics(paths: torch.Tensor, statistics=("mean",), *,
@@ -154,37 +193,16 @@ def path_statistics(paths: torch.Tensor, statistics=("mean",), *,
     stats = _check_statistics(statistics)
     if "std" in stats:
         raise ValueError("statistics: 'std' is over paths, not a statistic of one path")
-    m = paths.shape[-1]
-    t = n_times or m
-    x = paths.reshape(*paths.shape[:-1], t, m // t)  # (..., T, C)
-    xc = x - x.mean(dim=-2, keepdim=True)
-    ss = (xc * xc).sum(dim=-2)
-    parts = []
-    for s in stats:
-        if s == "mean":
-            parts.append(paths)
-        elif s == "log1p":
-            parts.append(torch.log1p(paths))
-        elif s == "time_mean":
-            parts.append(x.mean(dim=-2))
-        elif s == "time_var":
-            parts.append(ss / (t - 1))
-        else:  # lag-l autocorrelation
-            lag = int(s[-1])
-            parts.append((xc[..., lag:, :] * xc[..., :-lag, :]).sum(dim=-2) / ss)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(_per_path(paths, stats, n_times), dim=-1)
 
 
 def summarise(paths: torch.Tensor, statistics=("mean", "std"), *,
               n_times: int | None = None) -> torch.Tensor:
     """``(N_ens, K, M)`` paths -> ``(N_ens, L)``: per-path statistics averaged over ``K``,
     ``"std"`` the standard deviation over ``K``."""
-    parts = []
-    for s in _check_statistics(statistics):
-        if s == "std":
-            parts.append(paths.std(dim=1))
-        else:
-            parts.append(path_statistics(paths, (s,), n_times=n_times).mean(dim=1))
+    stats = _check_statistics(statistics)
+    per_path = iter(_per_path(paths, tuple(s for s in stats if s != "std"), n_times))
+    parts = [paths.std(dim=1) if s == "std" else next(per_path).mean(dim=1) for s in stats]
     return torch.cat(parts, dim=1)
 
 

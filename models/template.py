@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from enkal import ForwardModel, ParameterLayout, Positive, Real
-from enkal._checks import check_members_first
+from enkal._checks import check_members_first, check_positive_int
 
 from ._common import check_dtype_device, check_times
 
@@ -184,11 +184,8 @@ class ExternalProgramModel(ForwardModel):
             raise TypeError(
                 f"parse: expected a callable stdout -> floats, got {type(parse).__name__}"
             )
-        for name, v in (("output_size", output_size), ("max_workers", max_workers)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-            if v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v}")
+        check_positive_int(output_size, "output_size")
+        check_positive_int(max_workers, "max_workers")
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout: expected seconds > 0 or None, got {timeout!r}")
         self.dtype, self.device = check_dtype_device(dtype, "cpu")

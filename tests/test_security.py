@@ -599,6 +599,24 @@ def test_crafted_toml_raises_clear_errors(case, tmp_path):
         assert str(MAX_CONFIG_BYTES) in str(err)
 
 
+def test_toml_screen_skips_comments_and_strings(tmp_path):
+    """Quotes and brackets in comments, and brackets, '#' and escaped quotes in strings,
+    are not structure: a quote in a comment must not hide what follows from the screen,
+    and brackets there must not count as nesting."""
+    path = tmp_path / "c.toml"
+    deep = "[" * 100 + "]" * 100
+    for head in ("# it's\n", '# say "hi\n', 'a = "it\'s"  # it\'s\n', 'a = "q\\"["  # "\n'):
+        path.write_text(head + f"b = {deep}\n")
+        with pytest.raises(ValueError, match="nested deeper than 64 levels"):
+            load_toml(path)
+    fine = ("# ranges like [0, 1) and {a\n" * 100 + "a = 'it'  # it's [\n"
+            'b = "[[[# not a comment"\nc = """\n' + "[{" * 100 + '\n""""\n'
+            "d = '''\n" + "[" * 100 + "'''\ne = [[1], [2]]\n")
+    path.write_text(fine)
+    assert load_toml(path) == {"a": "it", "b": "[[[# not a comment",
+                               "c": "[{" * 100 + '\n"', "d": "[" * 100, "e": [[1], [2]]}
+
+
 @pytest.mark.parametrize("kind", ["directory", "dev_zero", "fifo"])
 def test_toml_from_special_files(kind, tmp_path):
     """Not regular files: a directory, an endless device, a FIFO nobody writes to."""

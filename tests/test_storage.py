@@ -868,3 +868,40 @@ def test_resume_from_the_start_checkpoint_takes_the_later_history_states(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert storage.read_state(ckpt, smoother, store=store).iteration == 0
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_background_io_writes_the_same_file_and_copies_only_what_it_keeps(tmp_path,
+                                                                          monkeypatch,
+                                                                          checkpoint):
+    """The writer thread gets copies of the tensors its row (and the checkpoint) writes,
+    None for the others; with in-place updates reusing the buffers the file is the
+    synchronous one, bit for bit."""
+    from enkal import smoother as smoother_module
+
+    given = []
+    write = smoother_module._StoreSink._write
+
+    def spy(self, state, info, predictions, final, checkpoint):
+        given.append((state.iteration, state.parameters is not None, predictions is not None))
+        write(self, state, info, predictions, final, checkpoint)
+
+    policy = storage.History(every=3, predictions=True)
+    kw = dict(history=policy, checkpoint=checkpoint, checkpoint_every=4, inplace=True)
+    _straight(7, tmp_path / "sync.h5", **kw)
+    monkeypatch.setattr(smoother_module._StoreSink, "_write", spy)
+    _straight(7, tmp_path / "thread.h5", background_io=True, **kw)
+    # rows 0, 3 and 6 keep the ensemble, 7 is final; a checkpoint at 4 needs the ensemble
+    # (row 4 does not hold the state); the predictions of rows 0, 3, 6 come with 1, 4, 7
+    kept = {3, 6, 7} | ({4} if checkpoint else set())
+    assert given == [(i, i in kept, i in {1, 4, 7}) for i in range(1, 8)]
+    with storage.open(tmp_path / "sync.h5") as ref, \
+            storage.open(tmp_path / "thread.h5") as ds:
+        for name in ("parameters", "predictions", "stored", "alpha", "misfit",
+                     "rng_state", "state_checksum"):
+            assert np.array_equal(ds[name].values, ref[name].values, equal_nan=True), name
+    if checkpoint:
+        a = storage.read_checkpoint(tmp_path / "sync.ckpt.h5", _smoother())
+        b = storage.read_checkpoint(tmp_path / "thread.ckpt.h5", _smoother())
+        assert a.iteration == b.iteration == 7
+        assert torch.equal(a.parameters, b.parameters)
