@@ -727,41 +727,91 @@ class RelativeNoise:
 
     At step ``t`` (from 0) the noise variance is ``rho^2 = gamma_t * lambda``, with
     ``lambda = sum(D^2) / (N_ens - 1)^2`` the mean nonzero eigenvalue of the prediction
-    sample covariance (``D`` the prediction anomalies) and
-    ``gamma_t = gamma * growth ** min(t / steps, 1)``. The whitened anomalies then satisfy
+    sample covariance (``D`` the prediction anomalies). The whitened anomalies then satisfy
     ``sum Sig^2 = (N_ens - 1) / gamma_t`` whatever the scale of the outputs, so no floor is
-    needed; ``gamma`` growing is a learning-rate decay (smaller steps late). After ``steps``
-    updates ``gamma_t`` stays at ``gamma * growth``.
+    needed: a step moves each whitened direction by about ``1 / gamma_t``. ``gamma_t`` grows
+    geometrically from ``gamma_0`` to ``gamma_end = max(final_gamma, growth * gamma_0)``
+    over ``steps`` updates and then stays there (a learning-rate decay: smaller steps late):
+    ``gamma_t = gamma_0 * (gamma_end / gamma_0) ** min(t / steps, 1)``.
+
+    ``gamma="auto"`` (the default) sets ``gamma_0`` from the run's *coverage*
+    ``c = steps * (N_ens - 1) / N_par``, how many of the ensemble's random directions fall
+    on each parameter direction over the run: ``gamma_0 = max(min_gamma, c / budget)``, so
+    that ``c / gamma_0``, the run's movement per parameter direction, is ``budget``. Many
+    passes of a large ensemble over a small network take small steps (averaging the
+    minibatches); few passes over a large network take the largest safe steps
+    (``min_gamma``). Measured on digits (``docs/nn.md``): the best ``gamma_0`` was 3-5 at
+    ``c = 2``, 5 at ``c = 3``, 5-10 at ``c = 6``, 20 at ``c = 12``; Fashion-MNIST LeNet-5
+    (``c = 0.7``) takes ``min_gamma``. ``N_par`` is the number of columns the schedule sees
+    (the section's, pruned ones included).
 
     The returned ``alpha`` is ``rho^2`` divided by the observations' mean noise variance
     (``noise^2``), so the optimizer's ``noise`` does not matter.
 
     Parameters
     ----------
-    gamma : float
-        Damping at the start (default 3).
+    gamma : float or "auto"
+        ``gamma_0``, the damping at the start (default ``"auto"``).
     growth : float
-        Factor by which ``gamma`` grows over ``steps`` updates (default 10; ``1`` keeps it).
+        Least factor by which ``gamma`` grows over the run (default 3; ``1`` with
+        ``final_gamma=None`` keeps it constant).
+    final_gamma : float or None
+        Least damping at the end (default 30).
     steps : int
-        Planned number of updates (default 500; set it to your run's length: the researched
-        recipe grows ``gamma`` x10 from the first to the last step).
+        Planned number of updates (default 500): set it to your run's length, as for a
+        learning-rate schedule.
+    min_gamma, budget : float
+        Of ``gamma="auto"`` (defaults 3 and 0.6).
     """
 
-    gamma: float = 3.0
-    growth: float = 10.0
+    gamma: float | str = "auto"
+    growth: float = 3.0
+    final_gamma: float | None = 30.0
     steps: int = 500
+    min_gamma: float = 3.0
+    budget: float = 0.6
 
     def __post_init__(self) -> None:
-        check_positive_float(self.gamma, "RelativeNoise.gamma")
+        if self.gamma != "auto":
+            if isinstance(self.gamma, str):
+                raise ValueError(f"RelativeNoise.gamma: expected a float > 0 or 'auto', got "
+                                 f"{self.gamma!r}")
+            check_positive_float(self.gamma, "RelativeNoise.gamma")
         check_positive_float(self.growth, "RelativeNoise.growth")
+        check_positive_float(self.final_gamma, "RelativeNoise.final_gamma", allow_none=True)
         check_positive_int(self.steps, "RelativeNoise.steps")
+        check_positive_float(self.min_gamma, "RelativeNoise.min_gamma")
+        check_positive_float(self.budget, "RelativeNoise.budget")
         if self.growth < 1:
             raise ValueError(f"RelativeNoise.growth: expected a float >= 1 (gamma grows: "
                              f"smaller steps late), got {self.growth}")
 
-    def gamma_at(self, iteration: int) -> float:
-        """``gamma_t`` of step ``iteration`` (counted from 0)."""
-        return self.gamma * self.growth ** min(iteration / self.steps, 1.0)
+    def initial_gamma(self, n_members: int | None = None,
+                      n_parameters: int | None = None) -> float:
+        """``gamma_0``: the given number, or for ``"auto"``
+        ``max(min_gamma, steps * (n_members - 1) / n_parameters / budget)``.
+
+        >>> RelativeNoise(steps=460).initial_gamma(64, 2410)   # digits MLP: c = 12
+        20.04...
+        >>> RelativeNoise(steps=705).initial_gamma(64, 61706)  # LeNet-5: c = 0.72
+        3.0
+        """
+        if self.gamma != "auto":
+            return float(self.gamma)
+        if n_members is None or n_parameters is None:
+            raise ValueError("RelativeNoise.gamma='auto' needs n_members and n_parameters "
+                             "(the ensemble's shape)")
+        coverage = self.steps * (n_members - 1) / max(n_parameters, 1)
+        return max(self.min_gamma, coverage / self.budget)
+
+    def gamma_at(self, iteration: int, n_members: int | None = None,
+                 n_parameters: int | None = None) -> float:
+        """``gamma_t`` of step ``iteration`` (counted from 0); the ensemble's shape is needed
+        for ``gamma="auto"``."""
+        g0 = self.initial_gamma(n_members, n_parameters)
+        end = self.growth * g0 if self.final_gamma is None else \
+            max(self.final_gamma, self.growth * g0)
+        return g0 * (end / g0) ** min(iteration / self.steps, 1.0)
 
     @staticmethod
     def eigenvalue(predictions: torch.Tensor) -> float:
@@ -776,7 +826,7 @@ class RelativeNoise:
 
     def step(self, state: RelativeNoiseState, *, parameters: torch.Tensor,
              predictions: torch.Tensor, observations: Observations):
-        gamma = self.gamma_at(state.iteration)
+        gamma = self.gamma_at(state.iteration, *parameters.shape)
         rho2 = max(gamma * self.eigenvalue(predictions), 1e-30)
         var = float(observations.noise_std.to(torch.float64).square().mean())
         new = RelativeNoiseState(iteration=state.iteration + 1)
@@ -800,11 +850,12 @@ class EnsembleKalmanOptimizer:
 
     The default is the researched recipe (``docs/nn.md``): ``members=Redraw(0.1)`` (every
     step a fresh ensemble around the mean, Kaiming-relative spread; only the new mean is
-    kept), ``rule=SquareRoot()``, ``schedule=RelativeNoise(gamma=3, growth=10)`` (noise
-    relative to the predictions' spread, growing: a step-size decay). Digits MLP
-    64-64-32-10, ``E=64``, 20 epochs: 0.92-0.94. The seed paper's literal variant carries
+    kept), ``rule=SquareRoot()``, ``schedule=RelativeNoise()`` (noise relative to the
+    predictions' spread, growing: a step-size decay; its size from the run's coverage, so
+    tell it the run's length: ``RelativeNoise(steps=...)``). Digits MLP 64-32-10, ``E=64``,
+    20 epochs (``steps=460``): 0.96. The seed paper's literal variant carries
     the ensemble: ``members=Carry(CollapseGuard(1e-4, 1e-3)), rule=PerturbedObservations(),
-    schedule=FixedAnnealing(0.75, initial=1.0, floor=0.1)`` (0.82-0.84 there).
+    schedule=FixedAnnealing(0.75, initial=1.0, floor=0.1)`` (0.91-0.93 there).
 
     Parameters
     ----------
@@ -819,8 +870,8 @@ class EnsembleKalmanOptimizer:
     rule : SquareRoot or PerturbedObservations
         Default :class:`~enkal.SquareRoot`.
     schedule : RelativeNoise, FixedAnnealing, ESMDA, DataMisfitController or compatible
-        Noise per step. Default ``RelativeNoise(gamma=3.0, growth=10.0, steps=500)``: set
-        ``steps`` to the planned number of updates. ``FixedAnnealing(factor=0.75,
+        Noise per step. Default ``RelativeNoise()`` (``gamma="auto"``, ``steps=500``): pass
+        ``RelativeNoise(steps=n)`` with your run's number of updates. ``FixedAnnealing(factor=0.75,
         initial=1.0, floor=0.1)`` is the seed paper's absolute annealing (with a floor);
         ``FixedAnnealing(factor=1.0, initial=r, floor=r)`` keeps ``rho = r``.
     members : Redraw or Carry

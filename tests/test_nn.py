@@ -395,6 +395,11 @@ def test_new_strategies_validate_their_arguments():
         (lambda: RelativeNoise(growth=0.5), ValueError, r"RelativeNoise.growth: .* >= 1"),
         (lambda: RelativeNoise(steps=0), ValueError, "RelativeNoise.steps"),
         (lambda: RelativeNoise(steps=1.5), TypeError, "RelativeNoise.steps"),
+        (lambda: RelativeNoise(gamma="Auto"), ValueError, "RelativeNoise.gamma: .* or 'auto'"),
+        (lambda: RelativeNoise(final_gamma=0.0), ValueError, "RelativeNoise.final_gamma"),
+        (lambda: RelativeNoise(budget=-1.0), ValueError, "RelativeNoise.budget"),
+        (lambda: RelativeNoise(min_gamma=float("inf")), ValueError, "RelativeNoise.min_gamma"),
+        (lambda: RelativeNoise().gamma_at(0), ValueError, "needs n_members and n_parameters"),
         (lambda: _optimizer(members="redraw"), TypeError, "members: expected Redraw"),
         (lambda: _optimizer(prior_std=0.1), ValueError, "prior_std: only used with"),
         (lambda: Redraw().std(nn.Linear(2, 2)), TypeError, "net: expected a NeuralModel"),
@@ -426,6 +431,34 @@ def test_relative_noise_formula_matches_a_direct_computation():
             # whitened anomalies: sum Sig^2 = (E-1)/gamma whatever the output scale
             s = d / (rho2 * (e - 1)) ** 0.5
             assert float(s.square().sum()) == pytest.approx((e - 1) / gamma, rel=1e-10)
+
+
+def test_relative_noise_auto_gamma_follows_the_coverage():
+    # gamma_0 = max(min_gamma, steps (E - 1) / N_par / budget); gamma_end = max(final_gamma,
+    # growth gamma_0); geometric in between, constant after `steps`
+    noise = RelativeNoise(steps=460)
+    g0 = 460 * 63 / 2410 / 0.6                     # the digits MLP at E = 64: 20.04
+    assert noise.initial_gamma(64, 2410) == pytest.approx(g0, rel=1e-12)
+    assert noise.gamma_at(460, 64, 2410) == pytest.approx(3 * g0, rel=1e-12)
+    assert noise.gamma_at(230, 64, 2410) == pytest.approx(3 ** 0.5 * g0, rel=1e-12)
+    assert noise.gamma_at(10_000, 64, 2410) == pytest.approx(3 * g0, rel=1e-12)
+    # low coverage (LeNet-5): the floor, growing to final_gamma
+    lenet = RelativeNoise(steps=705)
+    assert lenet.initial_gamma(64, 61706) == 3.0
+    assert lenet.gamma_at(705, 64, 61706) == pytest.approx(30.0, rel=1e-12)
+    # an explicit gamma ignores the shape; final_gamma=None leaves only `growth`
+    fixed = RelativeNoise(gamma=2.0, growth=1.0, final_gamma=None, steps=10)
+    assert fixed.gamma_at(0) == fixed.gamma_at(50) == 2.0
+    assert RelativeNoise(gamma=2.0, growth=2.0, final_gamma=None, steps=10).gamma_at(10) == 4.0
+    # the schedule reads the shape from the parameters it is given: (N_ens, N_par)
+    preds = torch.randn(8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    obs = Observations(torch.zeros(5, dtype=torch.float64), noise_std=1.0)
+    auto = RelativeNoise(steps=1000)
+    for n_par in (100, 10_000):
+        _, _, info = auto.step(auto.init(), parameters=torch.zeros(8, n_par),
+                               predictions=preds, observations=obs)
+        assert info["gamma"] == pytest.approx(auto.initial_gamma(8, n_par), rel=1e-12)
+    assert auto.initial_gamma(8, 100) > auto.initial_gamma(8, 10_000) == 3.0
 
 
 def test_redraw_spread_is_kaiming_per_layer():
@@ -580,9 +613,9 @@ def test_hybrid_state_dict_round_trip(tmp_path):
 
 
 def test_training_on_digits_reaches_accuracy():
-    # 20 epochs of 400 images, batch 50, E = 32, the default recipe with gamma's growth
-    # over the run's 160 steps: about 2 s on one core. The threshold is below what seeds
-    # 0-2 reach (0.87-0.90; the old carry + guard default: 0.81-0.85) and far above chance (0.1).
+    # 20 epochs of 400 images, batch 50, E = 32, the default recipe told the run's 160 steps
+    # (coverage 2.1: gamma 3.4 growing to 30): about 2 s on one core. The threshold is below
+    # what seeds 0-4 reach (0.87-0.90) and far above chance (0.1).
     x, y, xt, yt = _digits_subset(400)
     torch.manual_seed(0)
     net = mlp([64, 32, 10])
