@@ -743,7 +743,9 @@ class RelativeNoise:
     (``min_gamma``). Measured on digits (``docs/nn.md``): the best ``gamma_0`` was 3-5 at
     ``c = 2``, 5 at ``c = 3``, 5-10 at ``c = 6``, 20 at ``c = 12``; Fashion-MNIST LeNet-5
     (``c = 0.7``) takes ``min_gamma``. ``N_par`` is the number of columns the schedule sees
-    (the section's, pruned ones included).
+    (the section's, pruned ones included). The rule is for minibatch training, where every
+    step sees new data; with :class:`~enkal.EnsembleSmoother` on one fixed data set, give
+    ``gamma`` as a number.
 
     The returned ``alpha`` is ``rho^2`` divided by the observations' mean noise variance
     (``noise^2``), so the optimizer's ``noise`` does not matter.
