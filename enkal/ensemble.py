@@ -203,8 +203,23 @@ class ParameterLayout:
         return out
 
     def unflatten(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split ``(N_ens, N_par)`` into ``{name: (N_ens, *shape)}`` views."""
-        return {b.name: x[:, b.slice].reshape(x.shape[0], *b.shape) for b in self._blocks}
+        """Split an ensemble ``(N_ens, N_par)`` into ``{name: (N_ens, *shape)}``, or one
+        parameter vector ``(N_par,)`` into ``{name: shape}`` (views where possible).
+
+        >>> layout = ParameterLayout([("w", (2, 3)), "b"])
+        >>> layout.unflatten(torch.arange(7.0))["w"].shape
+        torch.Size([2, 3])
+        >>> layout.unflatten(torch.zeros(5, 7))["b"].shape
+        torch.Size([5])
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a tensor of shape (N_ens, {self.size}) or "
+                            f"({self.size},), got {type(x).__name__}")
+        if x.ndim not in (1, 2) or x.shape[-1] != self.size:
+            raise ValueError(f"x: expected shape (N_ens, {self.size}) or ({self.size},) "
+                             f"(N_par = {self.size}), got {tuple(x.shape)}")
+        lead = tuple(x.shape[:-1])
+        return {b.name: x[..., b.slice].reshape((*lead, *b.shape)) for b in self._blocks}
 
     def to_dict(self) -> list[dict]:
         """Plain, JSON-able description (for storage)."""

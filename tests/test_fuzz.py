@@ -152,6 +152,26 @@ def test_gaussian_ensemble_and_layout_fuzz(mean, std, n):
 
 
 @settings(max_examples=N_CASES)
+@given(anything)
+def test_layout_unflatten_fuzz(x):
+    layout = enkal.ParameterLayout([("w", (2, 3)), "b"])
+    _call(layout.unflatten, x)
+
+
+def test_layout_unflatten_vector_is_a_row_of_the_ensemble():
+    layout = enkal.ParameterLayout([("w", (2, 3)), "b", ("c", (4,))])
+    ens = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
+    rows = layout.unflatten(ens)
+    one = layout.unflatten(ens[3])
+    assert {k: tuple(v.shape) for k, v in one.items()} == {"w": (2, 3), "b": (), "c": (4,)}
+    assert {k: tuple(v.shape) for k, v in rows.items()} == {"w": (5, 2, 3), "b": (5,),
+                                                            "c": (5, 4)}
+    for k in one:
+        assert torch.equal(one[k], rows[k][3])
+    assert torch.equal(rows["w"][1].reshape(-1), ens[1, :6])
+
+
+@settings(max_examples=N_CASES)
 @given(tensors(max_dims=3))
 def test_evaluate_fuzz(x):
     model = enkal.CallableModel(lambda t: t[:, :1] * 2, parameters=1, output_size=1)
