@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "as_float_tensor",
+    "check_ensemble",
     "check_members_first",
     "check_finite",
     "check_positive_int",
@@ -75,9 +76,12 @@ def check_members_first(
 ) -> None:
     """Check ``x`` is a 2-D ``(N_ens, columns)`` tensor with the expected sizes."""
     if x.ndim != 2:
+        hint = ""
+        if x.ndim == 1 and n_columns is not None and x.shape[0] == n_columns:
+            hint = f"; one member: pass {name}[None] (shape (1, {columns}))"
         raise ValueError(
             f"{name}: expected a 2-D (N_ens, {columns}) tensor, members first, "
-            f"got {x.ndim}-D with shape {tuple(x.shape)}"
+            f"got {x.ndim}-D with shape {tuple(x.shape)}{hint}"
         )
     rows, cols = x.shape
     if n_members is not None and n_columns is not None and (rows, cols) == (n_columns, n_members) \
@@ -98,8 +102,21 @@ def check_members_first(
             hint = (f". enkal expects members first: did you pass ({columns}, N_ens)? "
                     "Transpose it with .T")
         raise ValueError(
-            f"{name}: expected {n_columns} columns ({columns}), got shape {tuple(x.shape)}{hint}"
+            f"{name}: expected {n_columns} columns ({columns}), i.e. expected shape "
+            f"(N_ens, {n_columns}), got {tuple(x.shape)}{hint}"
         )
+
+
+def check_ensemble(x: Any, name: str, *, n_columns: int | None = None,
+                   columns: str = "N_par") -> None:
+    """Check ``x`` is a floating ``(N_ens, columns)`` torch tensor, members first (the type,
+    the dtype, then :func:`check_members_first`)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape (N_ens, {columns}), got "
+                        f"{type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {x.dtype}")
+    check_members_first(x, name, n_columns=n_columns, columns=columns)
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import check_members_first, check_positive_int
+from ._checks import check_ensemble, check_positive_int
 from .ensemble import ParameterLayout
 
 __all__ = ["ForwardModel", "CallableModel", "evaluate", "EvaluationReport"]
@@ -183,11 +183,7 @@ def check_inputs(model: object, parameters: object) -> None:
     shipped): a :class:`ForwardModel` and a floating ``(N_ens, N_par)`` tensor."""
     if not isinstance(model, ForwardModel):
         raise TypeError(f"model: expected an enkal.ForwardModel, got {type(model).__name__}")
-    if not isinstance(parameters, torch.Tensor):
-        raise TypeError(f"parameters: expected a torch.Tensor, got {type(parameters).__name__}")
-    if not parameters.is_floating_point():
-        raise TypeError(f"parameters: expected a floating dtype, got {parameters.dtype}")
-    check_members_first(parameters, "parameters", n_columns=model.layout.size)
+    check_ensemble(parameters, "parameters", n_columns=model.layout.size)
 
 
 def evaluate(

@@ -77,7 +77,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checks import check_positive_float, check_positive_int, column_variance
+from ._checks import check_ensemble, check_positive_float, check_positive_int, column_variance
 from .collapse import CollapseGuard
 from .ensemble import ParameterLayout
 from .executors import _check_devices, run_on_devices
@@ -297,26 +297,6 @@ class NeuralModel:
             return "loop"
         return "vmap"
 
-    def _check_parameters(self, parameters: Any) -> None:
-        if not isinstance(parameters, torch.Tensor):
-            raise TypeError(
-                f"parameters: expected a torch.Tensor (N_ens, N_par), got "
-                f"{type(parameters).__name__}"
-            )
-        if not parameters.is_floating_point():
-            raise TypeError(f"parameters: expected a floating dtype, got {parameters.dtype}")
-        p = self.n_parameters
-        if parameters.ndim != 2 or parameters.shape[1] != p:
-            hint = ""
-            if parameters.ndim == 1 and parameters.numel() == p:
-                hint = "; one member: pass parameters[None] (shape (1, N_par))"
-            elif parameters.ndim == 2 and parameters.shape[0] == p:
-                hint = "; enkal expects members first: did you pass (N_par, N_ens)?"
-            raise ValueError(
-                f"parameters: expected shape (N_ens, {p}) = (N_ens, N_par), got "
-                f"{tuple(parameters.shape)}{hint}"
-            )
-
     def _check_inputs(self, inputs: Any) -> None:
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(
@@ -364,7 +344,7 @@ class NeuralModel:
             On ``device``, in ``dtype``; a module's output ``(B, ...)`` is flattened per
             sample.
         """
-        self._check_parameters(parameters)
+        check_ensemble(parameters, "parameters", n_columns=self.n_parameters)
         self._check_inputs(inputs)
         _check_stateless(self.module)
         n = parameters.shape[0]

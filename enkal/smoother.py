@@ -41,7 +41,13 @@ from typing import Any
 
 import torch
 
-from ._checks import check_finite, check_members_first, check_positive_int, column_variance
+from ._checks import (
+    check_ensemble,
+    check_finite,
+    check_members_first,
+    check_positive_int,
+    column_variance,
+)
 from .collapse import CollapseGuard
 from .ensemble import ParameterLayout
 from .errors import ScheduleExhaustedError
@@ -261,14 +267,7 @@ class EnsembleSmoother:
     # -- ask/tell ------------------------------------------------------------------------
     def init(self, prior: torch.Tensor, *, mask: torch.Tensor | None = None) -> SmootherState:
         """Start from a prior ensemble ``(N_ens, N_par)`` (unconstrained space)."""
-        if not isinstance(prior, torch.Tensor):
-            raise TypeError(
-                f"prior: expected a torch.Tensor of shape (N_ens, N_par), got "
-                f"{type(prior).__name__}"
-            )
-        if not prior.is_floating_point():
-            raise TypeError(f"prior: expected a floating dtype, got {prior.dtype}")
-        check_members_first(prior, "prior")
+        check_ensemble(prior, "prior")
         if prior.shape[0] < 2:
             raise ValueError(f"prior: expected at least 2 members (N_ens >= 2), got {prior.shape[0]}")
         check_finite(prior, "prior")

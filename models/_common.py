@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from enkal import Bounded, ForwardModel, ParameterLayout, Positive
-from enkal._checks import check_members_first
+from enkal._checks import check_ensemble
 
 __all__ = ["SimulatorModel", "check_dtype_device", "check_times", "steps_for"]
 
@@ -186,19 +186,7 @@ class SimulatorModel(ForwardModel):
 
     def _prepare(self, parameters: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Validate ``(n, N_par)`` physical parameters; cast to the model's device/dtype."""
-        if not isinstance(parameters, torch.Tensor):
-            raise TypeError(
-                f"parameters: expected a torch.Tensor of shape (N_ens, {self._layout.size}), got "
-                f"{type(parameters).__name__}"
-            )
-        if not parameters.is_floating_point():
-            raise TypeError(f"parameters: expected a floating dtype, got {parameters.dtype}")
-        if parameters.ndim == 1 and parameters.shape[0] == self._layout.size:
-            raise ValueError(
-                f"parameters: expected a 2-D (N_ens, N_par) tensor, got 1-D shape "
-                f"{tuple(parameters.shape)}; for one member pass parameters[None, :]"
-            )
-        check_members_first(parameters, "parameters", n_columns=self._layout.size)
+        check_ensemble(parameters, "parameters", n_columns=self._layout.size)
         x = parameters.detach().to(device=self.device, dtype=self.dtype)
         if not bool(torch.isfinite(x).all()):
             raise ValueError("parameters: expected finite values, got NaN/inf")

@@ -49,8 +49,6 @@ import torch
 
 from enkal.forward import ForwardModel
 
-from ._common import SimulatorModel
-
 __all__ = ["Replicated", "monte_carlo_std", "monte_carlo_cov", "path_statistics",
            "path_statistics_cov", "summarise", "PER_PATH", "STATISTICS"]
 
@@ -141,14 +139,6 @@ class Replicated(ForwardModel):
 
     def paths(self, parameters: torch.Tensor) -> torch.Tensor:
         """All replicate predictions, shape ``(N_ens, K, N_obs of the model)``."""
-        first = self._replicas[0]
-        if isinstance(first, SimulatorModel) and type(first).forward is SimulatorModel.forward:
-            # SimulatorModel.forward of each replica, with the parameters validated and
-            # unflattened once for all K (the replicas differ only in their noise)
-            x, p = first._prepare(parameters)
-            if x.shape[0] == 0:
-                return x.new_empty((0, self.n_replicates, first.output_size))
-            return torch.stack([r._observe(r._simulate(x, p)) for r in self._replicas], dim=1)
         return torch.stack([r(parameters) for r in self._replicas], dim=1)
 
     def forward(self, parameters: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from enkal import ForwardModel, ParameterLayout, Positive, Real
-from enkal._checks import check_members_first, check_positive_int
+from enkal._checks import check_ensemble, check_members_first, check_positive_int
 
 from ._common import check_dtype_device, check_times
 
@@ -101,11 +101,7 @@ class TemplateModel(ForwardModel):
 
     def forward(self, parameters: torch.Tensor) -> torch.Tensor:
         """``(N_ens, 3)`` physical parameters -> ``(N_ens, N_obs)`` predictions."""
-        if not isinstance(parameters, torch.Tensor):
-            raise TypeError(f"parameters: expected a torch.Tensor, got {type(parameters).__name__}")
-        if not parameters.is_floating_point():
-            raise TypeError(f"parameters: expected a floating dtype, got {parameters.dtype}")
-        check_members_first(parameters, "parameters", n_columns=self._layout.size)
+        check_ensemble(parameters, "parameters", n_columns=self._layout.size)
         if not bool(torch.isfinite(parameters).all()):
             raise ValueError("parameters: expected finite values, got NaN/inf")
         x = parameters.to(device=self.device, dtype=self.dtype)
