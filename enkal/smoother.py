@@ -35,8 +35,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -48,8 +47,8 @@ from ._checks import (
     check_positive_int,
     column_variance,
 )
+from ._types import SmootherResult, SmootherState, StepInfo
 from .collapse import CollapseGuard
-from .ensemble import ParameterLayout
 from .errors import ScheduleExhaustedError
 from .executors import InProcess, check_executor
 from .failures import FailurePolicy, IgnoreFailed, ResampleFailed, check_policy, classify_members
@@ -65,121 +64,6 @@ from .update import (
 )
 
 __all__ = ["EnsembleSmoother", "SmootherState", "StepInfo", "SmootherResult"]
-
-
-@dataclass(frozen=True)
-class SmootherState:
-    """Everything needed to continue a run.
-
-    Attributes
-    ----------
-    parameters : Tensor, shape (N_ens, N_par)
-        The ensemble in the unconstrained space.
-    iteration : int
-        Updates done so far.
-    schedule : object
-        The schedule's own (frozen) state.
-    rng_state : Tensor
-        ``torch.Generator.get_state()`` of the smoother's generator.
-    mask : Tensor of bool, shape (N_par,), or None
-        Live parameters (``False``: pruned, held at zero).
-    adapt : object
-        The structure-adaptation strategy's state (``None`` for the stateless
-        :class:`~enkal.adapt.StructureAdaptation`, or without ``adapt=``).
-    """
-
-    parameters: torch.Tensor
-    iteration: int
-    schedule: Any
-    rng_state: torch.Tensor
-    mask: torch.Tensor | None = None
-    adapt: Any = None
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """Diagnostics of one update (for logging and storage; never read back by enkal).
-
-    ``misfit`` is the mean over successful members of ``||L^-1 (Yh_j - y)||^2 / N_obs`` and
-    ``mean_misfit`` the same for the ensemble-mean prediction (about 1 when the fit matches
-    the noise). ``spread`` is the root-mean parameter variance before the update.
-    ``n_live`` counts the live parameters after this step's structure adaptation, and
-    ``n_pruned`` those it switched off (``adapt=``).
-    """
-
-    iteration: int
-    alpha: float
-    misfit: float
-    mean_misfit: float
-    spread: float
-    n_failed: int
-    n_resampled: int
-    done: bool
-    schedule: dict = field(default_factory=dict)
-    n_live: int = -1
-    n_pruned: int = 0
-
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        sched = d.pop("schedule")
-        for k, v in sched.items():
-            d[f"schedule_{k}"] = v
-        return d
-
-
-@dataclass
-class SmootherResult:
-    """What :meth:`EnsembleSmoother.run` returns.
-
-    Attributes
-    ----------
-    state : SmootherState
-        The final state (``state.parameters`` is unconstrained).
-    layout : ParameterLayout
-        The model's parameter layout.
-    history : dict of lists
-        One entry per iteration for each :class:`StepInfo` field.
-    n_forwards : int
-        Member forward evaluations done.
-    smoother : EnsembleSmoother
-        The configuration that produced it.
-    predictions : Tensor or None
-        The predictions of the last forward (of the ensemble before the last update).
-    """
-
-    state: SmootherState
-    layout: ParameterLayout
-    history: dict[str, list]
-    n_forwards: int
-    smoother: EnsembleSmoother
-    predictions: torch.Tensor | None = None
-    stopped_by: str = ""
-
-    @property
-    def parameters(self) -> torch.Tensor:
-        """The final ensemble in the unconstrained space, ``(N_ens, N_par)``."""
-        return self.state.parameters
-
-    @property
-    def physical(self) -> torch.Tensor:
-        """The final ensemble in physical units, ``(N_ens, N_par)``."""
-        return self.layout.to_physical(self.state.parameters)
-
-    def summary(self, quantiles: Sequence[float] = (0.05, 0.95)) -> dict[str, dict[str, float]]:
-        """Posterior mean, std and quantiles per parameter (physical units)."""
-        phys = self.physical.to(torch.float64)
-        q = torch.quantile(phys, torch.tensor(list(quantiles), dtype=torch.float64,
-                                              device=phys.device), dim=0)
-        out = {}
-        for j, name in enumerate(self.layout.names):
-            row = {"mean": float(phys[:, j].mean()), "std": float(phys[:, j].std())}
-            for k, qq in enumerate(quantiles):
-                row[f"q{round(qq * 100):02d}"] = float(q[k, j])
-            out[name] = row
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.smoother.state_dict(self.state)
 
 
 class EnsembleSmoother:
