@@ -17,6 +17,7 @@ The public API (a contract: docs and external checks use these names):
   (``docs/schema.md``)
 """
 
+from ._version import __version__  # noqa: F401 - enkal.__version__
 from .adapt import MutualInformation, Saliency, Significance, StructureAdaptation
 from .collapse import CollapseGuard
 from .ensemble import Bounded, ParameterLayout, Positive, Real, gaussian_ensemble
@@ -48,8 +49,6 @@ from .update import (
     assimilate,
     ensemble_transform,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Bounded",

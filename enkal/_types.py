@@ -353,7 +353,7 @@ def encode_state(state: Any, what: str = "state") -> dict[str, Any] | None:
         for f in dataclasses.fields(state):
             out[f.name] = _encode(getattr(state, f.name), f"{what}.{f.name}")
         return out
-    raise TypeError(f"{what}: expected a component state (a dataclass) or None, got "
+    raise TypeError(f"{what}: expected a {what} state (a dataclass) or None, got "
                     f"{type(state).__name__}")
 
 

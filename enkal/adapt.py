@@ -57,6 +57,7 @@ from typing import Any
 import torch
 
 from ._checks import check_fraction, check_positive_float, check_positive_int
+from ._types import Adaptation, check_component
 from .information import mutual_information, prune_mask, saliency
 from .observations import Observations
 
@@ -164,8 +165,9 @@ class StructureAdaptation:
         Never fewer live parameters than this.
     start : int, optional
         First pruning iteration (default ``every``: never the prior itself).
-    score : MutualInformation or Significance
-        What ranks the parameters (lowest pruned first; see the module docstring).
+    score : MutualInformation, Significance, Saliency or a callable
+        What ranks the parameters (lowest pruned first; see the module docstring): any
+        ``score(parameters, errors) -> (N_par,)``.
     """
 
     every: int = 10
@@ -191,10 +193,10 @@ class StructureAdaptation:
             raise TypeError(f"threshold: expected a number, got {self.threshold!r}")
         check_positive_int(self.min_live, "min_live", minimum=0)
         check_positive_int(self.start, "start", minimum=0, allow_none=True)
-        if not isinstance(self.score, (MutualInformation, Significance, Saliency)):
-            raise TypeError(f"score: expected MutualInformation(), Significance() or "
-                            f"Saliency(), got "
-                            f"{self.score!r}"[:200])
+        if not callable(self.score):
+            raise TypeError(f"score: expected MutualInformation(), Significance(), "
+                            f"Saliency() or a callable score(parameters, errors) -> (N_par,), "
+                            f"got {self.score!r}"[:200])
 
     def init(self) -> None:
         """The adaptation state: none (decisions derive from iteration, mask, ensemble)."""
@@ -278,9 +280,6 @@ class StructureAdaptation:
 
 
 def check_adapt(adapt: Any) -> None:
-    """``adapt=`` of the smoother: ``None`` or an object with ``init`` and ``step``."""
-    if adapt is None:
-        return
-    if not (callable(getattr(adapt, "init", None)) and callable(getattr(adapt, "step", None))):
-        raise TypeError(f"adapt: expected StructureAdaptation(...) or None, got "
-                        f"{type(adapt).__name__}")
+    """``adapt=`` of the smoother: ``None`` or an :class:`~enkal._types.Adaptation`."""
+    if adapt is not None:
+        check_component(adapt, Adaptation, "adapt", "StructureAdaptation(...) or None")

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .config import load_toml
 from .errors import EnkalError
 

@@ -21,18 +21,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ._checks import check_fraction, check_positive_float
+from ._types import FailurePolicy, check_component
 from .errors import FailedMembersError
+from .observations import Observations
+from .update import embed_transform
 
 __all__ = ["ResampleFailed", "IgnoreFailed", "Raise", "FailurePolicy", "classify_members"]
 
 
 @dataclass(frozen=True)
 class _Policy:
-    """Fields shared by every failure policy.
+    """Fields and member screening shared by the built-in failure policies.
 
     Parameters
     ----------
@@ -50,11 +54,64 @@ class _Policy:
     min_success: float | None = None
     max_sigma: float | None = 1e12
 
+    #: stop at the first failed member (:class:`Raise`)
+    _stop_on_failure: ClassVar[bool] = False
+    #: redraw failed members from the successful members' Gaussian (else they keep theirs)
+    _redraw: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_positive_float(self.max_abs, f"{name}.max_abs", allow_none=True)
         check_positive_float(self.max_sigma, f"{name}.max_sigma", allow_none=True)
         check_fraction(self.min_success, f"{name}.min_success")
+
+    def classify(self, predictions: torch.Tensor, ok: torch.Tensor | None = None,
+                 observations: Observations | None = None) -> torch.Tensor:
+        """The ``(N_ens,)`` bool mask of successful members.
+
+        ``ok`` is what the evaluation already knows (forwards that raised); rows with
+        NaN/inf, (with ``max_abs``) too-large entries, or (given ``observations``) a whitened
+        misfit that overflows float64 or a residual beyond ``max_sigma`` noise std's are
+        failed too. Raises :class:`~enkal.errors.FailedMembersError` when too few succeed,
+        or on any failure under :class:`Raise`.
+        """
+        n = predictions.shape[0]
+        good = torch.isfinite(predictions).all(dim=1)
+        if observations is not None:
+            # unit-free garbage detection: a whitened misfit that overflows float64, or (with
+            # max_sigma) a root-mean-square residual of more than max_sigma noise std's
+            with torch.no_grad():
+                phi = observations.misfit(torch.where(good.unsqueeze(1), predictions,
+                                                      torch.zeros_like(predictions)))
+                good &= torch.isfinite(phi)
+                if self.max_sigma is not None:
+                    good &= (2 * phi / observations.size).sqrt() <= self.max_sigma
+        if self.max_abs is not None:
+            good &= ~(predictions.abs() > self.max_abs).any(dim=1)
+        if ok is not None:
+            good &= ok.to(good.device)
+        n_ok = int(good.sum())
+        if self._stop_on_failure and n_ok < n:
+            raise FailedMembersError(
+                f"{n - n_ok} of {n} members failed (NaN/inf, raised, or beyond max_abs) and "
+                f"the failure policy is {type(self).__name__}(); use ResampleFailed() to "
+                "redraw them"
+            )
+        need = max(2, math.ceil((self.min_success or 0.0) * n))
+        if n_ok < need:
+            raise FailedMembersError(
+                f"only {n_ok} of {n} members succeeded; at least {need} are needed to update "
+                "the ensemble. Check the model on the prior's range of parameters (evaluate() "
+                "reports the errors per member)"
+            )
+        return good
+
+    def embed(self, transform: torch.Tensor, ok: torch.Tensor,
+              generator: torch.Generator | None) -> torch.Tensor:
+        """The successful members' ``(E_ok, E_ok)`` transform embedded in ``(E, E)``
+        (:func:`~enkal.update.embed_transform`): failed rows redrawn, or kept."""
+        return embed_transform(transform, ok.to(transform.device), generator,
+                               redraw=self._redraw)
 
 
 @dataclass(frozen=True)
@@ -67,59 +124,23 @@ class ResampleFailed(_Policy):
 class IgnoreFailed(_Policy):
     """Leave failed members out of the update; they keep their parameters."""
 
+    _redraw: ClassVar[bool] = False
+
 
 @dataclass(frozen=True)
 class Raise(_Policy):
     """Stop at the first failed member."""
 
-
-FailurePolicy = ResampleFailed | IgnoreFailed | Raise
+    _stop_on_failure: ClassVar[bool] = True
 
 
 def check_policy(policy: object) -> None:
-    if not isinstance(policy, (ResampleFailed, IgnoreFailed, Raise)):
-        raise TypeError(
-            "failure: expected ResampleFailed(), IgnoreFailed() or Raise(), got "
-            f"{type(policy).__name__}"
-        )
+    check_component(policy, FailurePolicy, "failure",
+                    "ResampleFailed(), IgnoreFailed() or Raise()")
 
 
 def classify_members(policy: FailurePolicy, predictions: torch.Tensor,
                      ok: torch.Tensor | None = None, observations=None) -> torch.Tensor:
-    """The ``(N_ens,)`` bool mask of successful members under ``policy``.
-
-    ``ok`` is what the evaluation already knows (forwards that raised); rows with NaN/inf,
-    (with ``max_abs``) too-large entries, or (given ``observations``) a whitened misfit that
-    overflows float64 or a residual beyond ``max_sigma`` noise std's are failed too. Raises
-    :class:`~enkal.errors.FailedMembersError` when too few succeed, or on any failure under
-    :class:`Raise`.
-    """
-    n = predictions.shape[0]
-    good = torch.isfinite(predictions).all(dim=1)
-    if observations is not None:
-        # unit-free garbage detection: a whitened misfit that overflows float64, or (with
-        # max_sigma) a root-mean-square residual of more than max_sigma noise std's
-        with torch.no_grad():
-            phi = observations.misfit(torch.where(good.unsqueeze(1), predictions,
-                                                  torch.zeros_like(predictions)))
-            good &= torch.isfinite(phi)
-            if policy.max_sigma is not None:
-                good &= (2 * phi / observations.size).sqrt() <= policy.max_sigma
-    if policy.max_abs is not None:
-        good &= ~(predictions.abs() > policy.max_abs).any(dim=1)
-    if ok is not None:
-        good &= ok.to(good.device)
-    n_ok = int(good.sum())
-    if isinstance(policy, Raise) and n_ok < n:
-        raise FailedMembersError(
-            f"{n - n_ok} of {n} members failed (NaN/inf, raised, or beyond max_abs) and the "
-            "failure policy is Raise(); use ResampleFailed() to redraw them"
-        )
-    need = max(2, math.ceil((policy.min_success or 0.0) * n))
-    if n_ok < need:
-        raise FailedMembersError(
-            f"only {n_ok} of {n} members succeeded; at least {need} are needed to update "
-            "the ensemble. Check the model on the prior's range of parameters (evaluate() "
-            "reports the errors per member)"
-        )
-    return good
+    """``policy.classify(predictions, ok, observations)``: the ``(N_ens,)`` bool mask of
+    successful members (see :meth:`ResampleFailed.classify`)."""
+    return policy.classify(predictions, ok, observations)

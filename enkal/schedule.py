@@ -34,11 +34,12 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from ._checks import check_positive_float, check_positive_int, column_variance
+from ._types import Schedule, check_component
 from .errors import ScheduleExhaustedError
 from .observations import Observations
 
@@ -49,15 +50,6 @@ __all__ = [
     "Schedule",
     "max_parameter_variance",
 ]
-
-
-class Schedule(Protocol):
-    def init(self) -> Any: ...
-
-    def step(self, state: Any, *, parameters: torch.Tensor, predictions: torch.Tensor,
-             observations: Observations) -> tuple[float, Any, dict]: ...
-
-    def done(self, state: Any) -> bool: ...
 
 
 def max_parameter_variance(parameters: torch.Tensor, chunk_size: int = 1 << 18) -> float:
@@ -265,8 +257,5 @@ def schedule_state_dict(state: Any) -> dict[str, Any]:
 
 
 def check_schedule(schedule: object) -> None:
-    if not all(hasattr(schedule, m) for m in ("init", "step", "done")):
-        raise TypeError(
-            "schedule: expected FixedAnnealing(), ESMDA(...), DataMisfitController() or an "
-            f"object with init/step/done, got {type(schedule).__name__}"
-        )
+    check_component(schedule, Schedule, "schedule",
+                    "FixedAnnealing(), ESMDA(...), DataMisfitController()")

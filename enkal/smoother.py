@@ -1,15 +1,19 @@
 """The iterated ensemble smoother: ``init``, ``step`` (ask/tell) and ``run``.
 
-One iteration, every decision taken from one forward evaluation::
+One iteration, every decision taken from one forward evaluation (the update body is
+:func:`enkal.analysis.analyse`, shared with the network optimizer)::
 
-    X_k --forward--> Yh_k --failure policy--> ok --schedule(Yh_k)--> alpha_k
+    X_k --forward (executor)--> Yh_k --failure policy--> ok --schedule(Yh_k)--> alpha_k
         --adapt(X_k, Yh_k), optional--> mask_{k+1} (structure adaptation, enkal.adapt)
-        --ensemble_transform(Yh_k[ok], y, alpha_k)--> W (E x E)
+        --rule.transform(Yh_k[ok], y, alpha_k)--> W (E x E)
         --apply W to X_k in chunks--> X_{k+1} --collapse guard, mask--> state_{k+1}
+        --callbacks, then sinks--> progress, HDF5 (enkal.storage.Recorder), logs
 
 ``step(state, predictions)`` takes the predictions as an argument, so any external simulator
 can be driven ask/tell: read ``layout.to_physical(state.parameters)``, run the members
-anywhere, hand the predictions back. ``run`` does the loop with a :class:`ForwardModel`.
+anywhere, hand the predictions back. ``run`` does the loop with a :class:`ForwardModel`;
+it knows nothing of files: recording is a sink it is given (:class:`enkal.storage.Recorder`),
+and :func:`enkal.run` is the one call that records to HDF5 and resumes from a file.
 
 State is explicit and immutable (:class:`SmootherState`): the ensemble in the unconstrained
 space, the schedule's state, the random generator's state, the iteration and the mask of
@@ -31,8 +35,6 @@ in the smoother state, so a run resumed from a state dict repeats the uninterrup
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -40,30 +42,34 @@ from typing import Any
 
 import torch
 
-from ._checks import (
-    check_ensemble,
-    check_finite,
-    check_members_first,
-    check_positive_int,
-    column_variance,
+from ._checks import check_ensemble, check_finite, check_members_first, check_positive_int
+from ._types import (
+    Guard,
+    RunEnd,
+    RunStart,
+    Sink,
+    SmootherResult,
+    SmootherState,
+    StepInfo,
+    check_component,
+    decode_state,
+    encode_state,
 )
-from ._types import SmootherResult, SmootherState, StepInfo
-from .collapse import CollapseGuard
+from .adapt import check_adapt
+from .analysis import analyse
 from .errors import ScheduleExhaustedError
 from .executors import InProcess, check_executor
-from .failures import FailurePolicy, IgnoreFailed, ResampleFailed, check_policy, classify_members
+from .failures import FailurePolicy, ResampleFailed, check_policy
 from .forward import ForwardModel
 from .observations import Observations
-from .schedule import DataMisfitController, check_schedule, schedule_state_dict
-from .update import (
-    SquareRoot,
-    UpdateRule,
-    _check_rule,
-    apply_transform,
-    draw_transform,
-)
+from .schedule import DataMisfitController, check_schedule
+from .update import SquareRoot, UpdateRule, _check_rule
 
 __all__ = ["EnsembleSmoother", "SmootherState", "StepInfo", "SmootherResult"]
+
+#: arguments of the one-call runner, :func:`enkal.run`, that ``EnsembleSmoother.run`` refuses
+_RUNNER_ONLY = ("store", "history", "checkpoint", "checkpoint_every", "background_io",
+                "resume", "store_attrs", "truth")
 
 
 class EnsembleSmoother:
@@ -73,22 +79,25 @@ class EnsembleSmoother:
     ----------
     observations : Observations
         Data ``y`` and noise ``R``.
-    rule : SquareRoot or PerturbedObservations
+    rule : SquareRoot, PerturbedObservations or an UpdateRule
         The update (default :class:`SquareRoot`).
-    schedule : FixedAnnealing, ESMDA or DataMisfitController
+    schedule : FixedAnnealing, ESMDA, DataMisfitController or a Schedule
         Noise inflation per iteration (default :class:`DataMisfitController`).
-    guard : CollapseGuard, optional
+    guard : CollapseGuard or a Guard, optional
         Redraw parameters whose variance collapses (off by default).
-    failure : ResampleFailed, IgnoreFailed or Raise
+    failure : ResampleFailed, IgnoreFailed, Raise or a FailurePolicy
         What to do with failed members (default :class:`ResampleFailed`).
     seed : int
         Seed of the smoother's ``torch.Generator``.
     chunk_size : int, optional
         Parameter columns per GEMM block of the update.
-    adapt : StructureAdaptation, optional
+    adapt : StructureAdaptation or an Adaptation, optional
         Prune the least-informative parameters as the run goes (``docs/adaptation.md``):
         decided from each iteration's fresh predictions, after the schedule and before the
         update; the newly pruned columns are zeroed in all members and masked.
+
+    Any object with the methods of the protocols in :mod:`enkal._types` plugs in as a
+    component, and its state (a frozen dataclass) is checkpointed like a built-in one.
     """
 
     def __init__(
@@ -97,7 +106,7 @@ class EnsembleSmoother:
         *,
         rule: UpdateRule = SquareRoot(),
         schedule: Any = DataMisfitController(),
-        guard: CollapseGuard | None = None,
+        guard: Guard | None = None,
         failure: FailurePolicy = ResampleFailed(),
         seed: int = 0,
         chunk_size: int | None = None,
@@ -109,12 +118,13 @@ class EnsembleSmoother:
             )
         _check_rule(rule)
         check_schedule(schedule)
-        if guard is not None and not isinstance(guard, CollapseGuard):
-            raise TypeError(f"guard: expected CollapseGuard or None, got {type(guard).__name__}")
+        if guard is not None:
+            check_component(guard, Guard, "guard", "CollapseGuard(...) or None")
         check_policy(failure)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise TypeError(f"seed: expected a non-negative int, got {seed!r}")
         check_positive_int(chunk_size, "chunk_size", allow_none=True)
+        check_adapt(adapt)
         self.observations = observations
         self.rule = rule
         self.schedule = schedule
@@ -122,9 +132,6 @@ class EnsembleSmoother:
         self.failure = failure
         self.seed = seed
         self.chunk_size = chunk_size
-        from .adapt import check_adapt
-
-        check_adapt(adapt)
         self.adapt = adapt
 
     # -- configuration -------------------------------------------------------------------
@@ -212,53 +219,21 @@ class EnsembleSmoother:
                 f"{type(self.schedule).__name__}: no update left after iteration "
                 f"{state.iteration}; check smoother.done(state) before stepping"
             )
-        ok = classify_members(self.failure, predictions, ok, self.observations)
-        n_failed = int((~ok).sum())
-        all_ok = n_failed == 0
-        used = predictions if all_ok else predictions[ok]
-
-        alpha, sched_state, sched_info = self.schedule.step(
-            state.schedule, parameters=x, predictions=used, observations=self.observations)
-
-        mask, adapt_state, n_pruned = state.mask, state.adapt, 0
-        if self.adapt is not None:
-            # structure adaptation reads the same fresh predictions as the schedule; the
-            # newly pruned columns are zeroed (with the old ones) after the update below
-            new_mask, adapt_state, adapt_info = self.adapt.step(
-                state.adapt, iteration=state.iteration, mask=state.mask,
-                parameters=x if all_ok else x[ok], predictions=used,
-                observations=self.observations)
-            if new_mask is not None:
-                mask = new_mask.to(device=x.device, dtype=torch.bool)
-                n_pruned = int(adapt_info.get("n_pruned", 0))
-
         gen = torch.Generator(device=x.device)
         gen.set_state(state.rng_state)
-        w = draw_transform(used, self.observations, rule=self.rule, alpha=alpha, generator=gen,
-                           ok=None if all_ok else ok,
-                           redraw=not isinstance(self.failure, IgnoreFailed))
-        new_x = apply_transform(w, x, out=out, chunk_size=self.chunk_size)
-        n_resampled = 0
-        if self.guard is not None:
-            new_x, n_resampled = self.guard.apply(new_x, generator=gen, mask=mask,
-                                                  inplace=True)
-        if mask is not None and not bool(mask.all()):
-            new_x[:, ~mask] = 0
-
-        phi = self.observations.misfit(used)
-        mean_phi = self.observations.misfit(used.mean(dim=0, keepdim=True))
-        m = self.observations.size
-        spread = math.sqrt(_mean_variance(x))
-        new_state = SmootherState(parameters=new_x, iteration=state.iteration + 1,
-                                  schedule=sched_state, rng_state=gen.get_state(),
-                                  mask=mask, adapt=adapt_state)
+        a = analyse(x, predictions, self.observations, rule=self.rule, schedule=self.schedule,
+                    schedule_states=[state.schedule], failure=self.failure, generator=gen,
+                    ok=ok, guard=self.guard, mask=state.mask, adapt=self.adapt,
+                    adapt_state=state.adapt, iteration=state.iteration, out=out,
+                    chunk_size=self.chunk_size)
+        new_state = SmootherState(parameters=a.parameters, iteration=state.iteration + 1,
+                                  schedule=a.schedule[0], rng_state=gen.get_state(),
+                                  mask=a.mask, adapt=a.adapt)
         info = StepInfo(
-            iteration=new_state.iteration, alpha=float(alpha),
-            misfit=float(2 * phi.mean() / m), mean_misfit=float(2 * mean_phi[0] / m),
-            spread=spread, n_failed=n_failed, n_resampled=n_resampled,
-            done=bool(self.schedule.done(sched_state)),
-            schedule={k: v for k, v in sched_info.items() if isinstance(v, (int, float, bool))},
-            n_live=x.shape[1] if mask is None else int(mask.sum()), n_pruned=n_pruned,
+            iteration=new_state.iteration, alpha=a.alpha, misfit=a.misfit,
+            mean_misfit=a.mean_misfit, spread=a.spread, n_failed=a.n_failed,
+            n_resampled=a.n_resampled, done=bool(self.schedule.done(new_state.schedule)),
+            schedule=a.schedule_info, n_live=a.n_live, n_pruned=a.n_pruned,
         )
         return new_state, info
 
@@ -273,16 +248,10 @@ class EnsembleSmoother:
         tolerance: float | None = None,
         executor: Any = None,
         callbacks: Iterable[Callable[[SmootherState, StepInfo], Any]] = (),
+        sinks: Iterable[Sink] = (),
         progress: bool = False,
-        store: str | os.PathLike | None = None,
-        history: Any = None,
-        checkpoint: str | os.PathLike | bool | None = None,
-        checkpoint_every: int = 1,
         inplace: bool = False,
-        background_io: bool = False,
-        resume: str | os.PathLike | None = None,
-        store_attrs: dict | None = None,
-        truth: torch.Tensor | None = None,
+        **runner_only: Any,
     ) -> SmootherResult:
         """Iterate forward and update until the schedule is done or a limit is reached.
 
@@ -294,70 +263,41 @@ class EnsembleSmoother:
         state : SmootherState, optional
             Continue from this state (see :meth:`load_state_dict`).
         max_iterations : int
-            Upper bound on updates in this call.
+            The run stops once ``state.iteration`` reaches this (updates counted from the
+            start of the run, so a resumed run stops where the uninterrupted one would).
         tolerance : float, optional
             Stop when the ensemble-mean misfit changes by less than this fraction.
-        executor : InProcess, Dask or similar, optional
+        executor : InProcess, MultiDevice, Dask or an Executor, optional
             Where the forwards run (default ``InProcess()``: this process, all members in
             one call; ``InProcess(members_per_call=k)`` bounds the model's memory).
         callbacks : iterable of callables
             ``cb(state, info)`` after each update; a callback returning ``True`` stops.
             The smoother reuses parameter buffers: a callback that keeps
             ``state.parameters`` must ``.clone()`` it.
+        sinks : iterable of Sink
+            Receive the run after the callbacks of each update (``start``, ``record``,
+            ``close``; see :class:`enkal._types.Sink`): :class:`enkal.storage.Recorder`
+            streams it to an HDF5 history file. ``close`` is called however the run ends.
         progress : bool
             Print one line per iteration to stderr.
-        store : path, optional
-            Stream the run to this HDF5 history file (``docs/schema.md``), one iteration at
-            a time: a crash keeps every completed iteration. Every row that keeps the
-            ensemble also holds the generator and schedule state (a few kB, with a
-            checksum), so the history is its own checkpoint: ``resume=STORE`` continues
-            from its last complete row.
-        history : enkal.storage.History, optional
-            Which iterations keep the ensemble (and predictions); default all, no
-            predictions.
-        checkpoint : path or bool, optional
-            A separate checkpoint file (the whole state, written atomically).
-            Default (``None``) with ``store``: ``STORE.ckpt.h5`` beside it, written at the
-            start, at the end, and after the updates whose history row does not hold the
-            state (``History(every=N)`` rows between kept ones): with the default
-            ``History()`` no second copy of the ensemble is written per iteration. A path
-            or ``True`` (``STORE.ckpt.h5``): written after every ``checkpoint_every``
-            updates, whatever the history keeps. ``False``: no checkpoint file.
-        checkpoint_every : int
-            Checkpoint every this many updates (and at the end). A resume from an older
-            checkpoint recomputes the iterations since, bit for bit, and the history file
-            drops its rows beyond the checkpoint.
         inplace : bool
             Update the ensemble in place (after the first update, which never writes to the
             caller's prior), through an ``(N_ens, chunk_size)`` buffer: the memory-bounded
             path for huge ``N_par``. By default two ensemble buffers alternate (faster).
-        background_io : bool
-            Write history rows and checkpoints in a background thread, overlapping the
-            next iteration's forward and update (one write in flight at most, in order:
-            history row, then checkpoint). A crash loses at most the iteration in flight;
-            the history file always reaches the checkpoint's iteration. Off by default: on a
-            2-core CPU the writer thread competes with torch's threads and measured no gain
-            (``bench/storage.py``); on GPU runs it hides the I/O.
-        resume : path, optional
-            Continue from this history file or checkpoint (instead of ``prior``/``state``),
-            see :func:`enkal.storage.read_state`. From a history file: its last complete
-            state row (at most ``max_iterations``; a torn or corrupt last row falls back to
-            the previous one), and the history is continued in that file unless ``store``
-            names another (with ``history=None``, a continued file keeps the policy it
-            was written with). From a checkpoint with ``store``: the history file is continued
-            where the checkpoint left it, or, when that history holds later states of the
-            same run (the default checkpoint is written only at the start and the end), from
-            the latest of them: that is what recomputing gives, bit for bit (callbacks are
-            not called for the iterations taken from the history). A run resumed after
-            being killed ends bit for bit where the uninterrupted run would (same device).
-        store_attrs : dict, optional
-            Extra attributes for the history file (JSON-able).
-        truth : Tensor, shape (N_par,), optional
-            Physical values of a twin experiment's truth, stored with the history.
 
-        ``max_iterations`` counts updates from the start of the run (a resumed run stops at
-        the same iteration as the uninterrupted one).
+        Recording to a file and resuming from one is :func:`enkal.run` (``store=``,
+        ``resume=``, ``history=``, ``checkpoint=``...), which calls this with a
+        :class:`~enkal.storage.Recorder` sink.
         """
+        if runner_only:
+            names = sorted(runner_only)
+            known = [n for n in names if n in _RUNNER_ONLY]
+            if known:
+                raise TypeError(
+                    f"run: {', '.join(known)} belong to enkal.run(smoother, model, prior, "
+                    f"{known[0]}=...), the one call that records to HDF5 and resumes; "
+                    "EnsembleSmoother.run takes sinks=[enkal.storage.Recorder(...)] instead")
+            raise TypeError(f"run: unexpected keyword argument(s) {names}")
         if not isinstance(model, ForwardModel):
             raise TypeError(f"model: expected an enkal.ForwardModel, got {type(model).__name__}")
         if model.output_size != self.observations.size:
@@ -366,130 +306,28 @@ class EnsembleSmoother:
                 f"{self.observations.size} observations"
             )
         check_positive_int(max_iterations, "max_iterations")
-        check_positive_int(checkpoint_every, "checkpoint_every")
         executor = InProcess() if executor is None else executor
         check_executor(executor)
         callbacks = list(callbacks)
         for cb in callbacks:
             if not callable(cb):
                 raise TypeError(f"callbacks: expected callables, got {type(cb).__name__}")
-        if sum(x is not None for x in (prior, state, resume)) != 1:
-            raise ValueError("run: expected exactly one of prior=, state= or resume=")
-        if resume is not None:
-            from .storage import HISTORY_FORMAT, _format_of, read_state
-
-            if store is None and _format_of(resume) == HISTORY_FORMAT:
-                store = resume  # resuming a history continues it
-            state = read_state(resume, self, device=getattr(model, "device", None),
-                               store=store, max_iteration=max_iterations)
-        elif state is None:
+        sinks = list(sinks)
+        for sink in sinks:
+            check_component(sink, Sink, "sinks", "enkal.storage.Recorder(...)")
+        if (prior is None) == (state is None):
+            raise ValueError("run: expected exactly one of prior= or state=")
+        if state is None:
             state = self.init(prior)
         if state.parameters.shape[1] != model.layout.size:
             raise ValueError(
                 f"prior: expected {model.layout.size} columns (the model's N_par), got shape "
                 f"{tuple(state.parameters.shape)}"
             )
-        writer, ckpt_path, ckpt_always = self._open_store(
-            model, state, store=store, history=history, checkpoint=checkpoint, resume=resume,
-            attrs=store_attrs, truth=truth)
-        if ckpt_path is not None and resume is None:
-            from .storage import write_checkpoint
-
-            # the starting state, so that even a run failing in its first iteration resumes
-            write_checkpoint(ckpt_path, self, state)
-        sink = None
-        if writer is not None or ckpt_path is not None:
-            sink = _StoreSink(self, writer, ckpt_path, always=ckpt_always,
-                              background=background_io)
-        initial = state.parameters  # the caller's tensor: never used as an output buffer
-        log: dict[str, list] = {}
-        n_forwards = 0
-        spare: torch.Tensor | None = None
-        last_mean = None
-        stopped_by = "max_iterations"
-        predictions = None
-        t0 = time.perf_counter()
-        try:
-            while True:
-                if self.done(state):
-                    stopped_by = "schedule"
-                    break
-                if state.iteration >= max_iterations:
-                    break
-                phys = model.layout.to_physical(state.parameters)
-                predictions, ok = executor.evaluate(model, phys)
-                n_forwards += phys.shape[0]
-                previous = state.parameters
-                if inplace and previous is not initial:
-                    spare = previous  # chunked in-place update: an E x chunk buffer only
-                state, info = self.step(state, predictions, ok=ok, out=spare)
-                # ping-pong between two buffers once the caller's tensor is not involved
-                spare = previous if previous is not initial and not inplace else None
-                for k, v in info.as_dict().items():
-                    log.setdefault(k, []).append(v)
-                if progress:
-                    print(f"iteration {info.iteration:4d}  alpha {info.alpha:10.4g}  "
-                          f"misfit {info.mean_misfit:10.4g}  spread {info.spread:9.3g}  "
-                          f"failed {info.n_failed}  {time.perf_counter() - t0:7.1f}s",
-                          file=sys.stderr, flush=True)
-                stop = None
-                if any([bool(cb(state, info)) for cb in callbacks]):
-                    stop = "callback"
-                elif tolerance is not None and last_mean is not None and \
-                        abs(info.mean_misfit - last_mean) <= tolerance * abs(last_mean):
-                    stop = "tolerance"
-                last_mean = info.mean_misfit
-                final = stop is not None or info.done or state.iteration >= max_iterations
-                if sink is not None:
-                    sink.submit(state, info, predictions, final=final, checkpoint=(
-                        final or state.iteration % checkpoint_every == 0))
-                if stop is not None:
-                    stopped_by = stop
-                    break
-        finally:
-            if sink is not None:
-                sink.close(attrs={"stopped_by": stopped_by, "n_forwards": n_forwards})
-        return SmootherResult(state=state, layout=model.layout, history=log,
-                              n_forwards=n_forwards, smoother=self, predictions=predictions,
-                              stopped_by=stopped_by)
-
-    def _open_store(self, model, state, *, store, history, checkpoint, resume, attrs, truth):
-        """The history writer (or None), the checkpoint path (or None) of a run, and
-        whether the checkpoint is written at every ``checkpoint_every`` (``False``: only
-        where the history row does not hold the state, and at the start and the end)."""
-        if checkpoint is True and store is None:
-            raise ValueError("checkpoint=True: needs store= (or give a checkpoint path)")
-        if checkpoint is not None and not isinstance(checkpoint, (bool, str, os.PathLike)):
-            raise TypeError(f"checkpoint: expected a path, a bool or None, got "
-                            f"{type(checkpoint).__name__}")
-        ckpt, always = None, True
-        if checkpoint not in (None, False, True):
-            ckpt = os.fspath(checkpoint)
-        elif store is not None and checkpoint is not False:
-            ckpt = default_checkpoint_path(store)
-            always = checkpoint is True
-        if store is None:
-            if history is not None:
-                raise ValueError("history=: only with store=")
-            return None, ckpt, always
-        from .storage import History, HistoryWriter, _read_policy
-
-        if history is None and resume is not None and os.path.exists(store):
-            history = _read_policy(store)  # a continued history keeps its own policy
-        extra = dict(attrs or {})
-        if truth is not None:
-            t = torch.as_tensor(truth, dtype=torch.float64).reshape(-1)
-            if t.numel() != model.layout.size:
-                raise ValueError(f"truth: expected {model.layout.size} values (N_par), got "
-                                 f"{t.numel()}")
-            extra["truth"] = t.numpy()  # a numeric attribute, in physical units
-        writer = HistoryWriter(
-            store, layout=model.layout, observations=self.observations, config=self.config(),
-            history=history if history is not None else History(),
-            output_names=model.output_names, seed=self.seed,
-            resume_from=state.iteration if resume is not None else None, attrs=extra)
-        writer.start(state)
-        return writer, ckpt, always
+        if progress:
+            sinks.append(_ProgressLine())
+        return _Loop(self, model, executor, callbacks, sinks, max_iterations=max_iterations,
+                     tolerance=tolerance, inplace=inplace).run(state)
 
     # -- persistence -----------------------------------------------------------------------
     def state_dict(self, state: SmootherState) -> dict[str, Any]:
@@ -497,117 +335,145 @@ class EnsembleSmoother:
         return {
             "parameters": state.parameters,
             "iteration": state.iteration,
-            "schedule": schedule_state_dict(state.schedule),
+            "schedule": encode_state(state.schedule, "schedule"),
             "rng_state": state.rng_state,
             "mask": state.mask,
             "config": self.config(),
             # a stateful adapt= strategy's state; StructureAdaptation has none (it derives
             # from iteration and mask), so checkpoints need no extra field for it
-            **({"adapt": state.adapt} if state.adapt is not None else {}),
+            **({"adapt": encode_state(state.adapt, "adapt")} if state.adapt is not None
+               else {}),
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> SmootherState:
-        """Rebuild a :class:`SmootherState` from :meth:`state_dict` output."""
-        from .schedule import SCHEDULE_STATES
+        """Rebuild a :class:`SmootherState` from :meth:`state_dict` output.
 
+        Each component's state is rebuilt as the type its ``init()`` returns (no registry
+        of names: a user's schedule or adaptation resumes like a built-in one).
+        """
         try:
             params = d["parameters"]
-            sched = dict(d["schedule"])
+            sched = d["schedule"]
             rng = d["rng_state"]
             iteration = int(d["iteration"])
         except (KeyError, TypeError) as err:
             raise ValueError(f"state dict: missing or malformed entry ({err})") from None
-        kind = sched.pop("type", None)
-        expected = type(self.schedule.init()).__name__
-        cls = SCHEDULE_STATES.get(type(self.schedule).__name__)
-        if kind != expected or cls is None:
-            raise ValueError(
-                f"state dict: schedule state {kind!r} does not match this smoother's "
-                f"schedule ({expected})"
-            )
-        mask = d.get("mask")
+        try:
+            schedule = decode_state(sched, type(self.schedule.init()), what="schedule")
+            adapt = None
+            if self.adapt is not None:
+                saved = d.get("adapt")
+                adapt = self.adapt.init() if saved is None else \
+                    decode_state(saved, type(self.adapt.init()), what="adapt")
+        except ValueError as err:
+            raise ValueError(f"state dict: {err}") from None
         state = SmootherState(
-            parameters=params, iteration=iteration, schedule=cls(**sched),
-            rng_state=torch.as_tensor(rng, dtype=torch.uint8).cpu(), mask=mask,
-            adapt=d.get("adapt", self.adapt.init() if self.adapt is not None else None))
+            parameters=params, iteration=iteration, schedule=schedule,
+            rng_state=torch.as_tensor(rng, dtype=torch.uint8).cpu(), mask=d.get("mask"),
+            adapt=adapt)
         check_members_first(state.parameters, "state dict parameters")
         return state
 
 
-class _StoreSink:
-    """Writes history rows and checkpoints of a run, in order, possibly in a thread.
+class _Loop:
+    """One run of :meth:`EnsembleSmoother.run`: forward, step, callbacks, sinks."""
 
-    The snapshot (a copy of the tensors the row and the checkpoint will write; ``None`` for
-    the others) is taken on the caller's thread, so the smoother may reuse its buffers at
-    once; at most one write is in flight, and its error surfaces at the next ``submit`` or
-    at ``close``. With ``always=False`` a requested checkpoint is written only when the
-    history row just written does not hold the whole state, or at the end of the run.
-    """
-
-    def __init__(self, smoother, writer, ckpt_path, *, always: bool = True,
-                 background: bool) -> None:
+    def __init__(self, smoother: EnsembleSmoother, model: ForwardModel, executor: Any,
+                 callbacks: list, sinks: list, *, max_iterations: int,
+                 tolerance: float | None, inplace: bool) -> None:
         self.smoother = smoother
-        self.writer = writer
-        self.ckpt_path = ckpt_path
-        self.always = always
-        self.pool = None
-        if background:
-            from concurrent.futures import ThreadPoolExecutor
+        self.model = model
+        self.executor = executor
+        self.callbacks = callbacks
+        self.sinks = sinks
+        self.max_iterations = max_iterations
+        self.tolerance = tolerance
+        self.inplace = inplace
+        self.log: dict[str, list] = {}
+        self.n_forwards = 0
+        self.predictions: torch.Tensor | None = None
+        self.stopped_by = "max_iterations"
 
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enkal-store")
-        self.pending = None
-
-    def _write(self, state, info, predictions, final, checkpoint) -> None:
-        if self.writer is not None:
-            self.writer.record(state, info, predictions=predictions, final=final)
-        if checkpoint and self.ckpt_path is not None and (
-                self.always or final or self.writer is None or not self.writer.holds_state):
-            from .storage import write_checkpoint
-
-            # after the history row; no fsync: the rename is atomic for a killed process
-            # (the page cache survives it); only power loss would need fsync
-            write_checkpoint(self.ckpt_path, self.smoother, state, fsync=False)
-
-    def _wait(self) -> None:
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.result()
-
-    def submit(self, state, info, predictions, *, final: bool, checkpoint: bool) -> None:
-        self._wait()
-        if self.pool is None:
-            self._write(state, info, predictions, final, checkpoint)
-            return
-        # copy only what the row and the checkpoint will write: the writer then never sees
-        # a tensor the smoother reuses; what it would not keep it is not given at all
-        keep_x = keep_y = False
-        if self.writer is not None:
-            keep_x, keep_y = self.writer._keeps(state.iteration, final=final)
-        # a row without the ensemble does not hold the state: the checkpoint is written
-        keep_x = keep_x or (checkpoint and self.ckpt_path is not None)
-        snap = dataclasses.replace(
-            state, parameters=state.parameters.detach().clone() if keep_x else None)
-        preds = predictions.detach().clone() if keep_y and predictions is not None else None
-        self.pending = self.pool.submit(self._write, snap, info, preds, final, checkpoint)
-
-    def close(self, attrs: dict) -> None:
+    def run(self, state: SmootherState) -> SmootherResult:
+        started: list[Sink] = []
+        error: BaseException | None = None
         try:
-            self._wait()
+            start = RunStart(smoother=self.smoother, layout=self.model.layout,
+                             output_names=self.model.output_names, state=state)
+            for sink in self.sinks:
+                sink.start(start)
+                started.append(sink)
+            state = self._iterate(state)
+        except BaseException as err:
+            error = err
+            raise
         finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True)
-            if self.writer is not None:
-                self.writer.close(attrs=attrs)
+            _close_all(started, RunEnd(stopped_by=self.stopped_by,
+                                       n_forwards=self.n_forwards, error=error))
+        return SmootherResult(state=state, layout=self.model.layout, history=self.log,
+                              n_forwards=self.n_forwards, smoother=self.smoother,
+                              predictions=self.predictions, stopped_by=self.stopped_by)
+
+    def _iterate(self, state: SmootherState) -> SmootherState:
+        smoother, layout = self.smoother, self.model.layout
+        initial = state.parameters  # the caller's tensor: never used as an output buffer
+        spare: torch.Tensor | None = None
+        last_mean = None
+        while True:
+            if smoother.done(state):
+                self.stopped_by = "schedule"
+                return state
+            if state.iteration >= self.max_iterations:
+                return state
+            phys = layout.to_physical(state.parameters)
+            self.predictions, ok = self.executor.evaluate(self.model, phys)
+            self.n_forwards += phys.shape[0]
+            previous = state.parameters
+            if self.inplace and previous is not initial:
+                spare = previous  # chunked in-place update: an E x chunk buffer only
+            state, info = smoother.step(state, self.predictions, ok=ok, out=spare)
+            # ping-pong between two buffers once the caller's tensor is not involved
+            spare = previous if previous is not initial and not self.inplace else None
+            for k, v in info.as_dict().items():
+                self.log.setdefault(k, []).append(v)
+            stop = None
+            if any([bool(cb(state, info)) for cb in self.callbacks]):
+                stop = "callback"
+            elif self.tolerance is not None and last_mean is not None and \
+                    abs(info.mean_misfit - last_mean) <= self.tolerance * abs(last_mean):
+                stop = "tolerance"
+            last_mean = info.mean_misfit
+            final = stop is not None or info.done or state.iteration >= self.max_iterations
+            for sink in self.sinks:
+                sink.record(state, info, self.predictions, final=final)
+            if stop is not None:
+                self.stopped_by = stop
+                return state
 
 
-def default_checkpoint_path(store: str | os.PathLike) -> str:
-    """``run.h5`` -> ``run.ckpt.h5``: where ``run(store=...)`` keeps its checkpoint."""
-    root, ext = os.path.splitext(os.fspath(store))
-    return f"{root}.ckpt{ext or '.h5'}"
+def _close_all(sinks: list, end: RunEnd) -> None:
+    """Close every sink, in order, even when one fails; re-raise the first failure."""
+    first: BaseException | None = None
+    for sink in sinks:
+        try:
+            sink.close(end)
+        except BaseException as err:  # noqa: BLE001 - closed the others first
+            first = first or err
+    if first is not None and end.error is None:
+        raise first
 
 
-def _mean_variance(x: torch.Tensor, chunk_size: int = 1 << 18) -> float:
-    total = 0.0
-    for start in range(0, x.shape[1], chunk_size):
-        total += float(column_variance(x[:, start:start + chunk_size]).sum())
-    return total / max(x.shape[1], 1)
+class _ProgressLine:
+    """``run(progress=True)``: one line per update on stderr (a :class:`Sink`)."""
+
+    def start(self, run: RunStart) -> None:
+        self.t0 = time.perf_counter()
+
+    def record(self, state, info, predictions, *, final: bool) -> None:
+        print(f"iteration {info.iteration:4d}  alpha {info.alpha:10.4g}  "
+              f"misfit {info.mean_misfit:10.4g}  spread {info.spread:9.3g}  "
+              f"failed {info.n_failed}  {time.perf_counter() - self.t0:7.1f}s",
+              file=sys.stderr, flush=True)
+
+    def close(self, end: RunEnd) -> None:
+        pass

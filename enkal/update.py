@@ -62,6 +62,7 @@ from ._checks import (
     check_positive_float,
     check_positive_int,
 )
+from ._types import UpdateRule, check_component
 from .errors import FailedMembersError
 from .observations import Observations
 
@@ -70,6 +71,8 @@ __all__ = [
     "PerturbedObservations",
     "UpdateRule",
     "ensemble_transform",
+    "square_root_transform",
+    "perturbed_transform",
     "apply_transform",
     "assimilate",
     "embed_transform",
@@ -92,6 +95,13 @@ class SquareRoot:
     def __post_init__(self) -> None:
         check_fraction(self.truncation, "SquareRoot.truncation")
 
+    def transform(self, predictions: torch.Tensor, observations: Observations, *,
+                  alpha: float = 1.0, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+        """``W = 1 1^T / E + 1 (Pi w)^T + T Pi`` (float64, ``(E, E)``); draws nothing."""
+        return square_root_transform(predictions, observations, alpha=alpha,
+                                     truncation=self.truncation)
+
 
 @dataclass(frozen=True)
 class PerturbedObservations:
@@ -108,16 +118,21 @@ class PerturbedObservations:
     def __post_init__(self) -> None:
         check_fraction(self.truncation, "PerturbedObservations.truncation")
 
-
-UpdateRule = SquareRoot | PerturbedObservations
+    def transform(self, predictions: torch.Tensor, observations: Observations, *,
+                  alpha: float = 1.0, generator: torch.Generator | None = None,
+                  perturbations: torch.Tensor | None = None) -> torch.Tensor:
+        """``W = I + G Pi`` (float64, ``(E, E)``); the perturbations ``eps ~ N(0, alpha R)``
+        (``E x N_obs`` normals) are drawn from ``generator`` unless given."""
+        if perturbations is None:
+            perturbations = observations.sample_noise(
+                predictions.shape[0], generator=generator, device=predictions.device,
+                scale=alpha)
+        return perturbed_transform(predictions, observations, perturbations, alpha=alpha,
+                                   truncation=self.truncation)
 
 
 def _check_rule(rule: object) -> None:
-    if not isinstance(rule, (SquareRoot, PerturbedObservations)):
-        raise TypeError(
-            "rule: expected SquareRoot() or PerturbedObservations(), got "
-            f"{type(rule).__name__} {rule!r}"[:200]
-        )
+    check_component(rule, UpdateRule, "rule", "SquareRoot() or PerturbedObservations()")
 
 
 def _spectral_basis(s: torch.Tensor, truncation: float | None
@@ -157,6 +172,50 @@ def _spectral_basis(s: torch.Tensor, truncation: float | None
     return lam, vec
 
 
+def _whitened(predictions: torch.Tensor, observations: Observations, alpha: float,
+              truncation: float | None):
+    """``(yh, ybar, y, s, lam, v)``: float64 predictions, their mean, the data, ``S`` and
+    its spectral basis (``Sig^2``, ``V``), shared by both rules."""
+    n = predictions.shape[0]
+    y = observations.values.to(predictions.device)
+    yh = predictions.to(torch.float64)
+    ybar = yh.mean(dim=0)
+    scale = 1.0 / math.sqrt(alpha * (n - 1))
+    s = observations.whiten(yh - ybar) * scale  # (E, N_obs), S = D L^-T / sqrt(alpha (E-1))
+    lam, v = _spectral_basis(s, truncation)
+    return yh, ybar, y, s, lam, v
+
+
+def square_root_transform(predictions: torch.Tensor, observations: Observations, *,
+                          alpha: float = 1.0, truncation: float | None = None
+                          ) -> torch.Tensor:
+    """The deterministic square-root transform ``W`` (``(E, E)``, float64; see the module
+    docstring): ``X+ = W X`` moves the mean by ``A^T w`` and the anomalies by ``T``."""
+    n = predictions.shape[0]
+    _, ybar, y, s, lam, v = _whitened(predictions, observations, alpha, truncation)
+    eye = torch.eye(n, dtype=torch.float64, device=s.device)
+    d = observations.whiten((y - ybar).unsqueeze(0)).squeeze(0) / math.sqrt(alpha)
+    sd = s @ d  # S d: (E,)
+    w = v @ ((v.T @ sd) / (lam + 1.0)) / math.sqrt(n - 1)
+    t = eye + (v * ((lam + 1.0).rsqrt() - 1.0)) @ v.T
+    # W = 1 1^T / E + 1 (Pi w)^T + T Pi, with M Pi = M - (M 1) 1^T / E in O(E^2)
+    return (t - t.sum(dim=1, keepdim=True) / n) + (1.0 / n) + (w - w.mean()).unsqueeze(0)
+
+
+def perturbed_transform(predictions: torch.Tensor, observations: Observations,
+                        perturbations: torch.Tensor, *, alpha: float = 1.0,
+                        truncation: float | None = None) -> torch.Tensor:
+    """The perturbed-observation transform ``W = I + G Pi`` (``(E, E)``, float64) for given
+    perturbations ``eps ~ N(0, alpha R)`` ``(E, N_obs)`` (the seed paper's eq. 11)."""
+    n = predictions.shape[0]
+    yh, _, y, s, lam, v = _whitened(predictions, observations, alpha, truncation)
+    eye = torch.eye(n, dtype=torch.float64, device=s.device)
+    psi = (y + perturbations.to(device=s.device, dtype=torch.float64)) - yh
+    psi_w = observations.whiten(psi) / math.sqrt(alpha)  # (E, N_obs)
+    g = (((psi_w @ s.T) @ v) / (lam + 1.0)) @ v.T / math.sqrt(n - 1)
+    return eye + (g - g.sum(dim=1, keepdim=True) / n)
+
+
 def ensemble_transform(
     predictions: torch.Tensor,
     observations: Observations,
@@ -172,7 +231,7 @@ def ensemble_transform(
     predictions : Tensor, shape (E, N_obs)
         Predictions ``Yh`` of the members, all finite (leave failed members out first).
     observations : Observations
-    rule : SquareRoot or PerturbedObservations
+    rule : SquareRoot, PerturbedObservations or another :class:`~enkal._types.UpdateRule`
     alpha : float
         Noise inflation: the update uses ``alpha R`` (``rho^2`` of the paper when ``R = I``;
         ES-MDA's ``alpha_i``).
@@ -184,27 +243,12 @@ def ensemble_transform(
     -------
     Tensor, shape (E, E), float64, on the predictions' device.
     """
-    n = predictions.shape[0]
-    y = observations.values.to(predictions.device)
-    yh = predictions.to(torch.float64)
-    ybar = yh.mean(dim=0)
-    scale = 1.0 / math.sqrt(alpha * (n - 1))
-    s = observations.whiten(yh - ybar) * scale  # (E, N_obs), S = D L^-T / sqrt(alpha (E-1))
-    lam, v = _spectral_basis(s, rule.truncation)
-    eye = torch.eye(n, dtype=torch.float64, device=s.device)
-    if isinstance(rule, SquareRoot):
-        d = observations.whiten((y - ybar).unsqueeze(0)).squeeze(0) / math.sqrt(alpha)
-        sd = s @ d  # S d: (E,)
-        w = v @ ((v.T @ sd) / (lam + 1.0)) / math.sqrt(n - 1)
-        t = eye + (v * ((lam + 1.0).rsqrt() - 1.0)) @ v.T
-        # W = 1 1^T / E + 1 (Pi w)^T + T Pi, with M Pi = M - (M 1) 1^T / E in O(E^2)
-        return (t - t.sum(dim=1, keepdim=True) / n) + (1.0 / n) + (w - w.mean()).unsqueeze(0)
-    if perturbations is None:
-        raise ValueError("perturbations: required for PerturbedObservations, got None")
-    psi = (y + perturbations.to(device=s.device, dtype=torch.float64)) - yh
-    psi_w = observations.whiten(psi) / math.sqrt(alpha)  # (E, N_obs)
-    g = (((psi_w @ s.T) @ v) / (lam + 1.0)) @ v.T / math.sqrt(n - 1)
-    return eye + (g - g.sum(dim=1, keepdim=True) / n)
+    if isinstance(rule, PerturbedObservations):
+        if perturbations is None:
+            raise ValueError("perturbations: required for PerturbedObservations, got None")
+        return rule.transform(predictions, observations, alpha=alpha,
+                              perturbations=perturbations)
+    return rule.transform(predictions, observations, alpha=alpha, generator=None)
 
 
 def apply_transform(
@@ -402,22 +446,14 @@ def draw_transform(
     ok: torch.Tensor | None = None,
     redraw: bool = True,
 ) -> torch.Tensor:
-    """The ``(N_ens, N_ens)`` transform of one update, random draws included.
-
-    Draws the perturbations (``PerturbedObservations``: ``N_ok x N_obs`` normals scaled by
-    ``alpha``) from ``generator``, builds :func:`ensemble_transform` from the successful
-    members' predictions ``used``, and, when ``ok`` marks failed members, embeds it with
-    :func:`embed_transform` (failed rows redrawn unless ``redraw=False``). The draws come in
-    this order, so every caller (``assimilate``, the smoother, the network optimizer)
-    repeats the same stream.
+    """The ``(N_ens, N_ens)`` transform of one update, random draws included:
+    ``rule.transform`` of the successful members' predictions ``used`` (a
+    :class:`PerturbedObservations` rule draws its perturbations from ``generator``), and,
+    when ``ok`` marks failed members, embedded with :func:`embed_transform` (failed rows
+    redrawn unless ``redraw=False``). The draws come in this order, the order of
+    :func:`enkal.analysis.analyse` too.
     """
-    perturbations = None
-    if isinstance(rule, PerturbedObservations):
-        perturbations = observations.sample_noise(
-            used.shape[0], generator=generator, device=used.device, scale=alpha
-        )
-    w = ensemble_transform(used, observations, rule=rule, alpha=alpha,
-                           perturbations=perturbations)
+    w = rule.transform(used, observations, alpha=alpha, generator=generator)
     if ok is not None and not bool(ok.all()):
         w = embed_transform(w, ok.to(w.device), generator, redraw=redraw)
     return w

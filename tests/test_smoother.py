@@ -153,6 +153,9 @@ def test_inplace_run_equals_default_run():
     a = make_smoother(chunk_size=2).run(model, prior(), max_iterations=5)
     b = make_smoother(chunk_size=2).run(model, prior(), max_iterations=5, inplace=True)
     assert torch.equal(a.parameters, b.parameters)
+    # the spread is of the ensemble *before* each update, also when the update overwrote it
+    # (in place it used to be measured after the update from the third iteration on)
+    assert a.history["spread"] == b.history["spread"]
 
 
 def test_state_dict_resume_is_bitwise_identical():
