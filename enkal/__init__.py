@@ -9,7 +9,8 @@ The public API (a contract: docs and external checks use these names):
 * schedules: :class:`FixedAnnealing`, :class:`ESMDA`, :class:`DataMisfitController`
 * guards and failures: :class:`CollapseGuard`, :class:`ResampleFailed`,
   :class:`IgnoreFailed`, :class:`Raise`
-* the loop: :class:`EnsembleSmoother`
+* the loop: :class:`EnsembleSmoother`; :func:`run`, the one call that records a run to HDF5
+  and resumes one
 * structure adaptation: :class:`StructureAdaptation` with :class:`MutualInformation` or
   :class:`Significance` or :class:`Saliency`; :func:`mutual_information`, :func:`prune_mask`,
   :func:`remove_dead_units`
@@ -38,6 +39,7 @@ from .nn import (
     Sections,
 )
 from .observations import Observations
+from .runner import run
 from .schedule import ESMDA, DataMisfitController, FixedAnnealing
 from .smoother import EnsembleSmoother, SmootherResult, SmootherState, StepInfo
 from .storage import History, open_dataset, save, to_xarray
@@ -85,6 +87,7 @@ __all__ = [
     "History",
     "open",
     "open_dataset",
+    "run",
     "save",
     "to_xarray",
     # neural networks (docs/nn.md)

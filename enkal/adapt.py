@@ -12,7 +12,7 @@ parameters at zero in every later update::
 
 Scores are typed strategies:
 
-* :class:`MutualInformation` -- IEKL's eq. 12, ``I_i = sum_j -1/2 log(1 - r_ij^2)`` between
+* :class:`MutualInformation` -- IEKL's eq. 12 [Trautner2020], ``I_i = sum_j -1/2 log(1 - r_ij^2)`` between
   parameter ``i`` and the whitened errors (:func:`enkal.information.mutual_information`): how
   much the ensemble's spread in a parameter explains its spread in the errors. The default,
   for networks, where most weights barely move the outputs.

@@ -158,6 +158,7 @@ def _executor(args: argparse.Namespace, configured: Any) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .experiment import find_plugin
+    from .runner import run
     from .storage import History
 
     _check_run_args(args)
@@ -172,8 +173,8 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{exp.prior.shape[1]} parameters, {exp.observations.size} observations -> {out}",
           file=sys.stderr)
     try:
-        result = exp.smoother.run(
-            exp.model, None if args.resume else exp.prior,
+        result = run(
+            exp.smoother, exp.model, None if args.resume else exp.prior,
             max_iterations=max_it, executor=executor, callbacks=[bar] if bar else (),
             store=out, history=History(), resume=args.resume,
             store_attrs={"problem": config.get("problem", "estimation"), "name": exp.name},

@@ -1,4 +1,4 @@
-"""Collapse guard: the seed paper's dynamic weight resampling.
+"""Collapse guard: the seed paper's dynamic weight resampling [Trautner2020].
 
 An ensemble smoother shrinks parameter variances every iteration; once a parameter's
 variance is (numerically) zero no later update can move it, since every update is a

@@ -46,6 +46,7 @@ import pickle
 import queue
 import threading
 import uuid
+import warnings
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -62,7 +63,9 @@ __all__ = ["InProcess", "MultiDevice", "Dask", "check_executor", "run_on_devices
 class InProcess:
     """Run forwards in this process, ``members_per_call`` members per ``forward`` call.
 
-    ``max_abs`` marks predictions with larger entries as failed.
+    ``max_abs`` (deprecated: give it to the failure policy, ``ResampleFailed(max_abs=...)``,
+    the one place that decides which members failed) marks predictions with larger entries
+    as failed.
     """
 
     members_per_call: int | None = None
@@ -70,10 +73,20 @@ class InProcess:
 
     def __post_init__(self) -> None:
         check_positive_int(self.members_per_call, "InProcess.members_per_call", allow_none=True)
+        check_positive_float(self.max_abs, "InProcess.max_abs", allow_none=True)
+        _deprecated_max_abs(self)
 
     def evaluate(self, model: ForwardModel, parameters: torch.Tensor):
         return evaluate(model, parameters, members_per_call=self.members_per_call,
                         max_abs=self.max_abs)
+
+
+def _deprecated_max_abs(executor: Any) -> None:
+    if executor.max_abs is not None:
+        warnings.warn(
+            f"{type(executor).__name__}(max_abs=...) is deprecated: which members failed is "
+            f"the failure policy's decision; use EnsembleSmoother(failure=ResampleFailed("
+            f"max_abs={executor.max_abs!r}))", DeprecationWarning, stacklevel=4)
 
 
 # -- several devices in this process ---------------------------------------------------------
@@ -183,7 +196,8 @@ class MultiDevice:
         One thread per entry; ``["cpu", "cpu"]`` is allowed (tests).
     members_per_call : int, optional
     max_abs : float, optional
-        Predictions with a larger entry in magnitude count as failed.
+        Deprecated (use the failure policy's ``max_abs``): predictions with a larger
+        entry in magnitude count as failed.
     """
 
     devices: tuple = ("cpu",)
@@ -196,6 +210,7 @@ class MultiDevice:
         check_positive_int(self.members_per_call, "MultiDevice.members_per_call",
                            allow_none=True)
         check_positive_float(self.max_abs, "MultiDevice.max_abs", allow_none=True)
+        _deprecated_max_abs(self)
 
     def evaluate(self, model: ForwardModel, parameters: torch.Tensor):
         """The contract of :func:`enkal.evaluate`, chunks of members spread over devices."""
@@ -282,7 +297,8 @@ class Dask:
         Members per ``forward`` call inside a task (bounds the model's memory on a worker);
         default the whole task at once.
     max_abs : float, optional
-        Predictions with a larger entry in magnitude count as failed.
+        Deprecated (use the failure policy's ``max_abs``): predictions with a larger
+        entry in magnitude count as failed.
     retries : int
         Times a task that raised is resubmitted (``Client.submit(retries=)``). Members
         failing inside ``forward`` are not task errors (they are failed members); this is
@@ -348,6 +364,7 @@ class Dask:
         check_positive_int(self.members_per_task, "Dask.members_per_task", allow_none=True)
         check_positive_int(self.members_per_call, "Dask.members_per_call", allow_none=True)
         check_positive_float(self.max_abs, "Dask.max_abs", allow_none=True)
+        _deprecated_max_abs(self)
         check_positive_int(self.retries, "Dask.retries", minimum=0)
 
     # -- the connection --------------------------------------------------------------------

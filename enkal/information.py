@@ -1,7 +1,7 @@
 """Mutual information between parameters and errors, pruning masks, dead-unit removal.
 
-Mutual information (IEKL's eq. 12)
-----------------------------------
+Mutual information (IEKL's eq. 12 [Trautner2020]; the Gaussian formula [Cover2006])
+-----------------------------------------------------------------------------------
 For parameter ``i`` and error dimension ``j`` (the error of a member is its prediction minus
 the data, ``e = Yh - 1 y^T``), let ``r_ij`` be the ensemble correlation between column ``i``
 of the parameters ``X`` and column ``j`` of the errors. If the pair were jointly Gaussian,
@@ -145,7 +145,8 @@ def saliency(
     *,
     chunk_size: int | None = 4096,
 ) -> torch.Tensor:
-    """Predicted misfit increase from zeroing each parameter, from ensemble sensitivities.
+    """Predicted misfit increase from zeroing each parameter, from ensemble sensitivities
+    (optimal-brain-damage saliency with the Gauss-Newton curvature [LeCun1990]).
 
     The ensemble regression of the errors on parameter ``i`` gives its sensitivity
     ``G_i = D^T a_i / (a_i^T a_i)`` (``a_i``: the centred column, ``D``: the centred errors).

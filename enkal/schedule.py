@@ -10,15 +10,15 @@ configuration objects with pure methods; their state is a small frozen dataclass
 
 Three rules:
 
-* :class:`FixedAnnealing` -- the seed paper's rule: the noise target ``rho`` (the noise standard
-  deviation is ``rho`` times the observations' ``noise_std``; ``alpha = rho^2``) is multiplied
-  by ``factor`` (0.75) whenever the largest parameter variance in the ensemble drops below
-  ``rho``. Read literally it drives ``rho`` to zero and training diverges, so ``rho`` never goes
-  below ``floor``. It never finishes on its own.
+* :class:`FixedAnnealing` -- the seed paper's rule [Trautner2020]: the noise target ``rho``
+  (the noise standard deviation is ``rho`` times the observations' ``noise_std``;
+  ``alpha = rho^2``) is multiplied by ``factor`` (0.75) whenever the largest parameter
+  variance in the ensemble drops below ``rho``. Read literally it drives ``rho`` to zero and
+  training diverges, so ``rho`` never goes below ``floor``. It never finishes on its own.
 * :class:`ESMDA` -- fixed inflations ``alpha_1..alpha_Na`` with ``sum 1/alpha_i = 1``
-  (Emerick & Reynolds 2013); done after ``Na`` updates.
-* :class:`DataMisfitController` -- the adaptive rule of Iglesias & Yang (2021), as documented
-  for EnsembleKalmanProcesses.jl: with ``Phi_j = 1/2 ||L^-1 (Yh_j - y)||^2`` and ``N_obs`` data,
+  (Emerick & Reynolds 2013 [Emerick2013]); done after ``Na`` updates.
+* :class:`DataMisfitController` -- the adaptive rule of Iglesias & Yang (2021)
+  [Iglesias2021], as documented for EnsembleKalmanProcesses.jl: with ``Phi_j = 1/2 ||L^-1 (Yh_j - y)||^2`` and ``N_obs`` data,
   the step is ``dt = min(max(N_obs / (2 mean Phi), sqrt(N_obs / (2 var Phi))), 1 - t)`` and
   ``alpha = 1 / dt``; done when the algorithm time ``t = sum dt`` reaches 1 (the same
   constraint as ES-MDA's ``sum 1/alpha = 1``).

@@ -1,5 +1,8 @@
 """The iterated ensemble smoother: ``init``, ``step`` (ask/tell) and ``run``.
 
+Ensemble Kalman inversion [Iglesias2013]: the ensemble smoother iterated with a noise
+schedule ([Emerick2013], [Iglesias2021], [Trautner2020]); ``docs/references.md``.
+
 One iteration, every decision taken from one forward evaluation (the update body is
 :func:`enkal.analysis.analyse`, shared with the network optimizer)::
 

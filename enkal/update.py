@@ -16,6 +16,10 @@ matrix in float64: ``S S^T = V Sig^2 V^T`` (``E x E``, the usual case ``E <= N_o
 directions with ``Sig > 0`` are kept (the formulas act as the identity on the others).
 Nothing of size ``N_par x N_obs`` is ever formed, nor ``N_obs x N_obs`` when ``E <= N_obs``.
 
+References: [Evensen1994], [Evensen2003] (ensemble space), [Tippett2003], [Hunt2007],
+[Sakov2008] (the symmetric square root), [Burgers1998] and IEKL's eq. 11 [Trautner2020]
+(perturbed observations); ``docs/references.md``.
+
 * square root (transform): mean increment ``A^T w`` with
   ``w = V (Sig^2 + I)^-1 V^T S d / sqrt(E-1)``, ``d = L^-1 (y - yb) / sqrt(alpha)``; anomalies
   ``A+ = T A`` with the symmetric ``T = (I + S S^T)^-1/2``. Together ``X+ = W X`` with
@@ -81,7 +85,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SquareRoot:
-    """Deterministic square-root (ensemble transform) update.
+    """Deterministic square-root (ensemble transform) update [Tippett2003, Hunt2007].
 
     Parameters
     ----------
@@ -105,7 +109,8 @@ class SquareRoot:
 
 @dataclass(frozen=True)
 class PerturbedObservations:
-    """Stochastic update with perturbed observations (the seed paper's eq. 11; ES, ES-MDA).
+    """Stochastic update with perturbed observations (the seed paper's eq. 11 [Trautner2020];
+    [Burgers1998]; ES, ES-MDA).
 
     Parameters
     ----------

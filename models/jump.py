@@ -64,7 +64,8 @@ Propensity = Callable[[torch.Tensor, dict], torch.Tensor]
 
 @dataclass(frozen=True)
 class Gillespie:
-    """Exact SSA (direct method). ``max_events``: per member; beyond it the member fails (NaN)."""
+    """Exact SSA (direct method) [Gillespie1977]. ``max_events``: per member; beyond it the
+    member fails (NaN)."""
 
     max_events: int = 1_000_000
 
@@ -76,7 +77,8 @@ class Gillespie:
 
 @dataclass(frozen=True)
 class TauLeaping:
-    """Fixed-step tau-leaping with step ``tau`` (Poisson firings, counts clipped at zero)."""
+    """Fixed-step tau-leaping with step ``tau`` (Poisson firings, counts clipped at zero)
+    [Gillespie2001]."""
 
     tau: float
 

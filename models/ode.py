@@ -75,7 +75,7 @@ class RK4:
 
 @dataclass(frozen=True)
 class DormandPrince:
-    """Adaptive Dormand-Prince 5(4) with per-member step-size control.
+    """Adaptive Dormand-Prince 5(4) with per-member step-size control [Dormand1980].
 
     A step is accepted when the RMS over components of
     ``err_i / (atol + rtol * max(|x_i|, |x_new_i|))`` is at most 1; the next step is
@@ -326,7 +326,7 @@ def lorenz63_rhs(t: torch.Tensor, x: torch.Tensor, p: dict) -> torch.Tensor:
 
 
 class Lorenz63(ODEModel):
-    """Lorenz (1963): ``x' = sigma (y - x)``, ``y' = x (rho - z) - y``, ``z' = x y - beta z``.
+    """Lorenz (1963) [Lorenz1963]: ``x' = sigma (y - x)``, ``y' = x (rho - z) - y``, ``z' = x y - beta z``.
 
     Parameters ``sigma``, ``rho``, ``beta`` (all ``Positive``; the classical chaotic values
     are 10, 28, 8/3); the state ``(x, y, z)`` starts at the known ``x0``.
@@ -376,7 +376,7 @@ def lorenz96_rhs(t: torch.Tensor, x: torch.Tensor, p: dict) -> torch.Tensor:
 
 
 class Lorenz96(ODEModel):
-    """Lorenz (1996): ``x_i' = (x_{i+1} - x_{i-2}) x_{i-1} - x_i + F`` on a ring of ``N`` sites.
+    """Lorenz (1996) [Lorenz1996]: ``x_i' = (x_{i+1} - x_{i-2}) x_{i-1} - x_i + F`` on a ring of ``N`` sites.
 
     The forcing ``F`` is the parameter (``Real``): one scalar (``per_site=False``, N_par = 1)
     or one per site (``per_site=True``, N_par = N, named ``F[0]...``).

@@ -74,7 +74,8 @@ def _term_name(exps: tuple[int, ...], names: list[str]) -> str:
 
 
 class PolynomialODE(SimulatorModel):
-    """``dx/dt = Theta(x) Xi`` with all monomials up to ``degree``, from ``K`` initial states.
+    """``dx/dt = Theta(x) Xi`` with all monomials up to ``degree``, from ``K`` initial states
+    (a SINDy library [Brunton2016]).
 
     Parameters
     ----------

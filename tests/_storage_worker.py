@@ -8,7 +8,7 @@ history row) in the loop ``EnsembleSmoother.run`` does, and prints each complete
 on its own line (flushed), so that a test can SIGKILL it mid-run and then resume it with
 ``--resume`` (from the checkpoint).
 
-With ``--run``: ``EnsembleSmoother.run(store=DIR/history.h5)`` with its default checkpoint
+With ``--run``: ``enkal.run(smoother, ..., store=DIR/history.h5)`` with its default checkpoint
 policy (the history rows hold the state; ``DIR/history.ckpt.h5`` only at the start and the
 end); each iteration is printed by a callback, i.e. *before* its row is written.
 ``--resume`` then is ``run(resume=DIR/history.h5)``: the history is its own checkpoint.
@@ -85,9 +85,9 @@ def run_smoother(directory: Path, iterations: int, *, sleep: float = 0.0,
         if sleep:
             time.sleep(sleep)
 
-    return smoother.run(model, None if resume else prior, store=history, history=HISTORY,
-                        resume=history if resume else None, max_iterations=iterations,
-                        callbacks=[report])
+    return enkal.run(smoother, model, None if resume else prior, store=history,
+                     history=HISTORY, resume=history if resume else None,
+                     max_iterations=iterations, callbacks=[report])
 
 
 def main() -> None:
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, required=True)
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--run", action="store_true", help="EnsembleSmoother.run, store=")
+    parser.add_argument("--run", action="store_true", help="enkal.run, store=")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the same BLAS path in every process: bitwise comparisons
     (run_smoother if args.run else run)(args.directory, args.iterations, sleep=args.sleep,

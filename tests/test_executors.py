@@ -23,7 +23,7 @@ cloudpickle = pytest.importorskip("cloudpickle")
 import _dask_models  # noqa: E402  (tests/ is on sys.path: pyproject pythonpath)
 
 from enkal import ESMDA, CallableModel, EnsembleSmoother, Observations  # noqa: E402
-from enkal.executors import Dask, InProcess, check_executor  # noqa: E402
+from enkal.executors import Dask, InProcess, MultiDevice, check_executor  # noqa: E402
 
 cloudpickle.register_pickle_by_value(_dask_models)
 
@@ -251,3 +251,20 @@ def test_owned_cluster_is_started_and_closed():
     assert ex._session.client is None and client.status in ("closed", "closing")
     ref = smoother.run(model, prior, executor=InProcess())
     assert torch.equal(got.state.parameters, ref.state.parameters)
+
+
+@pytest.mark.parametrize("make", [lambda: InProcess(max_abs=10.0),
+                                  lambda: MultiDevice(["cpu"], max_abs=10.0)])
+def test_executor_max_abs_is_deprecated_for_the_failure_policy_but_still_honoured(make):
+    """Which members failed is the failure policy's decision (``ResampleFailed(max_abs=)``);
+    the executors' copy of the bound warns, and keeps working for now."""
+    with pytest.warns(DeprecationWarning, match="failure=ResampleFailed"):
+        executor = make()
+
+    class Big(CallableModel):
+        def replicate(self, device):
+            return self
+
+    model = Big(lambda x: x * 100.0, parameters=1, output_size=1)
+    y, ok = executor.evaluate(model, torch.tensor([[0.01], [1.0]], dtype=torch.float64))
+    assert ok.tolist() == [True, False]

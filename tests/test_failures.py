@@ -59,8 +59,8 @@ def test_lorenz63_with_30_percent_failures_matches_the_failure_free_run(tmp_path
     exp = estimation.build(load_toml(ROOT / "problems" / "lorenz63.toml"), seed=3)
     clean = exp.smoother.run(exp.model, exp.prior, max_iterations=exp.max_iterations)
     store = tmp_path / "flaky.h5"
-    flaky = exp.smoother.run(Flaky(exp.model), exp.prior, max_iterations=exp.max_iterations,
-                             store=store)
+    flaky = enkal.run(exp.smoother, Flaky(exp.model), exp.prior,
+                      max_iterations=exp.max_iterations, store=store)
     failed = flaky.history["n_failed"]
     # about 30% of 100 members each iteration (binomial sd ~4.6): between 15 and 45
     assert all(15 <= f <= 45 for f in failed), failed
@@ -81,7 +81,7 @@ def test_all_members_failing_stops_with_a_clear_error_and_a_usable_checkpoint(tm
                                parameters=exp.model.layout, output_size=60)
     store = tmp_path / "dead.h5"
     with pytest.raises(enkal.FailedMembersError, match="only 0 of 100 members succeeded"):
-        exp.smoother.run(dead, exp.prior, store=store)
+        enkal.run(exp.smoother, dead, exp.prior, store=store)
     ckpt = tmp_path / "dead.ckpt.h5"
     state = enkal.storage.read_checkpoint(ckpt, exp.smoother)
     assert state.iteration == 0 and torch.equal(state.parameters, exp.prior)

@@ -742,7 +742,8 @@ def test_the_state_history_builder_makes_a_valid_file(tmp_path):
 def test_crafted_state_rows_raise_clear_errors(case, tmp_path):
     path = _state_rows(tmp_path / f"{case}.h5", **STATE_HISTORIES[case])
     expect_clear_error(lambda: storage.read_state(path, SMOOTHER), path)
-    expect_clear_error(lambda: SMOOTHER.run(
+    expect_clear_error(lambda: enkal.run(
+        SMOOTHER,
         enkal.CallableModel(lambda x: x[:, :2], parameters=["a", "b", "c"], output_size=2),
         resume=path, store=tmp_path / "out.h5"), path)
 
@@ -754,4 +755,4 @@ def test_crafted_history_policy_of_a_continued_file(policy, tmp_path):
     """``run(resume=history)`` continues the file with the policy it declares."""
     path = _state_rows(tmp_path / "policy.h5", attrs={"history_policy": policy})
     model = enkal.CallableModel(lambda x: x[:, :2], parameters=["a", "b", "c"], output_size=2)
-    expect_clear_error(lambda: SMOOTHER.run(model, resume=path), path)
+    expect_clear_error(lambda: enkal.run(SMOOTHER, model, resume=path), path)
