@@ -77,15 +77,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checks import check_ensemble, check_positive_float, check_positive_int, column_variance
-from .collapse import CollapseGuard
-from .ensemble import ParameterLayout
-from .executors import _check_devices, run_on_devices
-from .forward import ForwardModel
-from .observations import Observations
-from .schedule import SCHEDULE_STATES, check_schedule
-from .smoother import StepInfo
-from .update import (
+from .._checks import check_ensemble, check_positive_float, check_positive_int, column_variance
+from .._types import StepInfo
+from ..collapse import CollapseGuard
+from ..ensemble import ParameterLayout
+from ..executors import _check_devices, run_on_devices
+from ..forward import ForwardModel
+from ..observations import Observations
+from ..schedule import SCHEDULE_STATES, check_schedule
+from ..update import (
     SquareRoot,
     UpdateRule,
     _check_rule,
@@ -1110,7 +1110,7 @@ class EnsembleKalmanOptimizer:
         ok = torch.isfinite(preds).all(dim=1)
         n_failed = int((~ok).sum())
         if n_failed > x.shape[0] - 2:
-            from .errors import FailedMembersError
+            from ..errors import FailedMembersError
 
             raise FailedMembersError(
                 f"only {x.shape[0] - n_failed} of {x.shape[0]} members gave finite "
@@ -1217,7 +1217,7 @@ class EnsembleKalmanOptimizer:
 
         Memory: ``draws * N_ens * N_par`` parameters and ``draws * N_ens * N_obs`` errors.
         """
-        from .information import mutual_information
+        from ..information import mutual_information
 
         check_positive_int(draws, "draws")
         score = mutual_information if score is None else score
