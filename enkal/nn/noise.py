@@ -1,0 +1,136 @@
+"""Noise relative to the predictions' spread, growing over the run: :class:`RelativeNoise`,
+the default schedule of :class:`~enkal.EnsembleKalmanOptimizer`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .._checks import check_positive_float, check_positive_int
+from ..observations import Observations
+
+__all__ = ["RelativeNoise", "RelativeNoiseState"]
+
+
+@dataclass(frozen=True)
+class RelativeNoiseState:
+    iteration: int = 0
+
+
+@dataclass(frozen=True)
+class RelativeNoise:
+    r"""Noise relative to the predictions' spread, growing over the run (a schedule).
+
+    At step ``t`` (from 0) the noise variance is ``rho^2 = gamma_t * lambda``, with
+    ``lambda = sum(D^2) / (N_ens - 1)^2`` the mean nonzero eigenvalue of the prediction
+    sample covariance (``D`` the prediction anomalies). The whitened anomalies then satisfy
+    ``sum Sig^2 = (N_ens - 1) / gamma_t`` whatever the scale of the outputs, so no floor is
+    needed: a step moves each whitened direction by about ``1 / gamma_t``. ``gamma_t`` grows
+    geometrically from ``gamma_0`` to ``gamma_end = max(final_gamma, growth * gamma_0)``
+    over ``steps`` updates and then stays there (a learning-rate decay: smaller steps late):
+    ``gamma_t = gamma_0 * (gamma_end / gamma_0) ** min(t / steps, 1)``.
+
+    ``gamma="auto"`` (the default) sets ``gamma_0`` from the run's *coverage*
+    ``c = steps * (N_ens - 1) / N_par``, how many of the ensemble's random directions fall
+    on each parameter direction over the run: ``gamma_0 = max(min_gamma, c / budget)``, so
+    that ``c / gamma_0``, the run's movement per parameter direction, is ``budget``. Many
+    passes of a large ensemble over a small network take small steps (averaging the
+    minibatches); few passes over a large network take the largest safe steps
+    (``min_gamma``). Measured on digits (``docs/nn.md``): the best ``gamma_0`` was 3-5 at
+    ``c = 2``, 5 at ``c = 3``, 5-10 at ``c = 6``, 20 at ``c = 12``; Fashion-MNIST LeNet-5
+    (``c = 0.7``) takes ``min_gamma``. ``N_par`` is the number of columns the schedule sees
+    (the section's, pruned ones included). The rule is for minibatch training, where every
+    step sees new data; with :class:`~enkal.EnsembleSmoother` on one fixed data set, give
+    ``gamma`` as a number.
+
+    The returned ``alpha`` is ``rho^2`` divided by the observations' mean noise variance
+    (``noise^2``), so the optimizer's ``noise`` does not matter.
+
+    Parameters
+    ----------
+    gamma : float or "auto"
+        ``gamma_0``, the damping at the start (default ``"auto"``).
+    growth : float
+        Least factor by which ``gamma`` grows over the run (default 3; ``1`` with
+        ``final_gamma=None`` keeps it constant).
+    final_gamma : float or None
+        Least damping at the end (default 30).
+    steps : int
+        Planned number of updates (default 500): set it to your run's length, as for a
+        learning-rate schedule.
+    min_gamma, budget : float
+        Of ``gamma="auto"`` (defaults 3 and 0.6).
+    """
+
+    gamma: float | str = "auto"
+    growth: float = 3.0
+    final_gamma: float | None = 30.0
+    steps: int = 500
+    min_gamma: float = 3.0
+    budget: float = 0.6
+
+    def __post_init__(self) -> None:
+        if self.gamma != "auto":
+            if isinstance(self.gamma, str):
+                raise ValueError(f"RelativeNoise.gamma: expected a float > 0 or 'auto', got "
+                                 f"{self.gamma!r}")
+            check_positive_float(self.gamma, "RelativeNoise.gamma")
+        check_positive_float(self.growth, "RelativeNoise.growth")
+        check_positive_float(self.final_gamma, "RelativeNoise.final_gamma", allow_none=True)
+        check_positive_int(self.steps, "RelativeNoise.steps")
+        check_positive_float(self.min_gamma, "RelativeNoise.min_gamma")
+        check_positive_float(self.budget, "RelativeNoise.budget")
+        if self.growth < 1:
+            raise ValueError(f"RelativeNoise.growth: expected a float >= 1 (gamma grows: "
+                             f"smaller steps late), got {self.growth}")
+
+    def initial_gamma(self, n_members: int | None = None,
+                      n_parameters: int | None = None) -> float:
+        """``gamma_0``: the given number, or for ``"auto"``
+        ``max(min_gamma, steps * (n_members - 1) / n_parameters / budget)``.
+
+        >>> RelativeNoise(steps=460).initial_gamma(64, 2410)   # digits MLP: c = 12
+        20.04...
+        >>> RelativeNoise(steps=705).initial_gamma(64, 61706)  # LeNet-5: c = 0.72
+        3.0
+        """
+        if self.gamma != "auto":
+            return float(self.gamma)
+        if n_members is None or n_parameters is None:
+            raise ValueError("RelativeNoise.gamma='auto' needs n_members and n_parameters "
+                             "(the ensemble's shape)")
+        coverage = self.steps * (n_members - 1) / max(n_parameters, 1)
+        return max(self.min_gamma, coverage / self.budget)
+
+    def gamma_at(self, iteration: int, n_members: int | None = None,
+                 n_parameters: int | None = None) -> float:
+        """``gamma_t`` of step ``iteration`` (counted from 0); the ensemble's shape is needed
+        for ``gamma="auto"``."""
+        g0 = self.initial_gamma(n_members, n_parameters)
+        end = self.growth * g0 if self.final_gamma is None else \
+            max(self.final_gamma, self.growth * g0)
+        return g0 * (end / g0) ** min(iteration / self.steps, 1.0)
+
+    @staticmethod
+    def eigenvalue(predictions: torch.Tensor) -> float:
+        """``sum(D^2) / (N_ens - 1)^2`` of predictions ``(N_ens, N_obs)``."""
+        e = predictions.shape[0]
+        d = predictions.to(torch.float64)
+        d = d - d.mean(dim=0)
+        return float(d.square().sum()) / (e - 1) ** 2
+
+    def init(self) -> RelativeNoiseState:
+        return RelativeNoiseState()
+
+    def step(self, state: RelativeNoiseState, *, parameters: torch.Tensor,
+             predictions: torch.Tensor, observations: Observations):
+        gamma = self.gamma_at(state.iteration, *parameters.shape)
+        rho2 = max(gamma * self.eigenvalue(predictions), 1e-30)
+        var = float(observations.noise_std.to(torch.float64).square().mean())
+        new = RelativeNoiseState(iteration=state.iteration + 1)
+        return rho2 / var, new, {"gamma": gamma, "rho": math.sqrt(rho2)}
+
+    def done(self, state: RelativeNoiseState) -> bool:
+        return False
