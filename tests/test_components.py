@@ -397,3 +397,46 @@ def test_user_components_resume_from_files_bit_for_bit(tmp_path, entry, source):
         assert ds.sizes["iteration"] == 6
         assert torch.equal(torch.from_numpy(ds.parameters.isel(iteration=-1).values),
                            straight.parameters)
+
+
+# -- the network optimizer takes the same components ------------------------------------------
+# (the data-misfit controller finishes in a few steps: stepping it on raises, as it should)
+NN_ENTRIES = ([("rule", c) for c in RULES]
+              + [("schedule", c) for c in SCHEDULES if not isinstance(c, DataMisfitController)]
+              + [("failure", c) for c in FAILURES if not isinstance(c, Raise)])
+
+
+@pytest.mark.parametrize("members", ["redraw", "carry"])
+@pytest.mark.parametrize("entry", NN_ENTRIES, ids=_id)
+def test_the_network_optimizer_resumes_every_component_bit_for_bit(entry, members, tmp_path):
+    """state_dict -> torch.save -> torch.load(weights_only=True) -> load_state_dict, then the
+    next steps repeat the uninterrupted ones (a user schedule included)."""
+    kind, comp = entry
+    from torch import nn
+
+    from enkal.nn import Carry, EnsembleKalmanOptimizer, Redraw
+
+    def make():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+        kw = {kind: comp, "members": Redraw() if members == "redraw" else Carry()}
+        return EnsembleKalmanOptimizer(net, ensemble_size=8, seed=2, noise=0.5, **kw)
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 3, generator=g, dtype=torch.float64),
+                torch.randn(6, 2, generator=g, dtype=torch.float64)) for _ in range(4)]
+    straight = make()
+    for xb, yb in batches:
+        straight.step(xb, yb)
+    first = make()
+    for xb, yb in batches[:2]:
+        first.step(xb, yb)
+    torch.save(first.state_dict(), tmp_path / "opt.pt")
+    resumed = make()
+    resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for xb, yb in batches[2:]:
+        resumed.step(xb, yb)
+    a, b = straight.state_dict(), resumed.state_dict()
+    for key in ("ensemble", "mean", "rng_state"):
+        assert torch.equal(a[key], b[key]), key
+    assert a["schedule"] == b["schedule"]

@@ -24,9 +24,14 @@ from enkal import (
     ESMDA,
     CollapseGuard,
     EnsembleSmoother,
+    FailedMembersError,
     FixedAnnealing,
+    IgnoreFailed,
     Observations,
     PerturbedObservations,
+    Raise,
+    ResampleFailed,
+    SmootherState,
     SquareRoot,
 )
 from enkal.executors import InProcess, MultiDevice, run_on_devices
@@ -720,3 +725,62 @@ def test_fashion_mnist_loads():
     assert data.test_inputs.shape == (10000, 1, 28, 28)
     assert data.train_labels.dtype == torch.int64 and int(data.train_labels.max()) == 9
     assert abs(float(data.train_inputs.mean())) < 1e-3
+
+
+class _Gated(nn.Module):
+    """A linear layer whose outputs are NaN when its first weight exceeds 50, and 1e8 when
+    it is below -50: members drawn there fail (NaN) or explode (finite garbage), as a
+    diverging network would."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4).double()
+
+    def forward(self, x):
+        out = self.lin(x)
+        w = self.lin.weight[0, 0]
+        out = torch.where(w < -50, torch.full_like(out, 1e8), out)
+        return torch.where(w > 50, torch.full_like(out, math.nan), out)
+
+
+@pytest.mark.parametrize("failure, n_failed", [
+    (ResampleFailed(), 1), (IgnoreFailed(), 1), (ResampleFailed(max_sigma=1e3), 2)],
+    ids=["resample", "ignore", "max_sigma"])
+def test_failed_members_are_handled_exactly_as_in_the_smoother(failure, n_failed):
+    """The optimizer's step is the smoother's update body (enkal.analysis): the same failure
+    policy, the same transform, the same draws -- so one Carry step on a batch equals one
+    smoother step on that batch's predictions, bit for bit, failed member included."""
+    torch.manual_seed(0)
+    guard = CollapseGuard(threshold=1e-6, reset=1e-4)
+    opt = EnsembleKalmanOptimizer(_Gated(), ensemble_size=8, seed=4, members=Carry(guard),
+                                  rule=PerturbedObservations(), failure=failure,
+                                  schedule=FixedAnnealing(factor=0.9, initial=1.0, floor=0.5),
+                                  task=Regression(), backend="loop")
+    opt.ensemble[0, 0] = 100.0  # member 0 fails (NaN)
+    opt.ensemble[1, 0] = -100.0  # member 1 explodes: 1e8 outputs, ~1e8 noise std's off
+    x = torch.randn(5, 3, dtype=torch.float64)
+    t = torch.randn(5, 4, dtype=torch.float64)
+    before, rng = opt.ensemble.clone(), opt._generator.get_state()
+    info = opt.step(x, t)
+    assert info.n_failed == n_failed  # max_sigma catches the exploded member, as in the smoother
+    smoother = EnsembleSmoother(Observations(t.reshape(-1), noise_std=opt.noise),
+                                rule=opt.rule, schedule=opt.schedule, guard=guard,
+                                failure=failure)
+    state = SmootherState(parameters=before, iteration=0, schedule=opt.schedule.init(),
+                          rng_state=rng)
+    new, sinfo = smoother.step(state, opt.last_predictions)
+    assert torch.equal(new.parameters, opt.ensemble)
+    assert (sinfo.n_failed, sinfo.misfit, sinfo.alpha) == (info.n_failed, info.misfit,
+                                                           info.alpha)
+
+
+def test_a_step_refused_by_the_failure_policy_changes_nothing():
+    torch.manual_seed(0)
+    opt = EnsembleKalmanOptimizer(_Gated(), ensemble_size=8, seed=4, members=Carry(),
+                                  failure=Raise(), task=Regression(), backend="loop")
+    opt.ensemble[0, 0] = 100.0
+    before, rng = opt.ensemble.clone(), opt._generator.get_state()
+    with pytest.raises(FailedMembersError, match="Raise"):
+        opt.step(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64))
+    assert torch.equal(opt.ensemble, before) and torch.equal(opt._generator.get_state(), rng)
+    assert opt.iteration == 0

@@ -75,7 +75,6 @@ from .members import Carry, Redraw, Sections, kaiming_std
 from .model import AUTO_VMAP_MIN_MEMBERS, BatchForward, NeuralModel
 from .model import BACKENDS as BACKENDS
 from .noise import RelativeNoise, RelativeNoiseState
-from .optimizer import _STATES as _STATES
 from .optimizer import EnsembleKalmanOptimizer
 from .tasks import Classification, Regression
 

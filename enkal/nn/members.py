@@ -88,20 +88,6 @@ class Sections:
         return out
 
 
-def _columns(x: torch.Tensor, slices: list[slice]) -> torch.Tensor:
-    if len(slices) == 1:
-        return x[:, slices[0]]
-    return torch.cat([x[:, s] for s in slices], dim=1)
-
-
-def _set_columns(x: torch.Tensor, slices: list[slice], values: torch.Tensor) -> None:
-    start = 0
-    for s in slices:
-        k = s.stop - s.start
-        x[:, s] = values[:, start:start + k]
-        start += k
-
-
 # -- what happens to the ensemble between steps ----------------------------------------------
 def kaiming_std(module: nn.Module, names: Sequence[str]) -> dict[str, float]:
     """Kaiming standard deviation ``sqrt(2 / fan_in)`` of each named parameter of ``module``.

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,28 +10,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_positive_float, check_positive_int, column_variance
-from .._types import StepInfo
+from .._checks import check_positive_float, check_positive_int
+from .._types import FailurePolicy, StepInfo, decode_state, encode_state
+from ..analysis import analyse
 from ..collapse import CollapseGuard
 from ..ensemble import ParameterLayout
+from ..failures import ResampleFailed, check_policy
 from ..observations import Observations
-from ..schedule import SCHEDULE_STATES, check_schedule
-from ..update import (
-    SquareRoot,
-    UpdateRule,
-    _check_rule,
-    apply_transform,
-    draw_transform,
-)
-from .members import Carry, Redraw, Sections, _columns, _set_columns
+from ..schedule import check_schedule
+from ..update import SquareRoot, UpdateRule, _check_rule
+from .members import Carry, Redraw, Sections
 from .model import NeuralModel
-from .noise import RelativeNoise, RelativeNoiseState
+from .noise import RelativeNoise
 from .tasks import Classification, Regression, _check_output_map, _describe
 
 __all__ = ["EnsembleKalmanOptimizer"]
-
-
-_STATES = {**SCHEDULE_STATES, "RelativeNoise": RelativeNoiseState}
 
 
 # -- the optimizer ----------------------------------------------------------------------------
@@ -40,9 +32,11 @@ class EnsembleKalmanOptimizer:
     r"""Train an ``nn.Module`` with ensemble Kalman updates, used like a torch optimizer.
 
     Each :meth:`step` runs the ensemble on a minibatch, maps outputs and targets
-    (:class:`Classification` / :class:`Regression`), computes one
-    :func:`~enkal.ensemble_transform` and writes the new mean into ``model``: code that
-    evaluates ``model`` needs no change.
+    (:class:`Classification` / :class:`Regression`), takes one analysis step
+    (:func:`enkal.analysis.analyse`, the update body the smoother uses: failure policy,
+    schedule, transform, apply, guard, mask) and writes the new mean into ``model``: code
+    that evaluates ``model`` needs no change. Ensemble Kalman inversion as a training method
+    [Kovachki2019]; the seed paper's learning [Trautner2020].
 
     The default is the researched recipe (``docs/nn.md``): ``members=Redraw(0.1)`` (every
     step a fresh ensemble around the mean, Kaiming-relative spread; only the new mean is
@@ -63,8 +57,12 @@ class EnsembleKalmanOptimizer:
         Observation noise standard deviation in units of the mapped targets
         (probabilities for classification), scaled by the schedule's ``rho``. Irrelevant
         for :class:`RelativeNoise` (which sets the noise from the predictions).
-    rule : SquareRoot or PerturbedObservations
+    rule : SquareRoot, PerturbedObservations or an UpdateRule
         Default :class:`~enkal.SquareRoot`.
+    failure : ResampleFailed, IgnoreFailed, Raise or a FailurePolicy
+        Members whose outputs are NaN/inf (or beyond the policy's ``max_abs`` /
+        ``max_sigma``) are handled exactly as in :class:`~enkal.EnsembleSmoother`: left out
+        of the update and redrawn (default), kept, or the step refused.
     schedule : RelativeNoise, FixedAnnealing, ESMDA, DataMisfitController or compatible
         Noise per step. Default ``RelativeNoise()`` (``gamma="auto"``, ``steps=500``): pass
         ``RelativeNoise(steps=n)`` with your run's number of updates. ``FixedAnnealing(factor=0.75,
@@ -117,6 +115,7 @@ class EnsembleKalmanOptimizer:
         ensemble_size: int = 64,
         noise: float = 1.0,
         rule: UpdateRule = SquareRoot(),
+        failure: FailurePolicy = ResampleFailed(),
         schedule: Any = RelativeNoise(),
         members: Redraw | Carry = Redraw(),
         task: Classification | Regression | None = None,
@@ -133,6 +132,7 @@ class EnsembleKalmanOptimizer:
         check_positive_int(ensemble_size, "ensemble_size", minimum=2)
         check_positive_float(noise, "noise")
         _check_rule(rule)
+        check_policy(failure)
         check_schedule(schedule)
         if not isinstance(members, (Redraw, Carry)):
             raise TypeError(f"members: expected Redraw(...) or Carry(...), got "
@@ -155,6 +155,7 @@ class EnsembleKalmanOptimizer:
         self.ensemble_size = int(ensemble_size)
         self.noise = float(noise)
         self.rule = rule
+        self.failure = failure
         self.schedule = schedule
         self.members = members
         self.task = task
@@ -301,85 +302,39 @@ class EnsembleKalmanOptimizer:
         one = self.sections is not None and self.sections.one_at_a_time
         active = [self._iteration % n_sec] if one else list(range(n_sec))
         redraw = self._redraw_std is not None
-        rng = self._generator.get_state() if redraw else None
-        # a fresh ensemble around the mean (only the active section if one)
-        x = self._draw(self._sections[active[0]] if one else None) if redraw else self.ensemble
-        if one and not redraw:  # members differ only in the active section; rest at the mean
-            fwd = x.mean(dim=0, keepdim=True).expand_as(x).clone()
-            for s in self._sections[active[0]]:
-                fwd[:, s] = x[:, s]
-        else:
+        rng = self._generator.get_state()
+        try:  # a refused step (bad targets, too many failed members) changes nothing
+            # a fresh ensemble around the mean (only the active section if one)
+            x = self._draw(self._sections[active[0]] if one else None) if redraw \
+                else self.ensemble
             fwd = x
-        try:
+            if one and not redraw:  # members differ only in the active section
+                fwd = x.mean(dim=0, keepdim=True).expand_as(x).clone()
+                for s in self._sections[active[0]]:
+                    fwd[:, s] = x[:, s]
             outputs = self.net.predict(fwd, inputs)              # (E, B, n_out)
-            batch, n_out = outputs.shape[1], outputs.shape[2]
-            y = task.targets(targets, batch, n_out).to(outputs.device)
+            y = task.targets(targets, outputs.shape[1], outputs.shape[2]).to(outputs.device)
+            preds = task.predictions(outputs)                     # (E, N_obs)
+            obs = Observations(y, noise_std=self.noise)
+            a = analyse(x, preds, obs, rule=self.rule, schedule=self.schedule,
+                        schedule_states=self._schedule_states, failure=self.failure,
+                        generator=self._generator, guard=None if redraw else self.guard,
+                        mask=self.mask, sections=self._sections, active=active,
+                        out=None if redraw else x, mean=self._mean if redraw else None,
+                        chunk_size=self.chunk_size)
         except Exception:
-            if rng is not None:  # a refused step leaves the optimizer as it was
-                self._generator.set_state(rng)
+            self._generator.set_state(rng)
             raise
         self.ensemble = x
-        preds = task.predictions(outputs)                         # (E, N_obs)
-        obs = Observations(y, noise_std=self.noise)
-        ok = torch.isfinite(preds).all(dim=1)
-        n_failed = int((~ok).sum())
-        if n_failed > x.shape[0] - 2:
-            from ..errors import FailedMembersError
-
-            raise FailedMembersError(
-                f"only {x.shape[0] - n_failed} of {x.shape[0]} members gave finite "
-                "predictions; at least 2 are needed (a smaller noise or prior_std may help)"
-            )
-        used = preds if n_failed == 0 else preds[ok]
-        spread = math.sqrt(float(column_variance(x).mean()))
-        infos: list[dict] = []
-        alphas: list[float] = []
-        n_resampled = 0
-        for k in active:
-            slices = self._sections[k]
-            cols = _columns(x, slices)
-            alpha, state, info = self.schedule.step(
-                self._schedule_states[k], parameters=cols, predictions=used,
-                observations=obs)
-            self._schedule_states[k] = state
-            w = draw_transform(used, obs, rule=self.rule, alpha=alpha,
-                               generator=self._generator, ok=ok if n_failed else None)
-            w = w.to(x.device)
-            if redraw:  # keep only the new mean m+ = (1^T W / E) X
-                r = w.mean(dim=0).to(x.dtype)
-                for s in slices:
-                    self._mean[s] = r @ x[:, s]
-            elif len(slices) == 1:  # in place, through an (N_ens, chunk_size) buffer
-                view = x[:, slices[0]]
-                apply_transform(w, view, out=view, chunk_size=self.chunk_size)
-            else:
-                _set_columns(x, slices, apply_transform(w, cols, chunk_size=self.chunk_size))
-            if self.guard is not None and not redraw:
-                for s in slices:
-                    mask = None if self.mask is None else self.mask[s]
-                    n_resampled += self.guard.apply(x[:, s], generator=self._generator,
-                                                    mask=mask, inplace=True)[1]
-            alphas.append(float(alpha))
-            infos.append(info)
-        if self.mask is not None and not bool(self.mask.all()):
-            if redraw:
-                self._mean[~self.mask] = 0
-            else:
-                x[:, ~self.mask] = 0
+        self._schedule_states = list(a.schedule)
         self._iteration += 1
         self.last_predictions = preds
         self.last_observations = y
         self._write_mean()
-        phi = obs.misfit(used)
-        mean_phi = obs.misfit(used.mean(dim=0, keepdim=True))
-        m = obs.size
-        sched = {k: v for k, v in infos[0].items() if isinstance(v, (int, float, bool))} \
-            if len(infos) == 1 else {"sections": len(infos)}
         return StepInfo(
-            iteration=self._iteration, alpha=float(sum(alphas) / len(alphas)),
-            misfit=float(2 * phi.mean() / m), mean_misfit=float(2 * mean_phi[0] / m),
-            spread=spread, n_failed=n_failed, n_resampled=n_resampled, done=False,
-            schedule=sched)
+            iteration=self._iteration, alpha=a.alpha, misfit=a.misfit,
+            mean_misfit=a.mean_misfit, spread=a.spread, n_failed=a.n_failed,
+            n_resampled=a.n_resampled, done=False, schedule=a.schedule_info, n_live=a.n_live)
 
     # -- the mean, prediction and gradient hybrids ------------------------------------------
     def predict(self, inputs: torch.Tensor, *, task: Classification | Regression | None = None
@@ -476,10 +431,7 @@ class EnsembleKalmanOptimizer:
     # -- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Tensors, numbers and strings only (``torch.load(weights_only=True)`` reads it)."""
-        states = []
-        for st in self._schedule_states:
-            d = dataclasses.asdict(st) if dataclasses.is_dataclass(st) else dict(st)
-            states.append({"type": type(st).__name__, **d})
+        states = [encode_state(st, "schedule") for st in self._schedule_states]
         return {
             "ensemble": self.ensemble.detach().clone(),
             "mean": self._mean.detach().clone(),
@@ -510,16 +462,11 @@ class EnsembleKalmanOptimizer:
         if len(sched) != len(self._schedule_states):
             raise ValueError(f"state: expected {len(self._schedule_states)} schedule states "
                              f"(sections), got {len(sched)}")
-        cls = _STATES.get(type(self.schedule).__name__)
-        expected = type(self.schedule.init()).__name__
-        states = []
-        for d in sched:
-            d = dict(d)
-            kind = d.pop("type", None)
-            if kind != expected or cls is None:
-                raise ValueError(f"state: schedule state {kind!r} does not match this "
-                                 f"optimizer's schedule ({expected})")
-            states.append(cls(**d))
+        like = type(self.schedule.init())
+        try:
+            states = [decode_state(d, like, what="schedule") for d in sched]
+        except ValueError as err:
+            raise ValueError(f"state: {err}") from None
         mask = state.get("mask")
         mean = state.get("mean")
         if mean is not None and (not isinstance(mean, torch.Tensor)
