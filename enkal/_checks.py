@@ -145,7 +145,8 @@ def check_positive_float(x: Any, name: str, *, allow_zero: bool = False,
         return
     if isinstance(x, bool) or not isinstance(x, Real):
         raise TypeError(f"{name}: expected a float, got {_describe(x)}")
-    ok = math.isfinite(x) and (x >= 0 if allow_zero else x > 0)
+    v = float(x)
+    ok = math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
     if not ok:
         rel = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}: expected a finite float {rel}, got {x}")
@@ -157,7 +158,7 @@ def check_fraction(x: Any, name: str, *, allow_none: bool = True) -> None:
         return
     if isinstance(x, bool) or not isinstance(x, Real):
         raise TypeError(f"{name}: expected a float in (0, 1], got {_describe(x)}")
-    if not (0 < x <= 1):
+    if not (0 < float(x) <= 1):
         raise ValueError(f"{name}: expected a float in (0, 1], got {x}")
 
 

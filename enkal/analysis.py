@@ -177,16 +177,15 @@ def analyse(
     active = range(len(sections)) if active is None else active
     ok = failure.classify(predictions, ok, observations)
     n_failed = int((~ok).sum())
-    all_ok = n_failed == 0
-    used = predictions if all_ok else predictions[ok]
+    used = predictions if n_failed == 0 else predictions[ok]
     spread = math.sqrt(mean_variance(parameters))
 
     states = list(schedule_states)
     alphas, infos = {}, {}
     for k in active:
-        cols = columns(parameters, sections[k])
         alphas[k], states[k], infos[k] = schedule.step(
-            states[k], parameters=cols, predictions=used, observations=observations)
+            states[k], parameters=columns(parameters, sections[k]), predictions=used,
+            observations=observations)
 
     n_pruned = 0
     if adapt is not None:
@@ -194,17 +193,51 @@ def analyse(
         # zeroed (with the old ones) after the update below
         new_mask, adapt_state, adapt_info = adapt.step(
             adapt_state, iteration=iteration, mask=mask,
-            parameters=parameters if all_ok else parameters[ok], predictions=used,
+            parameters=parameters if n_failed == 0 else parameters[ok], predictions=used,
             observations=observations)
         if new_mask is not None:
             mask = new_mask.to(device=parameters.device, dtype=torch.bool)
             n_pruned = int(adapt_info.get("n_pruned", 0))
 
+    result, n_resampled = _update(parameters, used, observations, ok, rule=rule,
+                                  failure=failure, generator=generator, guard=guard,
+                                  mask=mask, sections=[sections[k] for k in active],
+                                  alphas=[alphas[k] for k in active], out=out, mean=mean,
+                                  chunk_size=chunk_size)
+    if mask is not None and not bool(mask.all()):
+        if mean is not None:
+            result[~mask] = 0
+        else:
+            result[:, ~mask] = 0
+
+    phi = observations.misfit(used)
+    mean_phi = observations.misfit(used.mean(dim=0, keepdim=True))
+    m = observations.size
+    info = {"sections": len(alphas)} if len(alphas) != 1 else \
+        {k: v for k, v in next(iter(infos.values())).items()
+         if isinstance(v, (int, float, bool))}
+    return Analysis(
+        parameters=result, schedule=tuple(states), adapt=adapt_state, mask=mask,
+        alpha=float(sum(alphas.values()) / max(len(alphas), 1)), schedule_info=info,
+        misfit=float(2 * phi.mean() / m), mean_misfit=float(2 * mean_phi[0] / m),
+        spread=spread, n_failed=n_failed, n_resampled=n_resampled, n_pruned=n_pruned,
+        n_live=n_par if mask is None else int(mask.sum()),
+    )
+
+
+def _update(parameters: torch.Tensor, used: torch.Tensor, observations: Observations,
+            ok: torch.Tensor, *, rule: UpdateRule, failure: FailurePolicy,
+            generator: torch.Generator, guard: Guard | None, mask: torch.Tensor | None,
+            sections: list, alphas: list, out: torch.Tensor | None,
+            mean: torch.Tensor | None, chunk_size: int | None
+            ) -> tuple[torch.Tensor, int]:
+    """Transform, apply and guard each updated section, in order (the draws' order): the
+    new ensemble (or ``mean``) and the guard's redraw count."""
+    all_ok = bool(ok.all())
     target = out
     n_resampled = 0
-    for k in active:
-        slices = sections[k]
-        w = rule.transform(used, observations, alpha=alphas[k], generator=generator)
+    for slices, alpha in zip(sections, alphas, strict=True):
+        w = rule.transform(used, observations, alpha=alpha, generator=generator)
         if not all_ok:
             w = failure.embed(w, ok, generator)
         if mean is not None:  # keep only the new mean m+ = (1^T W / E) X
@@ -218,30 +251,11 @@ def analyse(
                 n_resampled += guard.apply(target[:, s], generator=generator,
                                            mask=None if mask is None else mask[s],
                                            inplace=True)[1]
-    result = mean if mean is not None else target
-    if result is None:  # no section was updated: the ensemble carries over
-        result = parameters if out is None else out
-    if mask is not None and not bool(mask.all()):
-        if mean is not None:
-            result[~mask] = 0
-        else:
-            result[:, ~mask] = 0
-
-    phi = observations.misfit(used)
-    mean_phi = observations.misfit(used.mean(dim=0, keepdim=True))
-    m = observations.size
-    if len(alphas) == 1:
-        info = {k: v for k, v in next(iter(infos.values())).items()
-                if isinstance(v, (int, float, bool))}
-    else:
-        info = {"sections": len(alphas)}
-    return Analysis(
-        parameters=result, schedule=tuple(states), adapt=adapt_state, mask=mask,
-        alpha=float(sum(alphas.values()) / max(len(alphas), 1)), schedule_info=info,
-        misfit=float(2 * phi.mean() / m), mean_misfit=float(2 * mean_phi[0] / m),
-        spread=spread, n_failed=n_failed, n_resampled=n_resampled, n_pruned=n_pruned,
-        n_live=n_par if mask is None else int(mask.sum()),
-    )
+    if mean is not None:
+        return mean, n_resampled
+    if target is None:  # no section was updated: the ensemble carries over
+        target = parameters if out is None else out
+    return target, n_resampled
 
 
 def _apply(w: torch.Tensor, x: torch.Tensor, slices: Sequence[slice],

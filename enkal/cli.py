@@ -314,7 +314,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
                 break
             prior = phys.isel(iteration=first, parameter=j).values
             post = phys.isel(iteration=last, parameter=j).values
-            bins = np.histogram_bin_edges(np.concatenate([prior, post]), bins=30)
+            bins = np.histogram_bin_edges(np.concatenate([prior, post]), bins=30).tolist()
             a.hist(prior, bins=bins, alpha=0.4, label=f"iteration {int(it[first])}")
             a.hist(post, bins=bins, alpha=0.7, label=f"iteration {int(it[last])}")
             if truth is not None:

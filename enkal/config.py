@@ -196,7 +196,7 @@ def describe(obj: Any) -> Any:
     if obj is None:
         return None
     if dataclasses.is_dataclass(obj):
-        out = {"type": type(obj).__name__}
+        out: dict[str, Any] = {"type": type(obj).__name__}
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
             out[f.name] = list(v) if isinstance(v, tuple) else v

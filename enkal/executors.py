@@ -128,6 +128,11 @@ def run_on_devices(work, spans, devices) -> dict:
         raise ValueError("devices: expected at least one device, got none")
     if len(devices) == 1 or len(spans) <= 1:
         return {span: work(0, *span) for span in spans}
+    return _run_threads(work, spans, devices)
+
+
+def _run_threads(work, spans: list, devices: list) -> dict:
+    """:func:`run_on_devices` with several threads: a shared queue of spans."""
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for span in spans:
         todo.put(span)
@@ -224,7 +229,8 @@ class MultiDevice:
         n, m = parameters.shape[0], model.output_size
         step = self.members_per_call or max(1, math.ceil(n / (2 * len(self.devices))))
         spans = [(a, min(a + step, n)) for a in range(0, n, step)]
-        replicas = [model.replicate(d) for d in self.devices]
+        replicate = getattr(model, "replicate")  # noqa: B009 - checked callable above
+        replicas = [replicate(d) for d in self.devices]
 
         def work(index: int, a: int, b: int):
             replica = replicas[index]

@@ -192,7 +192,7 @@ def evaluate(
     *,
     members_per_call: int | None = None,
     max_abs: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> EvaluationReport:
     """Run ``model`` on an ensemble of physical parameters, in chunks of members.
 
     Parameters

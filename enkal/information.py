@@ -48,7 +48,7 @@ from __future__ import annotations
 import copy
 import math
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -388,27 +388,13 @@ def remove_dead_units(module: nn.Sequential) -> nn.Sequential:
 
 def _shrink_pair(layers: list[nn.Module], a: int, b: int) -> bool:
     """Remove the dead units between weight layers ``a`` and ``b``; True if any went."""
-    first, nxt = layers[a], layers[b]
+    first = cast("nn.Linear | nn.Conv2d", layers[a])
+    nxt = cast("nn.Linear | nn.Conv2d", layers[b])
     chain = layers[a + 1:b]
     conv = isinstance(first, nn.Conv2d)
-    n_units = first.out_channels if conv else first.out_features
+    n_units = int(first.out_channels if isinstance(first, nn.Conv2d) else first.out_features)
     w1 = first.weight.detach()
-    w2 = nxt.weight.detach()
-    flatten = any(isinstance(m, nn.Flatten) for m in chain)
-    if conv and isinstance(nxt, nn.Linear):
-        if not flatten:
-            raise TypeError(f"module[{b}]: a Linear after a Conv2d needs an nn.Flatten between")
-        if nxt.in_features % n_units:
-            raise TypeError(f"module[{b}]: in_features {nxt.in_features} is not a multiple of "
-                            f"the {n_units} channels before it")
-        spatial = nxt.in_features // n_units
-        w2u = w2.reshape(w2.shape[0], n_units, spatial)      # (out, unit, H*W)
-    elif conv:
-        w2u = w2                                            # (out, unit, kh, kw)
-    else:
-        if isinstance(nxt, nn.Conv2d):
-            raise TypeError(f"module[{b}]: a Conv2d after a Linear is not supported")
-        w2u = w2.unsqueeze(-1)                              # (out, unit, 1)
+    w2u = _outgoing(nxt, chain, b, n_units, conv)
     in_dead = (w1.reshape(n_units, -1) == 0).all(dim=1)
     out_dead = (w2u.transpose(0, 1).reshape(n_units, -1) == 0).all(dim=1)
     bias1 = first.bias.detach() if first.bias is not None else w1.new_zeros(n_units)
@@ -442,8 +428,27 @@ def _shrink_pair(layers: list[nn.Module], a: int, b: int) -> bool:
     return True
 
 
-def _sub_layer(layer: nn.Module, *, out_keep: torch.Tensor | None = None,
-               in_keep: torch.Tensor | None = None, spatial: int | None = None) -> nn.Module:
+def _outgoing(nxt: nn.Linear | nn.Conv2d, chain: list[nn.Module], b: int, n_units: int,
+              conv: bool) -> torch.Tensor:
+    """The next layer's weights grouped by the previous layer's units: ``(out, unit, ...)``."""
+    w2 = nxt.weight.detach()
+    if conv and isinstance(nxt, nn.Linear):
+        if not any(isinstance(m, nn.Flatten) for m in chain):
+            raise TypeError(f"module[{b}]: a Linear after a Conv2d needs an nn.Flatten between")
+        if nxt.in_features % n_units:
+            raise TypeError(f"module[{b}]: in_features {nxt.in_features} is not a multiple of "
+                            f"the {n_units} channels before it")
+        return w2.reshape(w2.shape[0], n_units, nxt.in_features // n_units)  # (out, unit, H*W)
+    if conv:
+        return w2                                            # (out, unit, kh, kw)
+    if isinstance(nxt, nn.Conv2d):
+        raise TypeError(f"module[{b}]: a Conv2d after a Linear is not supported")
+    return w2.unsqueeze(-1)                                  # (out, unit, 1)
+
+
+def _sub_layer(layer: nn.Linear | nn.Conv2d, *, out_keep: torch.Tensor | None = None,
+               in_keep: torch.Tensor | None = None, spatial: int | None = None
+               ) -> nn.Linear | nn.Conv2d:
     """A copy of a Linear/Conv2d restricted to the kept output (or input) units."""
     w = layer.weight.detach()
     b = layer.bias.detach() if layer.bias is not None else None
@@ -456,14 +461,16 @@ def _sub_layer(layer: nn.Module, *, out_keep: torch.Tensor | None = None,
             w = w[:, cols]
         else:
             w = w[:, in_keep]
-    kw = {"dtype": w.dtype, "device": w.device}
+    new: nn.Linear | nn.Conv2d
     if isinstance(layer, nn.Linear):
-        new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, **kw)
+        new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype,
+                        device=w.device)
     else:
-        new = nn.Conv2d(w.shape[1], w.shape[0], layer.kernel_size, stride=layer.stride,
-                        padding=layer.padding, dilation=layer.dilation, bias=b is not None,
-                        **kw)
+        new = nn.Conv2d(w.shape[1], w.shape[0], layer.kernel_size,  # type: ignore[arg-type]
+                        stride=layer.stride, padding=layer.padding,  # type: ignore[arg-type]
+                        dilation=layer.dilation,  # type: ignore[arg-type]
+                        bias=b is not None, dtype=w.dtype, device=w.device)
     new.weight = nn.Parameter(w.clone(), requires_grad=layer.weight.requires_grad)
-    if b is not None:
+    if b is not None and layer.bias is not None:
         new.bias = nn.Parameter(b.clone(), requires_grad=layer.bias.requires_grad)
     return new

@@ -65,57 +65,15 @@ class Observations:
                 f"values: expected a non-empty 1-D (N_obs,) vector, got shape {tuple(y.shape)}"
             )
         check_finite(y, "values")
-        m = y.numel()
         self._values = y
         self._std: torch.Tensor | None = None
         self._chol: torch.Tensor | None = None
         if noise_std is not None:
-            s = as_float_tensor(noise_std, "noise_std", dtype=torch.float64, device=y.device)
-            if s.ndim == 2:
-                raise ValueError(
-                    f"noise_std: expected a scalar or an (N_obs,) = ({m},) vector of standard "
-                    f"deviations, got a matrix of shape {tuple(s.shape)}; pass a covariance "
-                    "as noise_cov= or its Cholesky factor as noise_chol="
-                )
-            if s.ndim == 0:
-                s = s.expand(m).clone()
-            if s.shape != (m,):
-                raise ValueError(
-                    f"noise_std: expected a scalar or shape ({m},) to match values, "
-                    f"got shape {tuple(s.shape)}"
-                )
-            check_finite(s, "noise_std")
-            if bool((s <= 0).any()):
-                raise ValueError(
-                    f"noise_std: expected strictly positive standard deviations, got minimum "
-                    f"{float(s.min()):g}"
-                )
-            self._std = s
+            self._std = _check_std(noise_std, y)
+        elif noise_cov is not None:
+            self._chol = _cholesky(_check_square(noise_cov, "noise_cov", y))
         else:
-            name = "noise_cov" if noise_cov is not None else "noise_chol"
-            raw = noise_cov if noise_cov is not None else noise_chol
-            c = as_float_tensor(raw, name, dtype=torch.float64, device=y.device)
-            if c.shape != (m, m):
-                raise ValueError(
-                    f"{name}: expected shape ({m}, {m}) to match values, got {tuple(c.shape)}"
-                )
-            check_finite(c, name)
-            if noise_cov is not None:
-                if not torch.allclose(c, c.T, rtol=1e-10, atol=1e-12 * float(c.abs().max())):
-                    raise ValueError("noise_cov: expected a symmetric matrix")
-                chol, info = torch.linalg.cholesky_ex(c)
-                if int(info) != 0:
-                    raise ValueError(
-                        "noise_cov: expected a positive-definite covariance; Cholesky failed "
-                        f"at column {int(info) - 1}"
-                    )
-            else:
-                if bool((torch.triu(c, diagonal=1) != 0).any()):
-                    raise ValueError("noise_chol: expected a lower-triangular Cholesky factor")
-                if bool((torch.diagonal(c) <= 0).any()):
-                    raise ValueError("noise_chol: expected a strictly positive diagonal")
-                chol = c
-            self._chol = chol
+            self._chol = _check_chol(_check_square(noise_chol, "noise_chol", y))
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -137,18 +95,25 @@ class Observations:
         """Marginal standard deviations ``sqrt(diag R)``, shape ``(N_obs,)``."""
         if self._std is not None:
             return self._std
-        return self._chol.square().sum(dim=1).sqrt()
+        return self._factor().square().sum(dim=1).sqrt()
 
     @property
     def noise_chol(self) -> torch.Tensor | None:
         """The lower Cholesky factor ``L`` for a full covariance, else ``None``."""
         return self._chol
 
+    def _factor(self) -> torch.Tensor:
+        """``L`` of a full covariance (only called when the noise is not diagonal)."""
+        if self._chol is None:  # pragma: no cover - an invariant: _std or _chol is set
+            raise RuntimeError("Observations: neither noise_std nor noise_chol is set")
+        return self._chol
+
     def covariance(self) -> torch.Tensor:
         """The dense ``R`` (builds ``N_obs x N_obs``: for tests and small problems)."""
         if self._std is not None:
             return torch.diag(self._std.square())
-        return self._chol @ self._chol.T
+        chol = self._factor()
+        return chol @ chol.T
 
     def to(self, device: torch.device | str | None = None) -> Observations:
         """A copy on ``device`` (values stay float64)."""
@@ -164,7 +129,7 @@ class Observations:
         z = z.to(dtype=torch.float64)
         if self._std is not None:
             return z / self._std.to(z.device)
-        chol = self._chol.to(z.device)
+        chol = self._factor().to(z.device)
         # (L^-1 Z^T)^T: a triangular solve, never an explicit inverse.
         return torch.linalg.solve_triangular(chol, z.T, upper=False).T
 
@@ -178,7 +143,7 @@ class Observations:
         if self._std is not None:
             eps = z * self._std.to(device)
         else:
-            eps = z @ self._chol.to(device).T
+            eps = z @ self._factor().to(device).T
         return eps * (scale ** 0.5)
 
     def misfit(self, predictions: torch.Tensor) -> torch.Tensor:
@@ -190,3 +155,62 @@ class Observations:
     def __repr__(self) -> str:
         kind = "diagonal" if self._std is not None else "full"
         return f"Observations(N_obs={self.size}, noise={kind})"
+
+
+def _check_std(noise_std: Any, y: torch.Tensor) -> torch.Tensor:
+    """``noise_std`` as an ``(N_obs,)`` float64 vector of positive standard deviations."""
+    m = y.numel()
+    s = as_float_tensor(noise_std, "noise_std", dtype=torch.float64, device=y.device)
+    if s.ndim == 2:
+        raise ValueError(
+            f"noise_std: expected a scalar or an (N_obs,) = ({m},) vector of standard "
+            f"deviations, got a matrix of shape {tuple(s.shape)}; pass a covariance "
+            "as noise_cov= or its Cholesky factor as noise_chol="
+        )
+    if s.ndim == 0:
+        s = s.expand(m).clone()
+    if s.shape != (m,):
+        raise ValueError(
+            f"noise_std: expected a scalar or shape ({m},) to match values, "
+            f"got shape {tuple(s.shape)}"
+        )
+    check_finite(s, "noise_std")
+    if bool((s <= 0).any()):
+        raise ValueError(
+            f"noise_std: expected strictly positive standard deviations, got minimum "
+            f"{float(s.min()):g}"
+        )
+    return s
+
+
+def _check_square(raw: Any, name: str, y: torch.Tensor) -> torch.Tensor:
+    """A finite float64 ``(N_obs, N_obs)`` matrix from ``raw``."""
+    m = y.numel()
+    c = as_float_tensor(raw, name, dtype=torch.float64, device=y.device)
+    if c.shape != (m, m):
+        raise ValueError(f"{name}: expected shape ({m}, {m}) to match values, got "
+                         f"{tuple(c.shape)}")
+    check_finite(c, name)
+    return c
+
+
+def _cholesky(c: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor of a symmetric positive-definite ``noise_cov``."""
+    if not torch.allclose(c, c.T, rtol=1e-10, atol=1e-12 * float(c.abs().max())):
+        raise ValueError("noise_cov: expected a symmetric matrix")
+    chol, info = torch.linalg.cholesky_ex(c)
+    if int(info) != 0:
+        raise ValueError(
+            "noise_cov: expected a positive-definite covariance; Cholesky failed "
+            f"at column {int(info) - 1}"
+        )
+    return chol
+
+
+def _check_chol(c: torch.Tensor) -> torch.Tensor:
+    """``noise_chol``: lower triangular with a strictly positive diagonal."""
+    if bool((torch.triu(c, diagonal=1) != 0).any()):
+        raise ValueError("noise_chol: expected a lower-triangular Cholesky factor")
+    if bool((torch.diagonal(c) <= 0).any()):
+        raise ValueError("noise_chol: expected a strictly positive diagonal")
+    return c

@@ -131,8 +131,9 @@ def run(
             store = resume  # resuming a history continues it
         state = read_state(resume, smoother, device=getattr(model, "device", None),
                            store=store, max_iteration=max_iterations)
-    elif state is None:
+    elif state is None and prior is not None:
         state = smoother.init(prior)
+    assert state is not None  # exactly one of prior, state, resume (checked above)
     recorders: list[Sink] = []
     if store is not None or checkpoint not in (None, False):
         recorders.append(Recorder(

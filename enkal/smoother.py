@@ -292,36 +292,18 @@ class EnsembleSmoother:
         ``resume=``, ``history=``, ``checkpoint=``...), which calls this with a
         :class:`~enkal.storage.Recorder` sink.
         """
-        if runner_only:
-            names = sorted(runner_only)
-            known = [n for n in names if n in _RUNNER_ONLY]
-            if known:
-                raise TypeError(
-                    f"run: {', '.join(known)} belong to enkal.run(smoother, model, prior, "
-                    f"{known[0]}=...), the one call that records to HDF5 and resumes; "
-                    "EnsembleSmoother.run takes sinks=[enkal.storage.Recorder(...)] instead")
-            raise TypeError(f"run: unexpected keyword argument(s) {names}")
-        if not isinstance(model, ForwardModel):
-            raise TypeError(f"model: expected an enkal.ForwardModel, got {type(model).__name__}")
-        if model.output_size != self.observations.size:
-            raise ValueError(
-                f"model: output_size {model.output_size} does not match the "
-                f"{self.observations.size} observations"
-            )
+        _refuse_runner_only(runner_only)
+        self._check_model(model)
         check_positive_int(max_iterations, "max_iterations")
         executor = InProcess() if executor is None else executor
         check_executor(executor)
-        callbacks = list(callbacks)
-        for cb in callbacks:
-            if not callable(cb):
-                raise TypeError(f"callbacks: expected callables, got {type(cb).__name__}")
-        sinks = list(sinks)
-        for sink in sinks:
-            check_component(sink, Sink, "sinks", "enkal.storage.Recorder(...)")
-        if (prior is None) == (state is None):
-            raise ValueError("run: expected exactly one of prior= or state=")
+        callbacks, sinks = _callables(callbacks), _sinks(sinks)
         if state is None:
+            if prior is None:
+                raise ValueError("run: expected exactly one of prior= or state=")
             state = self.init(prior)
+        elif prior is not None:
+            raise ValueError("run: expected exactly one of prior= or state=")
         if state.parameters.shape[1] != model.layout.size:
             raise ValueError(
                 f"prior: expected {model.layout.size} columns (the model's N_par), got shape "
@@ -331,6 +313,15 @@ class EnsembleSmoother:
             sinks.append(_ProgressLine())
         return _Loop(self, model, executor, callbacks, sinks, max_iterations=max_iterations,
                      tolerance=tolerance, inplace=inplace).run(state)
+
+    def _check_model(self, model: Any) -> None:
+        if not isinstance(model, ForwardModel):
+            raise TypeError(f"model: expected an enkal.ForwardModel, got {type(model).__name__}")
+        if model.output_size != self.observations.size:
+            raise ValueError(
+                f"model: output_size {model.output_size} does not match the "
+                f"{self.observations.size} observations"
+            )
 
     # -- persistence -----------------------------------------------------------------------
     def state_dict(self, state: SmootherState) -> dict[str, Any]:
@@ -376,6 +367,40 @@ class EnsembleSmoother:
             adapt=adapt)
         check_members_first(state.parameters, "state dict parameters")
         return state
+
+
+def _refuse_runner_only(kwargs: dict) -> None:
+    """``run(store=...)`` and friends: say where they went (:func:`enkal.run`)."""
+    if not kwargs:
+        return
+    names = sorted(kwargs)
+    known = [n for n in names if n in _RUNNER_ONLY]
+    if known:
+        raise TypeError(
+            f"run: {', '.join(known)} belong to enkal.run(smoother, model, prior, "
+            f"{known[0]}=...), the one call that records to HDF5 and resumes; "
+            "EnsembleSmoother.run takes sinks=[enkal.storage.Recorder(...)] instead")
+    raise TypeError(f"run: unexpected keyword argument(s) {names}")
+
+
+def _callables(callbacks: Any) -> list:
+    if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
+        raise TypeError(f"callbacks: expected an iterable of callables, got "
+                        f"{type(callbacks).__name__}")
+    out = list(callbacks)
+    for cb in out:
+        if not callable(cb):
+            raise TypeError(f"callbacks: expected callables, got {type(cb).__name__}")
+    return out
+
+
+def _sinks(sinks: Any) -> list:
+    if isinstance(sinks, (str, bytes)) or not hasattr(sinks, "__iter__"):
+        raise TypeError(f"sinks: expected an iterable of sinks, got {type(sinks).__name__}")
+    out = list(sinks)
+    for sink in out:
+        check_component(sink, Sink, "sinks", "enkal.storage.Recorder(...)")
+    return out
 
 
 class _Loop:

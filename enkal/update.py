@@ -329,6 +329,12 @@ def embed_transform(
 
 
 def _validate(parameters, predictions, observations, rule, alpha, ok):
+    _check_pair(parameters, predictions, observations, rule, alpha)
+    return _check_ok(ok, predictions, parameters.shape[0])
+
+
+def _check_pair(parameters, predictions, observations, rule, alpha) -> None:
+    """Types, shapes, dtypes and devices of ``assimilate``'s tensors and strategies."""
     if not isinstance(parameters, torch.Tensor):
         raise TypeError(f"parameters: expected a torch.Tensor, got {type(parameters).__name__}")
     if not isinstance(predictions, torch.Tensor):
@@ -361,6 +367,10 @@ def _validate(parameters, predictions, observations, rule, alpha, ok):
             f"{predictions.dtype}; cast one of them with .to()"
         )
     check_finite(parameters, "parameters")
+
+
+def _check_ok(ok, predictions: torch.Tensor, n: int) -> torch.Tensor | None:
+    """The ``ok`` mask of ``assimilate`` (or its absence) against the predictions."""
     if ok is not None:
         if not isinstance(ok, torch.Tensor) or ok.dtype != torch.bool:
             raise TypeError(f"ok: expected a bool tensor of shape ({n},), got {ok!r}"[:200])

@@ -124,21 +124,24 @@ def _check_observe(observe: Any, names: list[str]) -> list[int]:
         ) from None
     if not items:
         raise ValueError("observe: expected at least one component, got none")
-    out = []
-    for c in items:
-        if isinstance(c, str):
-            if c not in names:
-                raise ValueError(f"observe: unknown component {c!r}; the state is {names}")
-            out.append(names.index(c))
-        elif isinstance(c, Integral) and not isinstance(c, bool):
-            if not 0 <= c < d:
-                raise ValueError(f"observe: component index {c} out of range for a state of {d}")
-            out.append(int(c))
-        else:
-            raise TypeError(f"observe: expected ints or names, got {c!r}"[:200])
+    out = [_component(c, names) for c in items]
     if len(set(out)) != len(out):
         raise ValueError(f"observe: repeated components {items}")
     return out
+
+
+def _component(c: Any, names: list[str]) -> int:
+    """One entry of ``observe``: a state name or index -> the index."""
+    d = len(names)
+    if isinstance(c, str):
+        if c not in names:
+            raise ValueError(f"observe: unknown component {c!r}; the state is {names}")
+        return names.index(c)
+    if isinstance(c, Integral) and not isinstance(c, bool):
+        if not 0 <= c < d:
+            raise ValueError(f"observe: component index {c} out of range for a state of {d}")
+        return int(c)
+    raise TypeError(f"observe: expected ints or names, got {c!r}"[:200])
 
 
 class SimulatorModel(ForwardModel):

@@ -204,6 +204,8 @@ class EnsembleKalmanOptimizer:
         """``m + std * Z`` (``Z`` from ``generator``, default the optimizer's; all columns
         drawn); with ``section`` only those columns deviate from the mean."""
         std = self._redraw_std
+        if std is None:  # pragma: no cover - only Redraw optimizers draw
+            raise RuntimeError("_draw: members=Carry(...) has no redraw spread")
         if self.mask is not None:
             std = std * self.mask
         if section is not None:
@@ -239,7 +241,7 @@ class EnsembleKalmanOptimizer:
     @property
     def last_errors(self) -> torch.Tensor | None:
         """``last_predictions - last_observations``, ``(N_ens, N_obs)``, or ``None``."""
-        if self.last_predictions is None:
+        if self.last_predictions is None or self.last_observations is None:
             return None
         return self.last_predictions - self.last_observations.to(self.last_predictions.dtype)
 
