@@ -3,12 +3,13 @@
 :class:`StructureAdaptation` is a strategy for :class:`~enkal.EnsembleSmoother`
 (``adapt=``). At chosen iterations it scores every live parameter from the *fresh*
 predictions (the same forward evaluation the update uses), switches off the lowest-scoring
-ones in the mask, and the smoother zeroes those columns in all members before its update;
-the update then re-fits the remaining parameters (fine-tuning), and the mask keeps pruned
-parameters at zero in every later update::
+ones in the mask, and the update body (:func:`enkal.analysis.analyse`) applies that
+iteration's update and then zeroes the masked columns in all members; the following updates
+re-fit the remaining parameters (fine-tuning), and the mask keeps pruned parameters at zero
+in every later update::
 
     Yh_k --score(X_k, Yh_k - y)--> I (N_par,) --prune_mask--> mask_{k+1}
-         --X_k[:, ~mask] = 0--> update(Yh_k) --> X_{k+1}
+         --update(X_k, Yh_k)--> X_{k+1} --X_{k+1}[:, ~mask_{k+1}] = 0--> state_{k+1}
 
 Scores are typed strategies:
 
