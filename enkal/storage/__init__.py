@@ -93,11 +93,11 @@ import h5py
 import numpy as np
 import torch
 
-from ._checks import cpu_numpy
-from .ensemble import ParameterLayout
-from .errors import StorageError
-from .observations import Observations
-from .schedule import schedule_state_dict
+from .._checks import cpu_numpy
+from ..ensemble import ParameterLayout
+from ..errors import StorageError
+from ..observations import Observations
+from ..schedule import schedule_state_dict
 
 __all__ = [
     "History",
@@ -145,7 +145,7 @@ def _now() -> str:
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
+    from .. import __version__
 
     return {"enkal_version": __version__, "torch_version": torch.__version__,
             "h5py_version": h5py.version.version, "hdf5_version": h5py.version.hdf5_version}
@@ -1183,7 +1183,7 @@ def repair(path: Any) -> int:
 
 # -- whole results ---------------------------------------------------------------------------
 def _check_result(result: Any) -> None:
-    from .smoother import SmootherResult
+    from ..smoother import SmootherResult
 
     if not isinstance(result, SmootherResult):
         raise TypeError(f"result: expected an enkal.SmootherResult, got {type(result).__name__}")
