@@ -418,7 +418,7 @@ def test_checkpoint_failure_keeps_the_previous_one(tmp_path, monkeypatch):
             raise OSError("disk full")
         f.create_dataset(name, data=a)
 
-    monkeypatch.setattr(storage, "_put_array", failing)
+    monkeypatch.setattr(storage.checkpoint, "_put_array", failing)  # where it is looked up
     with pytest.raises(OSError, match="disk full"):
         storage.write_checkpoint(path, smoother, second)
     monkeypatch.undo()
