@@ -7,11 +7,12 @@ The crash-safety rules these functions implement are in the package docstring
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5netcdf
 import h5py
@@ -26,8 +27,20 @@ from .schema import (
     _STORED_PREDICTIONS,
     _STORED_STATE,
     HISTORY_FORMAT,
+    _attr_str,
     _check_format,
+    _to_json,
 )
+
+
+class _StateRow(NamedTuple):
+    """The whole smoother state of one history row, as written beside its ``parameters``."""
+
+    rng: np.ndarray  # the generator state, uint8
+    schedule: str  # JSON of the schedule state
+    device_type: str  # where the generator lives ("cpu", "cuda")
+    mask: np.ndarray | None  # int8 0/1 (None: the state has no mask)
+    checksum: int  # _state_checksum of the row
 
 
 def _temp_path(path: Path) -> Path:
@@ -248,11 +261,9 @@ def _write_row(f: h5py.File, row: int, iteration: int, flags: int, params: np.nd
                values: Mapping[str, Any], kinds: Mapping[str, str],
                prev_predictions: np.ndarray | None, prev_flags: int,
                mask: np.ndarray | None, unlimited: Sequence[str],
-               state: tuple | None = None) -> None:
-    """Extend every ``iteration`` variable by one row and fill it (one open file).
-
-    ``state`` is ``(rng_state, schedule JSON, device type, mask or None, checksum)`` for a
-    row that holds the whole smoother state."""
+               state: _StateRow | None = None) -> None:
+    """Extend every ``iteration`` variable by one row and fill it (one open file);
+    ``state`` for a row that holds the whole smoother state."""
     ds = {name: h5py.h5d.open(f.id, name.encode()) for name in unlimited}
     for did in ds.values():
         did.set_extent((row + 1,) + did.shape[1:])
@@ -263,12 +274,11 @@ def _write_row(f: h5py.File, row: int, iteration: int, flags: int, params: np.nd
         _put_ensemble(ds["predictions"], row - 1, prev_predictions)
         _put(ds["stored"], row - 1, prev_flags | _STORED_PREDICTIONS)
     if state is not None:
-        rng, schedule, _, state_mask, checksum = state
-        _put(ds["rng_state"], row, rng)
-        _put(ds["schedule_state"], row, schedule)
-        if state_mask is not None:
-            _put(ds["state_mask"], row, state_mask)
-        _put(ds["state_checksum"], row, np.uint64(checksum))
+        _put(ds["rng_state"], row, state.rng)
+        _put(ds["schedule_state"], row, state.schedule)
+        if state.mask is not None:
+            _put(ds["state_mask"], row, state.mask)
+        _put(ds["state_checksum"], row, np.uint64(state.checksum))
     _put(ds["iteration"], row, iteration)
     _put(ds["stored"], row, flags)
     for name, kind in kinds.items():
@@ -278,6 +288,34 @@ def _write_row(f: h5py.File, row: int, iteration: int, flags: int, params: np.nd
         _put(ds[name], row, v)
     if mask is not None:
         f["mask"][...] = mask
+
+
+def _cut_history(f: h5py.File, path: Path, *, layout: Any, n_obs: int,
+                 resume_from: int) -> tuple[int, np.ndarray]:
+    """Check that the history ``f`` holds a run of this ``layout`` (its ``to_dict()``) and
+    ``n_obs`` outputs, and drop its rows after iteration ``resume_from``; return the rows
+    kept and the iterations of the file before the cut."""
+    _check_format(f.attrs, path, HISTORY_FORMAT)
+    try:
+        rows = json.loads(_attr_str(f.attrs["layout"]))
+    except (KeyError, ValueError) as err:
+        raise StorageError(f"{path}: unreadable layout attribute ({err})") from None
+    if rows != json.loads(_to_json(layout)):
+        raise ValueError(
+            f"{path}: the history's parameter layout does not match this run's; resume "
+            "the run that wrote it or start a new file"
+        )
+    if f["output"].shape != (n_obs,):
+        raise ValueError(f"{path}: the history has {f['output'].shape[0]} outputs, this run "
+                         f"{n_obs}")
+    its = f["iteration"][:]
+    if its.size and np.any(np.diff(its) <= 0):
+        raise StorageError(f"{path}: iteration coordinate is not increasing")
+    keep = int(np.searchsorted(its, resume_from, side="right"))
+    if keep < its.size:
+        for name in _unlimited(f):
+            f[name].resize(keep, axis=0)
+    return keep, its
 
 
 # -- repair after a killed append ----------------------------------------------------------

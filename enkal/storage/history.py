@@ -1,12 +1,11 @@
-"""The :class:`History` policy and the streaming :class:`HistoryWriter` (one row per append)."""
+"""The streaming :class:`HistoryWriter` (one row per append) and its :class:`History` policy
+(defined with the schema, :mod:`enkal.storage.schema`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,15 @@ from .._checks import cpu_numpy
 from ..ensemble import ParameterLayout
 from ..errors import StorageError
 from ..observations import Observations
-from ..schedule import schedule_state_dict
 from .h5 import (
     _as_path,
     _atomic_replace,
     _create_diagnostic,
     _create_state_variables,
     _create_structure,
+    _cut_history,
     _fsync_path,
+    _StateRow,
     _temp_path,
     _unlimited,
     _write_row,
@@ -39,15 +39,16 @@ from .schema import (
     _STORED_STATE,
     FORMAT_VERSION,
     HISTORY_FORMAT,
+    History,
     _attr_str,
     _attr_value,
     _check_ensemble,
-    _check_format,
     _check_rng_state,
     _diagnostic_kind,
     _info_dict,
+    _mask_row,
     _now,
-    _schedule_problem,
+    _schedule_json,
     _state_checksum,
     _storage_dtype,
     _to_json,
@@ -55,77 +56,6 @@ from .schema import (
 )
 
 
-# -- the history policy --------------------------------------------------------------------
-@dataclass(frozen=True)
-class History:
-    """Which iterations keep the whole ensemble (the diagnostics are always kept).
-
-    Parameters
-    ----------
-    every : int or None
-        Keep the parameters of iterations ``0, every, 2 every, ...``; ``None`` keeps only the
-        final ensemble (with ``final=True``).
-    final : bool
-        Always keep the final ensemble (the ``append`` marked ``final=True``).
-    predictions : bool
-        Also keep the predictions ``(N_ens, N_obs)`` of each kept ensemble; with ``final``,
-        the last forward evaluation (of the ensemble before the final update) is kept too.
-    compression : None, "gzip" or "lzf"
-        HDF5 filter for the ensemble arrays (with byte shuffling). Off by default: ensembles
-        are noise-like floats that compress poorly (see ``bench/storage.py``).
-    compression_level : int
-        gzip level 1-9.
-    chunk_bytes : int
-        Target size of one chunk of ``parameters``: a chunk is ``(1, n, N_par)``, a block of
-        ``n`` whole members, which is contiguous in the members-first tensor, so an
-        uncompressed iteration goes to disk as a few direct chunk writes, without copies.
-
-    >>> History(every=10).keeps(20), History(every=10).keeps(25), History(every=None).keeps(5)
-    (True, False, False)
-    >>> History(every=None).keeps(5, final=True)
-    True
-    """
-
-    every: int | None = 1
-    final: bool = True
-    predictions: bool = False
-    compression: str | None = None
-    compression_level: int = 1
-    chunk_bytes: int = 4 << 20
-
-    def __post_init__(self) -> None:
-        if self.every is not None and (isinstance(self.every, bool) or
-                                       not isinstance(self.every, int) or self.every < 1):
-            raise ValueError(f"History.every: expected an int >= 1 or None, got {self.every!r}")
-        for name in ("final", "predictions"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"History.{name}: expected a bool, got {getattr(self, name)!r}")
-        if self.compression not in (None, "gzip", "lzf"):
-            raise ValueError(
-                f"History.compression: expected None, 'gzip' or 'lzf', got {self.compression!r}"
-            )
-        if not isinstance(self.compression_level, int) or not 1 <= self.compression_level <= 9:
-            raise ValueError(f"History.compression_level: expected an int in 1..9, got "
-                             f"{self.compression_level!r}")
-        if not isinstance(self.chunk_bytes, int) or self.chunk_bytes < 1024:
-            raise ValueError(f"History.chunk_bytes: expected an int >= 1024, got "
-                             f"{self.chunk_bytes!r}")
-
-    def keeps(self, iteration: int, *, final: bool = False) -> bool:
-        """Whether the ensemble of ``iteration`` is stored."""
-        return (self.every is not None and iteration % self.every == 0) or \
-            (final and self.final)
-
-    def _filters(self) -> dict[str, Any]:
-        if self.compression is None:
-            return {}
-        kw: dict[str, Any] = {"compression": self.compression, "shuffle": True}
-        if self.compression == "gzip":
-            kw["compression_opts"] = self.compression_level
-        return kw
-
-
-# -- the streaming writer ------------------------------------------------------------------
 class HistoryWriter:
     """Append a run to an HDF5 history file, one iteration at a time.
 
@@ -326,16 +256,7 @@ class HistoryWriter:
         """
         if self._closed:
             raise ValueError("HistoryWriter: append after close()")
-        if isinstance(iteration, bool) or not isinstance(iteration, (int, np.integer)) or \
-                iteration < 0:
-            raise ValueError(f"iteration: expected an int >= 0, got {iteration!r}")
-        iteration = int(iteration)
-        if self._last is not None and iteration <= self._last:
-            raise ValueError(
-                f"iteration: expected an iteration after the last row ({self._last}), got "
-                f"{iteration}; to rewrite a run from an earlier point open the writer with "
-                f"resume_from={iteration - 1}"
-            )
+        iteration = self._check_iteration(iteration)
         p = self.layout.size
         if parameters is not None:
             _check_ensemble(parameters, "parameters", columns=p, rows=self._n_members)
@@ -345,64 +266,29 @@ class HistoryWriter:
         kinds = {k: _diagnostic_kind(k, v) for k, v in values.items()}
         keeps_parameters, keeps_predictions = self._keeps(iteration, final=final)
         keep = parameters is not None and keeps_parameters
-        pred_np = None
-        if predictions is not None:
-            n_ens = self._n_members if parameters is None else parameters.shape[0]
-            _check_ensemble(predictions, "predictions", columns=self.observations.size,
-                            rows=n_ens, label="N_obs")
-            if keeps_predictions:
-                pred_np = cpu_numpy(predictions)
-        mask_np = full_mask = None
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
-                    tuple(mask.shape) != (p,):
-                raise ValueError(f"mask: expected a bool tensor of shape ({p},), got "
-                                 f"{getattr(mask, 'dtype', type(mask).__name__)} "
-                                 f"{tuple(getattr(mask, 'shape', ()))}")
-            mask_np = full_mask = mask.detach().cpu().numpy().astype(np.int8)
-            if self._mask is not None and np.array_equal(mask_np, self._mask):
-                mask_np = None
-        if (rng_state is None) != (schedule is None):
-            raise ValueError("rng_state, schedule: give both (a resumable state row) or neither")
-        state = None
-        if rng_state is not None:
-            rng_np = _check_rng_state(rng_state)
-            sched = schedule_state_dict(schedule)
-            problem = _schedule_problem(sched)
-            if problem is not None:
-                raise ValueError(f"schedule: {problem}")
-            try:
-                sched_json = json.dumps(sched, allow_nan=False)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"schedule: expected finite JSON numbers ({err})") from None
-            if self._rng_size is not None and rng_np.size != self._rng_size:
-                raise ValueError(f"rng_state: expected {self._rng_size} bytes (the file's "
-                                 f"generator states), got {rng_np.size}; a generator of "
-                                 "another device type?")
-            if keep:
-                state = (rng_np, sched_json, parameters.device.type, full_mask)
+        pred_np = self._predictions_row(predictions, parameters, keeps_predictions)
+        full_mask = None if mask is None else _mask_row(mask, p)
+        # the file's mask variable is rewritten only when the mask changes
+        changed = full_mask is not None and not (
+            self._mask is not None and np.array_equal(full_mask, self._mask))
+        mask_np = full_mask if changed else None
+        small = self._state_items(rng_state, schedule)
         params_np = cpu_numpy(parameters) if keep else None
+        state = None
+        if keep and small is not None:
+            rng_np, sched_json = small
+            state = _StateRow(rng_np, sched_json, parameters.device.type, full_mask,
+                              _state_checksum(params_np, rng_np, sched_json, full_mask,
+                                              iteration))
         flags = _STORED_PARAMETERS if keep else 0
         if state is not None:
-            flags |= _STORED_STATE | (_STORED_MASK if state[3] is not None else 0)
-            state = (*state, _state_checksum(params_np, state[0], state[1], state[3],
-                                             iteration))
-
+            flags |= _STORED_STATE | (_STORED_MASK if state.mask is not None else 0)
         if not self._created:
             self._create(parameters.shape[0], parameters.dtype, kinds, first=(
                 iteration, flags, params_np, values, mask_np, state))
         else:
-            new = {k: v for k, v in kinds.items() if k not in self._diagnostics}
-            if new:
-                self._add_diagnostics(new)
-            with self._h5("r+") as f:
-                if state is not None:
-                    self._ensure_state_variables(f, state)
-                _write_row(f, self._rows, iteration, flags, params_np, values,
-                           self._diagnostics, pred_np, self._last_flags, mask_np,
-                           self._unlimited, state)
-            if self.fsync and self.path is not None:
-                _fsync_path(self.path)
+            self._append_row(iteration, flags, params_np, values, kinds, pred_np, mask_np,
+                             state)
         if mask_np is not None:
             self._mask = mask_np
         self._rows += 1
@@ -443,6 +329,61 @@ class HistoryWriter:
             self._last == iteration - 1 and \
             bool(self._last_flags & _STORED_PARAMETERS or (final and self.history.final))
         return self.history.keeps(iteration, final=final), keeps_predictions
+
+    def _check_iteration(self, iteration: Any) -> int:
+        if isinstance(iteration, bool) or not isinstance(iteration, (int, np.integer)) or \
+                iteration < 0:
+            raise ValueError(f"iteration: expected an int >= 0, got {iteration!r}")
+        iteration = int(iteration)
+        if self._last is not None and iteration <= self._last:
+            raise ValueError(
+                f"iteration: expected an iteration after the last row ({self._last}), got "
+                f"{iteration}; to rewrite a run from an earlier point open the writer with "
+                f"resume_from={iteration - 1}"
+            )
+        return iteration
+
+    def _predictions_row(self, predictions: torch.Tensor | None,
+                         parameters: torch.Tensor | None, keep: bool) -> np.ndarray | None:
+        """The checked predictions as an array when the row stores them (else None)."""
+        if predictions is None:
+            return None
+        n_ens = self._n_members if parameters is None else parameters.shape[0]
+        _check_ensemble(predictions, "predictions", columns=self.observations.size,
+                        rows=n_ens, label="N_obs")
+        return cpu_numpy(predictions) if keep else None
+
+    def _state_items(self, rng_state: torch.Tensor | None,
+                     schedule: Any) -> tuple[np.ndarray, str] | None:
+        """The checked generator state and the schedule's JSON (None: no state given)."""
+        if (rng_state is None) != (schedule is None):
+            raise ValueError("rng_state, schedule: give both (a resumable state row) or neither")
+        if rng_state is None:
+            return None
+        rng_np = _check_rng_state(rng_state)
+        sched_json = _schedule_json(schedule)
+        if self._rng_size is not None and rng_np.size != self._rng_size:
+            raise ValueError(f"rng_state: expected {self._rng_size} bytes (the file's "
+                             f"generator states), got {rng_np.size}; a generator of "
+                             "another device type?")
+        return rng_np, sched_json
+
+    def _append_row(self, iteration: int, flags: int, params_np: np.ndarray | None,
+                    values: dict[str, Any], kinds: dict[str, str],
+                    pred_np: np.ndarray | None, mask_np: np.ndarray | None,
+                    state: _StateRow | None) -> None:
+        """Extend an existing file by one row (new diagnostics and state variables first)."""
+        new = {k: v for k, v in kinds.items() if k not in self._diagnostics}
+        if new:
+            self._add_diagnostics(new)
+        with self._h5("r+") as f:
+            if state is not None:
+                self._ensure_state_variables(f, state)
+            _write_row(f, self._rows, iteration, flags, params_np, values,
+                       self._diagnostics, pred_np, self._last_flags, mask_np,
+                       self._unlimited, state)
+        if self.fsync and self.path is not None:
+            _fsync_path(self.path)
 
     def _h5(self, mode: str) -> h5py.File:
         if self.path is None:
@@ -510,21 +451,20 @@ class HistoryWriter:
             raise
         self._created = True
 
-    def _ensure_state_variables(self, f: h5py.File, state: tuple) -> None:
+    def _ensure_state_variables(self, f: h5py.File, state: _StateRow) -> None:
         """Create the per-row state variables at the first state row (and ``state_mask``
         at the first state with a mask); earlier rows read as no state."""
-        rng_np, _, device_type, mask_np, _ = state
         need_state = self._rng_size is None
-        need_mask = mask_np is not None and not self._state_mask
+        need_mask = state.mask is not None and not self._state_mask
         if not (need_state or need_mask):
             return
         self._unlimited.extend(_create_state_variables(
-            f, rows=self._rows, n_parameters=self.layout.size, rng_size=int(rng_np.size),
-            device_type=device_type, state=need_state, mask=need_mask))
+            f, rows=self._rows, n_parameters=self.layout.size, rng_size=int(state.rng.size),
+            device_type=state.device_type, state=need_state, mask=need_mask))
         if need_mask:
             self._state_mask = True
         if need_state:
-            self._rng_size = int(rng_np.size)
+            self._rng_size = int(state.rng.size)
 
     def _add_diagnostics(self, new: dict[str, str]) -> None:
         with self._h5("r+") as f, h5netcdf.File(f, "a") as nc:
@@ -539,30 +479,10 @@ class HistoryWriter:
         repair(self.path)
         try:
             with self._h5("r+") as f:
-                _check_format(f.attrs, self.path, HISTORY_FORMAT)
-                try:
-                    rows = json.loads(_attr_str(f.attrs["layout"]))
-                except (KeyError, ValueError) as err:
-                    raise StorageError(f"{self.path}: unreadable layout attribute ({err})") \
-                        from None
-                if rows != json.loads(_to_json(self.layout.to_dict())):
-                    raise ValueError(
-                        f"{self.path}: the history's parameter layout does not match this "
-                        "run's; resume the run that wrote it or start a new file"
-                    )
-                if f["output"].shape != (self.observations.size,):
-                    raise ValueError(
-                        f"{self.path}: the history has {f['output'].shape[0]} outputs, this "
-                        f"run {self.observations.size}"
-                    )
-                its = f["iteration"][:]
-                if its.size and np.any(np.diff(its) <= 0):
-                    raise StorageError(f"{self.path}: iteration coordinate is not increasing")
-                keep = int(np.searchsorted(its, resume_from, side="right"))
+                keep, its = _cut_history(f, self.path, layout=self.layout.to_dict(),
+                                         n_obs=self.observations.size,
+                                         resume_from=resume_from)
                 self._unlimited = _unlimited(f)
-                if keep < its.size:
-                    for name in self._unlimited:
-                        f[name].resize(keep, axis=0)
                 par = f["parameters"]
                 self._n_members = int(par.shape[1])
                 self._dtype = np.dtype(par.dtype)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -75,118 +76,152 @@ def read_history_state(path: Any, *, device: torch.device | str | None = None,
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such enkal history file")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    skipped: list[str] = []
     with _read_errors(path, "an enkal history file"), \
             h5py.File(path, "r", locking=False) as f:
         _check_format(f.attrs, path, HISTORY_FORMAT)
         _check_history_file(f, path)
-        if f.get("rng_state", getlink=True) is None:
-            raise StorageError(f"{path}: holds no smoother state (no 'rng_state' variable: "
-                               "written by HistoryWriter.append without generator states, "
-                               "or by an older enkal); resume from its checkpoint file")
-        par = _dataset(f, "parameters", path)
-        its_ds = _dataset(f, "iteration", path)
-        stored = _dataset(f, "stored", path)
-        rng = _dataset(f, "rng_state", path)
-        sched = _dataset(f, "schedule_state", path)
-        checks = _dataset(f, "state_checksum", path)
-        masks = _dataset(f, "state_mask", path) if "state_mask" in f else None
-        if par.ndim != 3 or par.dtype.kind != "f":
-            raise StorageError(f"{path}: variable 'parameters' has shape {par.shape} and "
-                               f"dtype {par.dtype}, expected (iteration, member, parameter) "
-                               "floats")
-        e, p = int(par.shape[1]), int(par.shape[2])
-        for name, ds, kind in (("iteration", its_ds, "iu"), ("stored", stored, "iu"),
-                               ("state_checksum", checks, "u")):
-            if ds.ndim != 1 or ds.dtype.kind not in kind:
-                raise StorageError(f"{path}: variable {name!r} has shape {ds.shape} and dtype "
-                                   f"{ds.dtype}, expected one integer per iteration")
-        if rng.ndim != 2 or rng.dtype != np.uint8 or not 0 < rng.shape[1] <= 1 << 20:
-            raise StorageError(f"{path}: variable 'rng_state' has shape {rng.shape} and dtype "
-                               f"{rng.dtype}, expected (iteration, rng_byte) uint8")
-        device_type = _attr_str(rng.attrs.get("device_type", ""))
-        if device_type not in ("cpu", "cuda", "mps", "xpu"):
-            raise StorageError(f"{path}: rng_state has an unknown device_type "
-                               f"{device_type!r}")
-        if device_type == "cpu" and rng.shape[1] != _CPU_RNG_STATE_SIZE:
-            raise StorageError(f"{path}: rng_state rows of {rng.shape[1]} bytes are not CPU "
-                               f"generator states ({_CPU_RNG_STATE_SIZE})")
-        if sched.ndim != 1 or h5py.check_string_dtype(sched.dtype) is None:
-            raise StorageError(f"{path}: variable 'schedule_state' has dtype {sched.dtype}, "
-                               "expected one JSON string per iteration")
-        if masks is not None and (masks.ndim != 2 or masks.shape[1] != p or
-                                  masks.dtype != np.int8):
-            raise StorageError(f"{path}: variable 'state_mask' has shape {masks.shape} and "
-                               f"dtype {masks.dtype}, expected (iteration, {p}) int8")
-        name = _attr_str(f.attrs.get("parameters_dtype", str(par.dtype)))
-        torch_dtype = getattr(torch, name, None) if name.isidentifier() and \
-            not name.startswith("_") else None
-        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point or \
-                _storage_dtype(torch_dtype) != par.dtype:
-            raise StorageError(f"{path}: parameters_dtype {name!r} does not describe the "
-                               f"stored {par.dtype} parameters")
-        row_bytes = e * p * par.dtype.itemsize
-        if par.compression is None and row_bytes > int(par.id.get_storage_size()) or \
-                row_bytes > 1 << 36:
-            raise StorageError(f"{path}: a parameters row declares {row_bytes} bytes, more "
-                               "than the file holds for them")
+        v = _state_variables(f, path)
         config = _loads(_attr_str(f.attrs["config"]), "config", path) \
             if "config" in f.attrs else None
         n = min(f[name].shape[0] for name in _unlimited(f))
-        its = its_ds[:n]
-        flags = stored[:n]
+        its = v.iteration[:n]
+        flags = v.stored[:n]
         want = _STORED_PARAMETERS | _STORED_STATE
         rows = [r for r in range(n - 1, -1, -1) if int(flags[r]) & want == want and
                 (iteration is None or int(its[r]) == iteration) and
                 (max_iteration is None or int(its[r]) <= max_iteration)]
-        found = None
-        for r in rows[:_MAX_STATE_ROWS_TRIED]:
-            try:
-                found = _state_row(f, r, its, flags, par, rng, sched, checks, masks, path)
-                break
-            except (StorageError, OSError, ValueError, UnicodeDecodeError) as err:
-                skipped.append(f"row {r} (iteration {int(its[r])}): "
-                               f"{str(err).removeprefix(f'{path}: ')}")
+        found, skipped = _first_usable_row(v, rows, its, flags, path)
         if found is None:
             where = f"iteration {iteration}" if iteration is not None else "any row"
             reason = f" ({'; '.join(skipped)})" if skipped else ""
             raise StorageError(f"{path}: no complete smoother state at {where}{reason}")
-        attrs = {k: (_attr_str(v) if isinstance(v, (bytes, str)) else v)
-                 for k, v in f.attrs.items()}
+        attrs = {k: (_attr_str(a) if isinstance(a, (bytes, str)) else a)
+                 for k, a in f.attrs.items()}
     if skipped:
         warnings.warn(f"{path}: skipped unusable state rows ({'; '.join(skipped)}); resuming "
                       f"from iteration {found[0]}", RuntimeWarning, stacklevel=2)
     it, x, g, schedule, mask = found
     return {
-        "parameters": torch.from_numpy(x).to(dtype=torch_dtype, device=device),
+        "parameters": torch.from_numpy(x).to(dtype=v.torch_dtype, device=device),
         "iteration": it,
         "schedule": schedule,
         "rng_state": torch.from_numpy(g),
         "mask": None if mask is None else torch.from_numpy(mask.astype(bool)).to(device),
         "config": config,
-        "device_type": device_type,
+        "device_type": v.device_type,
         "attrs": attrs,
     }
 
 
-def _state_row(f, r, its, flags, par, rng, sched, checks, masks, path) -> tuple:
+class _StateVariables(NamedTuple):
+    """The variables of a history's state rows, checked, and what they declare."""
+
+    parameters: h5py.Dataset
+    iteration: h5py.Dataset
+    stored: h5py.Dataset
+    rng: h5py.Dataset
+    schedule: h5py.Dataset
+    checksum: h5py.Dataset
+    mask: h5py.Dataset | None
+    device_type: str  # of the generator states
+    torch_dtype: torch.dtype  # of the ensemble
+
+
+def _state_variables(f: h5py.File, path: Path) -> _StateVariables:
+    """The state variables of ``f`` after checking their dims, dtypes and declared sizes."""
+    if f.get("rng_state", getlink=True) is None:
+        raise StorageError(f"{path}: holds no smoother state (no 'rng_state' variable: "
+                           "written by HistoryWriter.append without generator states, "
+                           "or by an older enkal); resume from its checkpoint file")
+    par = _dataset(f, "parameters", path)
+    its = _dataset(f, "iteration", path)
+    stored = _dataset(f, "stored", path)
+    rng = _dataset(f, "rng_state", path)
+    sched = _dataset(f, "schedule_state", path)
+    checks = _dataset(f, "state_checksum", path)
+    masks = _dataset(f, "state_mask", path) if "state_mask" in f else None
+    if par.ndim != 3 or par.dtype.kind != "f":
+        raise StorageError(f"{path}: variable 'parameters' has shape {par.shape} and "
+                           f"dtype {par.dtype}, expected (iteration, member, parameter) "
+                           "floats")
+    p = int(par.shape[2])
+    for name, ds, kind in (("iteration", its, "iu"), ("stored", stored, "iu"),
+                           ("state_checksum", checks, "u")):
+        if ds.ndim != 1 or ds.dtype.kind not in kind:
+            raise StorageError(f"{path}: variable {name!r} has shape {ds.shape} and dtype "
+                               f"{ds.dtype}, expected one integer per iteration")
+    if rng.ndim != 2 or rng.dtype != np.uint8 or not 0 < rng.shape[1] <= 1 << 20:
+        raise StorageError(f"{path}: variable 'rng_state' has shape {rng.shape} and dtype "
+                           f"{rng.dtype}, expected (iteration, rng_byte) uint8")
+    device_type = _attr_str(rng.attrs.get("device_type", ""))
+    if device_type not in ("cpu", "cuda", "mps", "xpu"):
+        raise StorageError(f"{path}: rng_state has an unknown device_type "
+                           f"{device_type!r}")
+    if device_type == "cpu" and rng.shape[1] != _CPU_RNG_STATE_SIZE:
+        raise StorageError(f"{path}: rng_state rows of {rng.shape[1]} bytes are not CPU "
+                           f"generator states ({_CPU_RNG_STATE_SIZE})")
+    if sched.ndim != 1 or h5py.check_string_dtype(sched.dtype) is None:
+        raise StorageError(f"{path}: variable 'schedule_state' has dtype {sched.dtype}, "
+                           "expected one JSON string per iteration")
+    if masks is not None and (masks.ndim != 2 or masks.shape[1] != p or
+                              masks.dtype != np.int8):
+        raise StorageError(f"{path}: variable 'state_mask' has shape {masks.shape} and "
+                           f"dtype {masks.dtype}, expected (iteration, {p}) int8")
+    return _StateVariables(par, its, stored, rng, sched, checks, masks, device_type,
+                           _parameters_dtype(f, par, path))
+
+
+def _parameters_dtype(f: h5py.File, par: h5py.Dataset, path: Path) -> torch.dtype:
+    """The torch dtype of the ensemble (``parameters_dtype``), checked against the stored
+    dtype; a row must fit in what the file holds for ``parameters``."""
+    name = _attr_str(f.attrs.get("parameters_dtype", str(par.dtype)))
+    torch_dtype = getattr(torch, name, None) if name.isidentifier() and \
+        not name.startswith("_") else None
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point or \
+            _storage_dtype(torch_dtype) != par.dtype:
+        raise StorageError(f"{path}: parameters_dtype {name!r} does not describe the "
+                           f"stored {par.dtype} parameters")
+    row_bytes = int(par.shape[1]) * int(par.shape[2]) * par.dtype.itemsize
+    if par.compression is None and row_bytes > int(par.id.get_storage_size()) or \
+            row_bytes > 1 << 36:
+        raise StorageError(f"{path}: a parameters row declares {row_bytes} bytes, more "
+                           "than the file holds for them")
+    return torch_dtype
+
+
+def _first_usable_row(v: _StateVariables, rows: list[int], its: np.ndarray,
+                      flags: np.ndarray, path: Path) -> tuple[tuple | None, list[str]]:
+    """The first of ``rows`` (newest first) whose state passes :func:`_state_row`, at most
+    ``_MAX_STATE_ROWS_TRIED`` tried, and why the ones before it were skipped."""
+    skipped: list[str] = []
+    for r in rows[:_MAX_STATE_ROWS_TRIED]:
+        try:
+            return _state_row(v, r, its, flags, path), skipped
+        except (StorageError, OSError, ValueError, UnicodeDecodeError) as err:
+            skipped.append(f"row {r} (iteration {int(its[r])}): "
+                           f"{str(err).removeprefix(f'{path}: ')}")
+    return None, skipped
+
+
+def _state_row(v: _StateVariables, r: int, its: np.ndarray, flags: np.ndarray,
+               path: Path) -> tuple:
     """Read and check state row ``r``; raise (StorageError, OSError, ...) if unusable."""
     it = int(its[r])
     if it < 0 or (r > 0 and it <= int(its[r - 1])):
         raise StorageError("iteration out of order")
-    x = par[r]
-    g = rng[r]
-    raw = sched[r]
+    x = v.parameters[r]
+    g = v.rng[r]
+    raw = v.schedule[r]
     text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
     mask = None
     if int(flags[r]) & _STORED_MASK:
-        if masks is None:
+        if v.mask is None:
             raise StorageError("stored bit 8 set but the file has no state_mask")
-        mask = masks[r]
+        mask = v.mask[r]
         if np.any((mask != 0) & (mask != 1)):
             raise StorageError("state_mask holds values other than 0/1")
     checksum = _state_checksum(x, g, text, mask, it)
-    if checksum != int(checks[r]):
+    if checksum != int(v.checksum[r]):
         raise StorageError("checksum mismatch (a torn or corrupted row)")
     if not np.all(np.isfinite(x)):
         raise StorageError("parameters hold NaN/inf")

@@ -12,6 +12,7 @@ import datetime
 import json
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import StorageError
+from ..schedule import schedule_state_dict
 
 HISTORY_FORMAT = "enkal-history"
 CHECKPOINT_FORMAT = "enkal-checkpoint"
@@ -97,6 +99,29 @@ def _schedule_problem(schedule: Any) -> str | None:
         if k != "type" and (isinstance(v, bool) or not isinstance(v, (int, float))):
             return f"field {k!r} is not a number ({type(v).__name__})"
     return None
+
+
+def _schedule_json(schedule: Any) -> str:
+    """The JSON of a schedule state (or of its dict), checked as :func:`_schedule_problem`
+    does and with finite numbers only."""
+    sched = schedule_state_dict(schedule)
+    problem = _schedule_problem(sched)
+    if problem is not None:
+        raise ValueError(f"schedule: {problem}")
+    try:
+        return json.dumps(sched, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"schedule: expected finite JSON numbers ({err})") from None
+
+
+def _mask_row(mask: Any, n_parameters: int) -> np.ndarray:
+    """A bool ``(N_par,)`` mask as int8 0/1."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
+            tuple(mask.shape) != (n_parameters,):
+        raise ValueError(f"mask: expected a bool tensor of shape ({n_parameters},), got "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)} "
+                         f"{tuple(getattr(mask, 'shape', ()))}")
+    return mask.detach().cpu().numpy().astype(np.int8)
 
 
 def _check_rng_state(rng: Any, name: str = "rng_state") -> np.ndarray:
@@ -238,3 +263,76 @@ def _info_dict(info: Any, iteration: int) -> dict[str, Any]:
         if name in _RESERVED:
             raise ValueError(f"info: diagnostic name {name!r} is reserved by the schema")
     return out
+
+
+# -- the history policy --------------------------------------------------------------------
+@dataclass(frozen=True)
+class History:
+    """Which iterations keep the whole ensemble (the diagnostics are always kept).
+
+    Parameters
+    ----------
+    every : int or None
+        Keep the parameters of iterations ``0, every, 2 every, ...``; ``None`` keeps only the
+        final ensemble (with ``final=True``).
+    final : bool
+        Always keep the final ensemble (the ``append`` marked ``final=True``).
+    predictions : bool
+        Also keep the predictions ``(N_ens, N_obs)`` of each kept ensemble; with ``final``,
+        the last forward evaluation (of the ensemble before the final update) is kept too.
+    compression : None, "gzip" or "lzf"
+        HDF5 filter for the ensemble arrays (with byte shuffling). Off by default: ensembles
+        are noise-like floats that compress poorly (see ``bench/storage.py``).
+    compression_level : int
+        gzip level 1-9.
+    chunk_bytes : int
+        Target size of one chunk of ``parameters``: a chunk is ``(1, n, N_par)``, a block of
+        ``n`` whole members, which is contiguous in the members-first tensor, so an
+        uncompressed iteration goes to disk as a few direct chunk writes, without copies.
+
+    >>> History(every=10).keeps(20), History(every=10).keeps(25), History(every=None).keeps(5)
+    (True, False, False)
+    >>> History(every=None).keeps(5, final=True)
+    True
+    """
+
+    every: int | None = 1
+    final: bool = True
+    predictions: bool = False
+    compression: str | None = None
+    compression_level: int = 1
+    chunk_bytes: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        if self.every is not None and (isinstance(self.every, bool) or
+                                       not isinstance(self.every, int) or self.every < 1):
+            raise ValueError(f"History.every: expected an int >= 1 or None, got {self.every!r}")
+        for name in ("final", "predictions"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"History.{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.compression not in (None, "gzip", "lzf"):
+            raise ValueError(
+                f"History.compression: expected None, 'gzip' or 'lzf', got {self.compression!r}"
+            )
+        if not isinstance(self.compression_level, int) or not 1 <= self.compression_level <= 9:
+            raise ValueError(f"History.compression_level: expected an int in 1..9, got "
+                             f"{self.compression_level!r}")
+        if not isinstance(self.chunk_bytes, int) or self.chunk_bytes < 1024:
+            raise ValueError(f"History.chunk_bytes: expected an int >= 1024, got "
+                             f"{self.chunk_bytes!r}")
+
+    def keeps(self, iteration: int, *, final: bool = False) -> bool:
+        """Whether the ensemble of ``iteration`` is stored."""
+        return (self.every is not None and iteration % self.every == 0) or \
+            (final and self.final)
+
+    def _filters(self) -> dict[str, Any]:
+        if self.compression is None:
+            return {}
+        kw: dict[str, Any] = {"compression": self.compression, "shuffle": True}
+        if self.compression == "gzip":
+            kw["compression_opts"] = self.compression_level
+        return kw
+
+
+# -- the streaming writer ------------------------------------------------------------------
