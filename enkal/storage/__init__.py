@@ -27,9 +27,9 @@ Three levels, one implementation (the streaming writer):
   :meth:`~enkal.EnsembleSmoother.state_dict` (parameters, generator state, schedule state)
   so that a killed run resumes bit for bit;
 * a history row that keeps the ensemble also holds the rest of that state (``rng_state``,
-  ``schedule_state``, ``state_mask``, ``state_checksum``): :func:`read_history_state` reads
-  the last complete one, so a history is its own checkpoint; :func:`read_state` reads
-  either kind of file (what ``run(resume=path)`` does).
+  ``schedule_state``, ``state_mask``, ``adapt_state``, ``state_checksum``):
+  :func:`read_history_state` reads the last complete one, so a history is its own
+  checkpoint; :func:`read_state` reads either kind of file (what ``run(resume=path)`` does).
 
 Modules, lowest first: ``schema`` (format names, reserved names, the ``stored`` bits, the
 JSON codec of attributes, small validators), ``h5`` (atomic writes, one-row appends,

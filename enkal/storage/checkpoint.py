@@ -21,6 +21,7 @@ from ..errors import StorageError
 from .h5 import _as_path, _atomic_replace, _get_array, _put_array, _read_errors, _temp_path
 from .schema import (
     _CPU_RNG_STATE_SIZE,
+    _MAX_JSON_DEPTH,
     CHECKPOINT_FORMAT,
     FORMAT_VERSION,
     _attr_str,
@@ -28,9 +29,12 @@ from .schema import (
     _check_ensemble,
     _check_format,
     _check_rng_state,
+    _field_type_problem,
     _int_attr,
+    _json_depth_ok,
     _loads,
     _now,
+    _schedule_json,
     _schedule_problem,
     _storage_dtype,
     _to_json,
@@ -73,7 +77,11 @@ def write_checkpoint(path: Any, smoother: Any, state: Any, *, fsync: bool = True
     try:
         sched_json = json.dumps(schedule)
     except TypeError as err:
-        raise TypeError(f"state.schedule: expected JSON-able numbers ({err})") from None
+        raise TypeError(f"state.schedule: expected JSON-able values ({err})") from None
+    if not _json_depth_ok(sched_json):
+        raise ValueError(f"state.schedule: nests deeper than {_MAX_JSON_DEPTH} levels")
+    adapt = d.get("adapt")
+    adapt_json = None if adapt is None else _schedule_json(adapt, "adapt")
     torch_dtype = str(x.dtype).removeprefix("torch.")
     attrs = {
         "enkal_format": CHECKPOINT_FORMAT,
@@ -90,6 +98,8 @@ def write_checkpoint(path: Any, smoother: Any, state: Any, *, fsync: bool = True
         "device_type": x.device.type,
         "has_mask": int(mask is not None),
     }
+    if adapt_json is not None:
+        attrs["adapt"] = adapt_json  # only when there is one: other files are as before
     tmp = _temp_path(path)
     try:
         with h5py.File(tmp, "w", libver="latest", locking=False) as f:
@@ -124,7 +134,8 @@ def read_state_dict(path: Any, *, device: torch.device | str | None = None) -> d
     -------
     dict
         ``parameters (N_ens, N_par)``, ``iteration``, ``schedule``, ``rng_state``, ``mask``,
-        ``config`` and the file's ``attrs``.
+        ``config``, ``adapt`` (the encoded adaptation state, or None), ``device_type`` and
+        the file's ``attrs``.
 
     Raises
     ------
@@ -167,6 +178,12 @@ def read_state_dict(path: Any, *, device: torch.device | str | None = None) -> d
         problem = _schedule_problem(schedule)
         if problem is not None:
             raise StorageError(f"{path}: schedule attribute {problem}")
+        adapt = None
+        if "adapt" in a:
+            adapt = _loads(_attr_str(a["adapt"]), "adapt", path)
+            problem = _schedule_problem(adapt, "adaptation")
+            if problem is not None:
+                raise StorageError(f"{path}: adapt attribute {problem}")
     if not np.all(np.isfinite(par)):
         raise StorageError(f"{path}: parameters hold NaN/inf (a checkpoint never does)")
     params = torch.from_numpy(par).to(dtype=torch_dtype, device=device)
@@ -177,6 +194,7 @@ def read_state_dict(path: Any, *, device: torch.device | str | None = None) -> d
         "rng_state": torch.from_numpy(rng),
         "mask": None if mask is None else torch.from_numpy(mask.astype(bool)).to(device),
         "config": config,
+        "adapt": adapt,
         "device_type": device_type,
         "attrs": {k: (_attr_str(v) if isinstance(v, (bytes, str)) else v)
                   for k, v in a.items()},
@@ -234,6 +252,11 @@ def _load_state(d: dict[str, Any], path: Path, smoother: Any, device: Any, *,
         state = smoother.load_state_dict(d)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path}: {what} does not fit this smoother: {err}") from None
+    for part in ("schedule", "adapt"):  # fields read from a file, as their classes declare
+        problem = _field_type_problem(getattr(state, part, None))
+        if problem is not None:
+            raise ValueError(f"{path}: {what} does not fit this smoother: {part} state "
+                             f"{problem}")
     _config_differs(smoother, config, path, what)
     return state
 

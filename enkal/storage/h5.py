@@ -41,6 +41,7 @@ class _StateRow(NamedTuple):
     device_type: str  # where the generator lives ("cpu", "cuda")
     mask: np.ndarray | None  # int8 0/1 (None: the state has no mask)
     checksum: int  # _state_checksum of the row
+    adapt: str | None = None  # JSON of the adaptation state (None: it has none)
 
 
 def _temp_path(path: Path) -> Path:
@@ -176,9 +177,11 @@ def _create_structure(nc: h5netcdf.File, *, layout: Any, observations: Any,
 
 
 def _create_state_variables(f: h5py.File, *, rows: int, n_parameters: int, rng_size: int,
-                            device_type: str, state: bool, mask: bool) -> list[str]:
+                            device_type: str, state: bool, mask: bool,
+                            adapt: bool = False) -> list[str]:
     """Create the per-row state variables (``state``: ``rng_state``, ``schedule_state``,
-    ``state_checksum``; ``mask``: ``state_mask``), ``rows`` long; return their names."""
+    ``state_checksum``; ``mask``: ``state_mask``; ``adapt``: ``adapt_state``), ``rows``
+    long; return their names."""
     with h5netcdf.File(f, "a") as nc:
         if state:
             nc.dimensions["rng_byte"] = rng_size
@@ -201,7 +204,14 @@ def _create_state_variables(f: h5py.File, *, rows: int, n_parameters: int, rng_s
                                    chunks=(1, n_parameters), fillvalue=np.int8(1))
             v.attrs["long_name"] = ("live parameters of the state of this row (0: "
                                     "pruned); where stored bit 8 is set")
-    names = ([*_STATE_VARIABLES] if state else []) + (["state_mask"] if mask else [])
+        if adapt:
+            v = nc.create_variable("adapt_state", ("iteration",), h5py.string_dtype(),
+                                   chunks=(_ROW_CHUNK,))
+            v.attrs["long_name"] = ("JSON of the structure-adaptation state after this row's "
+                                    "update")
+            v.attrs["comment"] = "empty where stored bit 4 is 0 or the state has none"
+    names = ([*_STATE_VARIABLES] if state else []) + (["state_mask"] if mask else []) + \
+        (["adapt_state"] if adapt else [])
     for name in names:
         if f[name].shape[0] != rows:
             f[name].resize(rows, axis=0)
@@ -278,6 +288,8 @@ def _write_row(f: h5py.File, row: int, iteration: int, flags: int, params: np.nd
         _put(ds["schedule_state"], row, state.schedule)
         if state.mask is not None:
             _put(ds["state_mask"], row, state.mask)
+        if state.adapt is not None:
+            _put(ds["adapt_state"], row, state.adapt)
         _put(ds["state_checksum"], row, np.uint64(state.checksum))
     _put(ds["iteration"], row, iteration)
     _put(ds["stored"], row, flags)

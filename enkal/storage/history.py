@@ -169,6 +169,7 @@ class HistoryWriter:
         self._predictions = history.predictions  # the file keeps predictions
         self._rng_size: int | None = None  # bytes of rng_state; None: no state variables yet
         self._state_mask = False  # the file has a state_mask variable
+        self._adapt_state = False  # the file has an adapt_state variable
         self._closed = False
         if resume_from is not None:
             self._resume(resume_from)
@@ -214,7 +215,7 @@ class HistoryWriter:
         row also holds the generator and schedule state when it keeps the ensemble."""
         self.append(state.iteration, state.parameters, info, predictions=predictions,
                     mask=state.mask, final=final, rng_state=state.rng_state,
-                    schedule=state.schedule)
+                    schedule=state.schedule, adapt=getattr(state, "adapt", None))
 
     def append(
         self,
@@ -227,6 +228,7 @@ class HistoryWriter:
         final: bool = False,
         rng_state: torch.Tensor | None = None,
         schedule: Any = None,
+        adapt: Any = None,
     ) -> None:
         """Add the row of ``iteration`` (the ensemble after ``iteration`` updates).
 
@@ -250,9 +252,14 @@ class HistoryWriter:
         rng_state : uint8 Tensor, optional
             ``torch.Generator.get_state()`` of the smoother after this update; with
             ``schedule``, a row that keeps the ensemble holds the whole smoother state
-            (``rng_state``, ``schedule_state``, ``state_mask``, ``state_checksum``).
+            (``rng_state``, ``schedule_state``, ``state_mask``, ``adapt_state``,
+            ``state_checksum``).
         schedule : schedule state or its dict, optional
-            The schedule's state after this update (``{"type": ..., field: number}``).
+            The schedule's state after this update (``{"type": ..., field: value}``, see
+            :func:`enkal._types.encode_state`).
+        adapt : adaptation state or its dict, optional
+            The structure adaptation's state after this update (with ``rng_state`` and
+            ``schedule``; ``adapt_state`` in a row that holds the state).
         """
         if self._closed:
             raise ValueError("HistoryWriter: append after close()")
@@ -272,14 +279,14 @@ class HistoryWriter:
         changed = full_mask is not None and not (
             self._mask is not None and np.array_equal(full_mask, self._mask))
         mask_np = full_mask if changed else None
-        small = self._state_items(rng_state, schedule)
+        small = self._state_items(rng_state, schedule, adapt)
         params_np = cpu_numpy(parameters) if keep else None
         state = None
         if keep and small is not None:
-            rng_np, sched_json = small
+            rng_np, sched_json, adapt_json = small
             state = _StateRow(rng_np, sched_json, parameters.device.type, full_mask,
                               _state_checksum(params_np, rng_np, sched_json, full_mask,
-                                              iteration))
+                                              iteration, adapt_json), adapt_json)
         flags = _STORED_PARAMETERS if keep else 0
         if state is not None:
             flags |= _STORED_STATE | (_STORED_MASK if state.mask is not None else 0)
@@ -353,20 +360,24 @@ class HistoryWriter:
                         rows=n_ens, label="N_obs")
         return cpu_numpy(predictions) if keep else None
 
-    def _state_items(self, rng_state: torch.Tensor | None,
-                     schedule: Any) -> tuple[np.ndarray, str] | None:
-        """The checked generator state and the schedule's JSON (None: no state given)."""
+    def _state_items(self, rng_state: torch.Tensor | None, schedule: Any,
+                     adapt: Any) -> tuple[np.ndarray, str, str | None] | None:
+        """The checked generator state and the JSON of the schedule's and the adaptation's
+        states (None: no state given)."""
         if (rng_state is None) != (schedule is None):
             raise ValueError("rng_state, schedule: give both (a resumable state row) or neither")
         if rng_state is None:
+            if adapt is not None:
+                raise ValueError("adapt: only with rng_state and schedule (a state row)")
             return None
         rng_np = _check_rng_state(rng_state)
         sched_json = _schedule_json(schedule)
+        adapt_json = None if adapt is None else _schedule_json(adapt, "adapt")
         if self._rng_size is not None and rng_np.size != self._rng_size:
             raise ValueError(f"rng_state: expected {self._rng_size} bytes (the file's "
                              f"generator states), got {rng_np.size}; a generator of "
                              "another device type?")
-        return rng_np, sched_json
+        return rng_np, sched_json, adapt_json
 
     def _append_row(self, iteration: int, flags: int, params_np: np.ndarray | None,
                     values: dict[str, Any], kinds: dict[str, str],
@@ -452,17 +463,22 @@ class HistoryWriter:
         self._created = True
 
     def _ensure_state_variables(self, f: h5py.File, state: _StateRow) -> None:
-        """Create the per-row state variables at the first state row (and ``state_mask``
-        at the first state with a mask); earlier rows read as no state."""
+        """Create the per-row state variables at the first state row (``state_mask`` at
+        the first state with a mask, ``adapt_state`` at the first with an adaptation
+        state); earlier rows read as no state."""
         need_state = self._rng_size is None
         need_mask = state.mask is not None and not self._state_mask
-        if not (need_state or need_mask):
+        need_adapt = state.adapt is not None and not self._adapt_state
+        if not (need_state or need_mask or need_adapt):
             return
         self._unlimited.extend(_create_state_variables(
             f, rows=self._rows, n_parameters=self.layout.size, rng_size=int(state.rng.size),
-            device_type=state.device_type, state=need_state, mask=need_mask))
+            device_type=state.device_type, state=need_state, mask=need_mask,
+            adapt=need_adapt))
         if need_mask:
             self._state_mask = True
+        if need_adapt:
+            self._adapt_state = True
         if need_state:
             self._rng_size = int(state.rng.size)
 
@@ -498,6 +514,7 @@ class HistoryWriter:
                 self._predictions = "predictions" in f  # the file's choice stands
                 self._rng_size = int(f["rng_state"].shape[1]) if "rng_state" in f else None
                 self._state_mask = "state_mask" in f
+                self._adapt_state = "adapt_state" in f
                 f.attrs["complete"] = np.int8(0)
                 if self.config is not None and "config" in f.attrs and \
                         _attr_str(f.attrs["config"]) != _to_json(self.config):

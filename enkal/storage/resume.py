@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import torch
 
+from .._types import encode_state
 from ..errors import StorageError
 from .checkpoint import _load_state, read_state_dict
 from .h5 import _as_path, _dataset, _read_errors, _unlimited, repair
@@ -42,8 +43,8 @@ def read_history_state(path: Any, *, device: torch.device | str | None = None,
     """Read the smoother state held by a history file's last complete state row.
 
     A row holds the whole state (``stored`` bit 4) when the run's :class:`History` kept its
-    ensemble: ``parameters``, ``rng_state``, ``schedule_state``, ``state_mask`` and the
-    ``state_checksum`` over all of them. Everything is validated before it is trusted (the
+    ensemble: ``parameters``, ``rng_state``, ``schedule_state``, ``state_mask``,
+    ``adapt_state`` and the ``state_checksum`` over all of them. Everything is validated before it is trusted (the
     variables' dims and dtypes, the declared sizes, the JSON, the checksum). A row that
     fails (the torn last row of a killed append, a checksum mismatch) is skipped with a
     ``RuntimeWarning`` and the previous state row is used: resuming from it recomputes the
@@ -63,7 +64,8 @@ def read_history_state(path: Any, *, device: torch.device | str | None = None,
     -------
     dict
         As :func:`read_state_dict`: ``parameters (N_ens, N_par)``, ``iteration``,
-        ``schedule``, ``rng_state``, ``mask``, ``config``, ``device_type``, ``attrs``.
+        ``schedule``, ``rng_state``, ``mask``, ``config``, ``adapt``, ``device_type``,
+        ``attrs``.
 
     Raises
     ------
@@ -100,7 +102,7 @@ def read_history_state(path: Any, *, device: torch.device | str | None = None,
     if skipped:
         warnings.warn(f"{path}: skipped unusable state rows ({'; '.join(skipped)}); resuming "
                       f"from iteration {found[0]}", RuntimeWarning, stacklevel=2)
-    it, x, g, schedule, mask = found
+    it, x, g, schedule, mask, adapt = found
     return {
         "parameters": torch.from_numpy(x).to(dtype=v.torch_dtype, device=device),
         "iteration": it,
@@ -108,6 +110,7 @@ def read_history_state(path: Any, *, device: torch.device | str | None = None,
         "rng_state": torch.from_numpy(g),
         "mask": None if mask is None else torch.from_numpy(mask.astype(bool)).to(device),
         "config": config,
+        "adapt": adapt,
         "device_type": v.device_type,
         "attrs": attrs,
     }
@@ -123,6 +126,7 @@ class _StateVariables(NamedTuple):
     schedule: h5py.Dataset
     checksum: h5py.Dataset
     mask: h5py.Dataset | None
+    adapt: h5py.Dataset | None
     device_type: str  # of the generator states
     torch_dtype: torch.dtype  # of the ensemble
 
@@ -140,6 +144,7 @@ def _state_variables(f: h5py.File, path: Path) -> _StateVariables:
     sched = _dataset(f, "schedule_state", path)
     checks = _dataset(f, "state_checksum", path)
     masks = _dataset(f, "state_mask", path) if "state_mask" in f else None
+    adapt = _dataset(f, "adapt_state", path) if "adapt_state" in f else None
     if par.ndim != 3 or par.dtype.kind != "f":
         raise StorageError(f"{path}: variable 'parameters' has shape {par.shape} and "
                            f"dtype {par.dtype}, expected (iteration, member, parameter) "
@@ -160,14 +165,15 @@ def _state_variables(f: h5py.File, path: Path) -> _StateVariables:
     if device_type == "cpu" and rng.shape[1] != _CPU_RNG_STATE_SIZE:
         raise StorageError(f"{path}: rng_state rows of {rng.shape[1]} bytes are not CPU "
                            f"generator states ({_CPU_RNG_STATE_SIZE})")
-    if sched.ndim != 1 or h5py.check_string_dtype(sched.dtype) is None:
-        raise StorageError(f"{path}: variable 'schedule_state' has dtype {sched.dtype}, "
-                           "expected one JSON string per iteration")
+    for name, ds in (("schedule_state", sched), ("adapt_state", adapt)):
+        if ds is not None and (ds.ndim != 1 or h5py.check_string_dtype(ds.dtype) is None):
+            raise StorageError(f"{path}: variable {name!r} has dtype {ds.dtype}, expected "
+                               "one JSON string per iteration")
     if masks is not None and (masks.ndim != 2 or masks.shape[1] != p or
                               masks.dtype != np.int8):
         raise StorageError(f"{path}: variable 'state_mask' has shape {masks.shape} and "
                            f"dtype {masks.dtype}, expected (iteration, {p}) int8")
-    return _StateVariables(par, its, stored, rng, sched, checks, masks, device_type,
+    return _StateVariables(par, its, stored, rng, sched, checks, masks, adapt, device_type,
                            _parameters_dtype(f, par, path))
 
 
@@ -211,8 +217,8 @@ def _state_row(v: _StateVariables, r: int, its: np.ndarray, flags: np.ndarray,
         raise StorageError("iteration out of order")
     x = v.parameters[r]
     g = v.rng[r]
-    raw = v.schedule[r]
-    text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    text = _text(v.schedule[r])
+    adapt_text = _text(v.adapt[r]) if v.adapt is not None else ""
     mask = None
     if int(flags[r]) & _STORED_MASK:
         if v.mask is None:
@@ -220,7 +226,7 @@ def _state_row(v: _StateVariables, r: int, its: np.ndarray, flags: np.ndarray,
         mask = v.mask[r]
         if np.any((mask != 0) & (mask != 1)):
             raise StorageError("state_mask holds values other than 0/1")
-    checksum = _state_checksum(x, g, text, mask, it)
+    checksum = _state_checksum(x, g, text, mask, it, adapt_text or None)
     if checksum != int(v.checksum[r]):
         raise StorageError("checksum mismatch (a torn or corrupted row)")
     if not np.all(np.isfinite(x)):
@@ -229,7 +235,17 @@ def _state_row(v: _StateVariables, r: int, its: np.ndarray, flags: np.ndarray,
     problem = _schedule_problem(schedule)
     if problem is not None:
         raise StorageError(f"schedule_state {problem}")
-    return it, x, g, schedule, mask
+    adapt = None
+    if adapt_text:
+        adapt = _loads(adapt_text, "adapt_state", path)
+        problem = _schedule_problem(adapt, "adaptation")
+        if problem is not None:
+            raise StorageError(f"adapt_state {problem}")
+    return it, x, g, schedule, mask, adapt
+
+
+def _text(raw: Any) -> str:
+    return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
 
 
 def read_policy(path: Any) -> History:
@@ -326,6 +342,7 @@ def read_state(path: Any, smoother: Any, *, device: torch.device | str | None = 
     same = (torch.equal(row["parameters"], here["parameters"].cpu())
             and torch.equal(row["rng_state"], here["rng_state"].cpu())
             and row["schedule"] == json.loads(json.dumps(here["schedule"]))
+            and row["adapt"] == json.loads(_to_json(encode_state(here.get("adapt"))))
             and (row["mask"] is None) == (here["mask"] is None)
             and (row["mask"] is None or torch.equal(row["mask"], here["mask"].cpu())))
     if not same:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import types
+import typing
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,8 +22,8 @@ import h5py
 import numpy as np
 import torch
 
+from .._types import encode_state
 from ..errors import StorageError
-from ..schedule import schedule_state_dict
 
 HISTORY_FORMAT = "enkal-history"
 CHECKPOINT_FORMAT = "enkal-checkpoint"
@@ -31,7 +33,7 @@ FORMAT_VERSION = 1
 _RESERVED = frozenset({
     "iteration", "member", "parameter", "output", "output2", "parameters", "predictions",
     "stored", "observations", "noise_std", "noise_chol", "mask",
-    "rng_byte", "rng_state", "schedule_state", "state_mask", "state_checksum",
+    "rng_byte", "rng_state", "schedule_state", "state_mask", "state_checksum", "adapt_state",
 })
 _ROW_CHUNK = 1024  # rows per chunk of the small per-iteration variables
 _INT_MISSING = -1  # integer/flag diagnostics at rows without an update
@@ -91,27 +93,77 @@ def _check_ensemble(x: Any, name: str, *, columns: int | None = None,
                          f"{tuple(x.shape)}{hint}")
 
 
-def _schedule_problem(schedule: Any) -> str | None:
-    """Why ``schedule`` is not a schedule state dict (``None`` when it is one)."""
+def _schedule_problem(schedule: Any, what: str = "schedule") -> str | None:
+    """Why ``schedule`` is not an encoded component state (``None`` when it is one): a JSON
+    object with a string ``type``; its fields are any JSON values, which the component
+    decodes and checks (``enkal._types.decode_state``)."""
     if not isinstance(schedule, dict) or not isinstance(schedule.get("type"), str):
-        return "is not a schedule state (a JSON object with a string 'type')"
-    for k, v in schedule.items():
-        if k != "type" and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            return f"field {k!r} is not a number ({type(v).__name__})"
+        return f"is not a {what} state (a JSON object with a string 'type')"
     return None
 
 
-def _schedule_json(schedule: Any) -> str:
-    """The JSON of a schedule state (or of its dict), checked as :func:`_schedule_problem`
-    does and with finite numbers only."""
-    sched = schedule_state_dict(schedule)
-    problem = _schedule_problem(sched)
+def _schedule_json(schedule: Any, what: str = "schedule") -> str:
+    """The JSON of a component state (a dataclass, or its :func:`~enkal._types.encode_state`
+    dict), checked as :func:`_schedule_problem` does, with finite numbers only and nesting
+    that a reader accepts."""
+    if not isinstance(schedule, Mapping) and not (dataclasses.is_dataclass(schedule) and
+                                                  not isinstance(schedule, type)):
+        raise TypeError(f"{what}: expected a {what} state (dataclass) or its dict, got "
+                        f"{type(schedule).__name__}")
+    sched = encode_state(schedule, what)
+    problem = _schedule_problem(sched, what)
     if problem is not None:
-        raise ValueError(f"schedule: {problem}")
+        raise ValueError(f"{what}: {problem}")
     try:
-        return json.dumps(sched, allow_nan=False)
+        text = json.dumps(sched, allow_nan=False)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"schedule: expected finite JSON numbers ({err})") from None
+        raise ValueError(f"{what}: expected finite numbers and JSON values ({err})") from None
+    if not _json_depth_ok(text):
+        raise ValueError(f"{what}: nests deeper than {_MAX_JSON_DEPTH} levels")
+    return text
+
+
+def _field_type_problem(state: Any) -> str | None:
+    """Why a component state decoded from a file does not fit the types its dataclass
+    declares for its fields (``None`` when it does). Only plain annotations are checked
+    (``int``, ``float``, ``bool``, ``str``, tensors, tuples, optionals); anything else, and
+    the values' ranges, are the component's to check."""
+    if not dataclasses.is_dataclass(state) or isinstance(state, type):
+        return None
+    try:
+        hints = typing.get_type_hints(type(state))
+    except Exception:  # annotations that do not resolve: nothing to check them against
+        return None
+    for f in dataclasses.fields(state):
+        value = getattr(state, f.name)
+        if f.name in hints and not _fits(value, hints[f.name]):
+            hint = hints[f.name]
+            name = hint.__name__ if type(hint) is type else str(hint).replace("typing.", "")
+            return (f"field {f.name!r} of {type(state).__name__}: expected {name}, got "
+                    f"{type(value).__name__}")
+    return None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    hint = typing.get_origin(hint) or hint  # tuple[float, ...] -> tuple
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (tuple, list):  # JSON has lists only
+        return isinstance(value, (tuple, list))
+    if hint is typing.Any or not isinstance(hint, type):
+        return True
+    try:
+        return isinstance(value, hint)
+    except TypeError:  # a class that refuses isinstance (a non-runtime Protocol, ...)
+        return True
 
 
 def _mask_row(mask: Any, n_parameters: int) -> np.ndarray:
@@ -134,7 +186,7 @@ def _check_rng_state(rng: Any, name: str = "rng_state") -> np.ndarray:
 
 
 def _state_checksum(params: np.ndarray, rng: np.ndarray, schedule: str,
-                    mask: np.ndarray | None, iteration: int) -> int:
+                    mask: np.ndarray | None, iteration: int, adapt: str | None = None) -> int:
     """64-bit checksum of one state row: the sum of the ensemble's bytes read as 64-bit
     words (mod 2^64; any changed word changes it) plus CRC-32 of the small items shifted
     into the high half. A CRC of the whole ensemble would cost ~4 ms per 15 MB, a tenth of
@@ -145,7 +197,10 @@ def _state_checksum(params: np.ndarray, rng: np.ndarray, schedule: str,
     small = b"".join([raw[n8:].tobytes(), np.ascontiguousarray(rng).tobytes(),
                       schedule.encode("utf-8"),
                       b"" if mask is None else np.ascontiguousarray(mask).tobytes(),
-                      int(iteration).to_bytes(8, "little", signed=True)])
+                      int(iteration).to_bytes(8, "little", signed=True),
+                      # the adaptation state's JSON only when there is one, so that the
+                      # checksums of rows (and files) without one stay what they were
+                      adapt.encode("utf-8") if adapt else b""])
     return (total + (zlib.crc32(small) << 32)) & 0xFFFF_FFFF_FFFF_FFFF
 
 

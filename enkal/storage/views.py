@@ -50,12 +50,13 @@ def _write_result(writer: HistoryWriter, result: Any) -> None:
     for it, info in zip(its, rows, strict=True):
         if it == k:
             writer.append(it, x, info, predictions=pred, mask=state.mask, final=True,
-                          rng_state=state.rng_state, schedule=state.schedule)
+                          rng_state=state.rng_state, schedule=state.schedule,
+                          adapt=state.adapt)
         else:
             writer.append(it, None, info)
     if k not in its:
         writer.append(k, x, None, predictions=pred, mask=state.mask, final=True,
-                      rng_state=state.rng_state, schedule=state.schedule)
+                      rng_state=state.rng_state, schedule=state.schedule, adapt=state.adapt)
 
 
 def _result_writer(target: Any, result: Any, compression: str | None) -> HistoryWriter:
