@@ -86,7 +86,7 @@ from .checkpoint import read_checkpoint, read_state_dict, write_checkpoint
 from .h5 import _unlimited as _unlimited  # noqa: F401 - used by tests
 from .h5 import repair
 from .history import History, HistoryWriter
-from .recorder import default_checkpoint_path
+from .recorder import Recorder, default_checkpoint_path
 from .resume import format_of, read_history_state, read_policy, read_state
 from .schema import CHECKPOINT_FORMAT, FORMAT_VERSION, HISTORY_FORMAT
 from .schema import _state_checksum as _state_checksum  # noqa: F401 - used by tests
@@ -101,6 +101,7 @@ _read_policy = read_policy
 __all__ = [
     "History",
     "HistoryWriter",
+    "Recorder",
     "to_xarray",
     "save",
     "open",

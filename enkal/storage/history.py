@@ -271,7 +271,7 @@ class HistoryWriter:
             raise ValueError("parameters: the first row of a history must carry the ensemble")
         values = _info_dict(info, iteration)
         kinds = {k: _diagnostic_kind(k, v) for k, v in values.items()}
-        keeps_parameters, keeps_predictions = self._keeps(iteration, final=final)
+        keeps_parameters, keeps_predictions = self.keeps_row(iteration, final=final)
         keep = parameters is not None and keeps_parameters
         pred_np = self._predictions_row(predictions, parameters, keeps_predictions)
         full_mask = None if mask is None else _mask_row(mask, p)
@@ -302,6 +302,18 @@ class HistoryWriter:
         self._last = iteration
         self._last_flags = flags
 
+    def keeps_row(self, iteration: int, *, final: bool = False) -> tuple[bool, bool]:
+        """What the next :meth:`append`, of ``iteration``, writes of the tensors it is
+        given: ``(parameters, predictions)``, i.e. whether it keeps the ensemble (when one
+        is given) and whether it stores the predictions (at the previous row). A caller
+        that hands the row to another thread copies only these."""
+        keeps_predictions = self._predictions and self._rows > 0 and \
+            self._last == iteration - 1 and \
+            bool(self._last_flags & _STORED_PARAMETERS or (final and self.history.final))
+        return self.history.keeps(iteration, final=final), keeps_predictions
+
+    _keeps = keeps_row  # the name today's smoother loop uses (until it takes a Recorder)
+
     def close(self, attrs: Mapping[str, Any] | None = None) -> None:
         """Mark the file complete (attribute ``complete = 1``) and add final attributes."""
         if self._closed:
@@ -328,15 +340,6 @@ class HistoryWriter:
         return f"HistoryWriter({where}, rows={self._rows}, last_iteration={self._last})"
 
     # -- internals -----------------------------------------------------------------------
-    def _keeps(self, iteration: int, *, final: bool = False) -> tuple[bool, bool]:
-        """What the next :meth:`append`, of ``iteration``, writes of the tensors it is
-        given: ``(parameters, predictions)``, i.e. whether it keeps the ensemble (when one
-        is given) and whether it stores the predictions (at the previous row)."""
-        keeps_predictions = self._predictions and self._rows > 0 and \
-            self._last == iteration - 1 and \
-            bool(self._last_flags & _STORED_PARAMETERS or (final and self.history.final))
-        return self.history.keeps(iteration, final=final), keeps_predictions
-
     def _check_iteration(self, iteration: Any) -> int:
         if isinstance(iteration, bool) or not isinstance(iteration, (int, np.integer)) or \
                 iteration < 0:
