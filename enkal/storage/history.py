@@ -61,7 +61,7 @@ class HistoryWriter:
 
     The file is created (atomically) at the first :meth:`append` and opened, extended and
     closed again at each later one, so a killed run leaves a file that ``xarray`` opens with
-    every completed iteration (see the module docstring). One writer per file.
+    every completed iteration (see :mod:`enkal.storage`). One writer per file.
 
     A row that keeps the ensemble and is given the generator and schedule state
     (:meth:`record` and :meth:`start` take them from a

@@ -45,6 +45,7 @@ _STATE_VARIABLES = ("rng_state", "schedule_state", "state_checksum")
 _FLOAT_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 
+# -- the JSON codec of attributes ------------------------------------------------------
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -72,27 +73,94 @@ def _to_json(obj: Any) -> str:
     return json.dumps(obj, default=_json_default)
 
 
-def _storage_dtype(dtype: torch.dtype) -> np.dtype:
-    return np.dtype(_FLOAT_DTYPES.get(dtype, np.float32))
+def _attr_value(v: Any) -> Any:
+    if isinstance(v, (bool, np.bool_)):
+        return np.int8(v)
+    if isinstance(v, str):
+        return str(v)  # plain str: h5py refuses str subclasses such as torch's version
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return v
+    if isinstance(v, np.ndarray) and v.dtype.kind in "iuf":
+        return v
+    return _to_json(v)
 
 
-def _check_ensemble(x: Any, name: str, *, columns: int | None = None,
-                    rows: int | None = None, label: str = "N_par") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor of shape (N_ens, {label}), got "
-                        f"{type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating dtype, got {x.dtype}")
-    if x.ndim != 2 or (columns is not None and x.shape[1] != columns) or \
-            (rows is not None and x.shape[0] != rows):
-        want = f"({rows if rows is not None else 'N_ens'}, {columns if columns is not None else label})"
+def _attr_str(v: Any) -> str:
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, np.ndarray) and v.size == 1:
+        return _attr_str(v.item())
+    return str(v)
+
+
+_MAX_JSON_DEPTH = 32
+
+
+def _json_depth_ok(text: str, limit: int = _MAX_JSON_DEPTH) -> bool:
+    """Whether the brackets of the JSON ``text`` nest at most ``limit`` deep (a quick scan
+    before ``json.loads``, which recurses per level)."""
+    depth = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def _loads(text: str, what: str, path: Any) -> Any:
+    """``json.loads`` of an attribute, refusing deeply nested or malformed JSON with a
+    :class:`StorageError` naming ``path``."""
+    if not _json_depth_ok(text):
+        raise StorageError(f"{path}: {what} attribute nests deeper than {_MAX_JSON_DEPTH} "
+                           "levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise StorageError(f"{path}: {what} attribute is not valid JSON ({err})") from None
+
+
+def _int_attr(attrs: Any, name: str, path: Any) -> int:
+    """An integer header attribute (a scalar of an integer dtype; no float, bool, string)."""
+    a = np.asarray(attrs[name])
+    if a.size != 1 or a.dtype.kind not in "iu":
+        raise StorageError(f"{path}: attribute {name!r} is not an integer ({attrs[name]!r})")
+    return int(a.item())
+
+
+def _check_format(attrs: Any, path: Any, expected: str) -> None:
+    fmt = attrs.get("enkal_format")
+    fmt = _attr_str(fmt) if fmt is not None else None
+    if fmt != expected:
         hint = ""
-        if x.ndim == 2 and columns is not None and x.shape[0] == columns:
-            hint = f"; enkal expects members first: did you pass ({label}, N_ens)?"
-        raise ValueError(f"{name}: expected shape {want} = (N_ens, {label}), got "
-                         f"{tuple(x.shape)}{hint}")
+        if fmt == CHECKPOINT_FORMAT:
+            hint = "; it is a checkpoint: read it with enkal.storage.read_checkpoint"
+        elif fmt == HISTORY_FORMAT:
+            hint = "; it is a history file: open it with enkal.storage.open"
+        raise StorageError(f"{path}: not an {expected} file (enkal_format={fmt!r}){hint}")
+    version = attrs.get("enkal_format_version")
+    try:
+        version = int(np.asarray(version).item())
+    except (TypeError, ValueError):
+        raise StorageError(f"{path}: missing or malformed enkal_format_version") from None
+    if version > FORMAT_VERSION:
+        raise StorageError(f"{path}: format version {version} is newer than this enkal "
+                           f"understands ({FORMAT_VERSION}); upgrade enkal")
 
 
+# -- component states (schedule, adaptation): JSON objects with a string 'type' --------
 def _schedule_problem(schedule: Any, what: str = "schedule") -> str | None:
     """Why ``schedule`` is not an encoded component state (``None`` when it is one): a JSON
     object with a string ``type``; its fields are any JSON values, which the component
@@ -166,6 +234,28 @@ def _fits(value: Any, hint: Any) -> bool:
         return True
 
 
+# -- what a row holds ------------------------------------------------------------------
+def _storage_dtype(dtype: torch.dtype) -> np.dtype:
+    return np.dtype(_FLOAT_DTYPES.get(dtype, np.float32))
+
+
+def _check_ensemble(x: Any, name: str, *, columns: int | None = None,
+                    rows: int | None = None, label: str = "N_par") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape (N_ens, {label}), got "
+                        f"{type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {x.dtype}")
+    if x.ndim != 2 or (columns is not None and x.shape[1] != columns) or \
+            (rows is not None and x.shape[0] != rows):
+        want = f"({rows if rows is not None else 'N_ens'}, {columns if columns is not None else label})"
+        hint = ""
+        if x.ndim == 2 and columns is not None and x.shape[0] == columns:
+            hint = f"; enkal expects members first: did you pass ({label}, N_ens)?"
+        raise ValueError(f"{name}: expected shape {want} = (N_ens, {label}), got "
+                         f"{tuple(x.shape)}{hint}")
+
+
 def _mask_row(mask: Any, n_parameters: int) -> np.ndarray:
     """A bool ``(N_par,)`` mask as int8 0/1."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
@@ -185,6 +275,9 @@ def _check_rng_state(rng: Any, name: str = "rng_state") -> np.ndarray:
     return rng.detach().cpu().numpy()
 
 
+_CPU_RNG_STATE_SIZE = int(torch.Generator().get_state().numel())
+
+
 def _state_checksum(params: np.ndarray, rng: np.ndarray, schedule: str,
                     mask: np.ndarray | None, iteration: int, adapt: str | None = None) -> int:
     """64-bit checksum of one state row: the sum of the ensemble's bytes read as 64-bit
@@ -202,94 +295,6 @@ def _state_checksum(params: np.ndarray, rng: np.ndarray, schedule: str,
                       # checksums of rows (and files) without one stay what they were
                       adapt.encode("utf-8") if adapt else b""])
     return (total + (zlib.crc32(small) << 32)) & 0xFFFF_FFFF_FFFF_FFFF
-
-
-def _attr_value(v: Any) -> Any:
-    if isinstance(v, (bool, np.bool_)):
-        return np.int8(v)
-    if isinstance(v, str):
-        return str(v)  # plain str: h5py refuses str subclasses such as torch's version
-    if isinstance(v, (int, float, np.integer, np.floating)):
-        return v
-    if isinstance(v, np.ndarray) and v.dtype.kind in "iuf":
-        return v
-    return _to_json(v)
-
-
-def _attr_str(v: Any) -> str:
-    if isinstance(v, bytes):
-        return v.decode("utf-8")
-    if isinstance(v, np.ndarray) and v.size == 1:
-        return _attr_str(v.item())
-    return str(v)
-
-
-_MAX_JSON_DEPTH = 32
-_CPU_RNG_STATE_SIZE = int(torch.Generator().get_state().numel())
-
-
-def _json_depth_ok(text: str, limit: int = _MAX_JSON_DEPTH) -> bool:
-    """Whether the brackets of the JSON ``text`` nest at most ``limit`` deep (a quick scan
-    before ``json.loads``, which recurses per level)."""
-    depth = 0
-    in_str = escaped = False
-    for ch in text:
-        if in_str:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            if depth > limit:
-                return False
-        elif ch in "]}":
-            depth -= 1
-    return True
-
-
-def _loads(text: str, what: str, path: Any) -> Any:
-    """``json.loads`` of an attribute, refusing deeply nested or malformed JSON with a
-    :class:`StorageError` naming ``path``."""
-    if not _json_depth_ok(text):
-        raise StorageError(f"{path}: {what} attribute nests deeper than {_MAX_JSON_DEPTH} "
-                           "levels")
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as err:
-        raise StorageError(f"{path}: {what} attribute is not valid JSON ({err})") from None
-
-
-def _int_attr(attrs: Any, name: str, path: Any) -> int:
-    """An integer header attribute (a scalar of an integer dtype; no float, bool, string)."""
-    a = np.asarray(attrs[name])
-    if a.size != 1 or a.dtype.kind not in "iu":
-        raise StorageError(f"{path}: attribute {name!r} is not an integer ({attrs[name]!r})")
-    return int(a.item())
-
-
-def _check_format(attrs: Any, path: Any, expected: str) -> None:
-    fmt = attrs.get("enkal_format")
-    fmt = _attr_str(fmt) if fmt is not None else None
-    if fmt != expected:
-        hint = ""
-        if fmt == CHECKPOINT_FORMAT:
-            hint = "; it is a checkpoint: read it with enkal.storage.read_checkpoint"
-        elif fmt == HISTORY_FORMAT:
-            hint = "; it is a history file: open it with enkal.storage.open"
-        raise StorageError(f"{path}: not an {expected} file (enkal_format={fmt!r}){hint}")
-    version = attrs.get("enkal_format_version")
-    try:
-        version = int(np.asarray(version).item())
-    except (TypeError, ValueError):
-        raise StorageError(f"{path}: missing or malformed enkal_format_version") from None
-    if version > FORMAT_VERSION:
-        raise StorageError(f"{path}: format version {version} is newer than this enkal "
-                           f"understands ({FORMAT_VERSION}); upgrade enkal")
 
 
 def _diagnostic_kind(name: str, value: Any) -> str:
@@ -320,7 +325,7 @@ def _info_dict(info: Any, iteration: int) -> dict[str, Any]:
     return out
 
 
-# -- the history policy --------------------------------------------------------------------
+# -- the history policy ----------------------------------------------------------------
 @dataclass(frozen=True)
 class History:
     """Which iterations keep the whole ensemble (the diagnostics are always kept).
@@ -388,6 +393,3 @@ class History:
         if self.compression == "gzip":
             kw["compression_opts"] = self.compression_level
         return kw
-
-
-# -- the streaming writer ------------------------------------------------------------------
