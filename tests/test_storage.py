@@ -912,6 +912,24 @@ def test_resume_from_a_history_without_the_latest_ensemble(tmp_path):
             assert ds.stored.values.tolist() == [5, 0, 0, 5, 0, 0, 5, 0, 0, 5, 0]
 
 
+def test_format_of_and_read_policy(tmp_path):
+    policy = storage.History(every=3, predictions=True, compression="lzf")
+    _straight(4, tmp_path / "h.h5", history=policy)
+    assert storage.format_of(tmp_path / "h.h5") == storage.HISTORY_FORMAT
+    assert storage.format_of(tmp_path / "h.ckpt.h5") == storage.CHECKPOINT_FORMAT
+    with h5py.File(tmp_path / "plain.h5", "w"):
+        pass
+    assert storage.format_of(tmp_path / "plain.h5") is None
+    with pytest.raises(FileNotFoundError, match="nope.h5"):
+        storage.format_of(tmp_path / "nope.h5")
+    assert storage.read_policy(tmp_path / "h.h5") == policy
+    with pytest.raises(StorageError, match="h.ckpt.h5: not an enkal-history file"):
+        storage.read_policy(tmp_path / "h.ckpt.h5")
+    # the names today's smoother imports
+    assert storage._format_of is storage.format_of and storage._read_policy is storage.read_policy
+    assert storage.HistoryWriter._keeps is storage.HistoryWriter.keeps_row
+
+
 def test_checkpoint_policies_of_run(tmp_path, monkeypatch):
     calls = []
     real = storage.write_checkpoint
