@@ -278,6 +278,13 @@ def test_recorder_order_of_calls_and_truth_size(tmp_path):
     rec.close(RunEnd("callback", 0))  # twice is harmless
     with storage.open(tmp_path / "h.h5") as ds:
         assert ds.attrs["complete"] == 1 and ds.attrs["stopped_by"] == "callback"
+    # a start that fails (here: its first checkpoint) leaves the history incomplete
+    rec = Recorder(tmp_path / "f.h5", checkpoint=tmp_path / "missing" / "c.h5")
+    with pytest.raises(OSError):
+        rec.start(run)
+    rec.close(RunEnd("max_iterations", 0))
+    with storage.open(tmp_path / "f.h5") as ds:
+        assert ds.attrs["complete"] == 0 and "stopped_by" not in ds.attrs
 
 
 def test_recorder_is_a_sink():

@@ -182,9 +182,10 @@ class Recorder:
             output_names=run.output_names, seed=smoother.seed, resume_from=self.resume_from,
             attrs=extra)
         writer.start(run.state)
-        self._writer, self._smoother = writer, smoother
         if self.checkpoint_path is not None and self.resume_from is None:
             write_checkpoint(self.checkpoint_path, smoother, run.state)
+        # only now: a start that failed leaves the history incomplete, as run() does
+        self._writer, self._smoother = writer, smoother
         if self.background:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enkal-store")
 
