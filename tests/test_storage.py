@@ -6,6 +6,7 @@ single bit of what the smoother computed.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -26,6 +27,7 @@ from conftest import torch_threads
 
 import enkal
 from enkal import storage
+from enkal._types import decode_state, encode_state
 from enkal.errors import StorageError
 
 WORKER = Path(__file__).with_name("_storage_worker.py")
@@ -418,7 +420,7 @@ def test_checkpoint_failure_keeps_the_previous_one(tmp_path, monkeypatch):
             raise OSError("disk full")
         f.create_dataset(name, data=a)
 
-    monkeypatch.setattr(storage, "_put_array", failing)
+    monkeypatch.setattr(storage.checkpoint, "_put_array", failing)  # where it is looked up
     with pytest.raises(OSError, match="disk full"):
         storage.write_checkpoint(path, smoother, second)
     monkeypatch.undo()
@@ -758,9 +760,14 @@ def test_state_rows_validation(tmp_path):
         w.append(0, x, rng_state=state.rng_state)
     with pytest.raises(ValueError, match="rng_state: expected a 1-D uint8"):
         w.append(0, x, rng_state=state.rng_state.long(), schedule=state.schedule)
-    with pytest.raises(ValueError, match="schedule: field 'rho' is not a number"):
+    # any JSON values in the fields (the component checks them); a "type" is required
+    with pytest.raises(ValueError, match="schedule: is not a schedule state"):
+        w.append(0, x, rng_state=state.rng_state, schedule={"rho": 1.0})
+    with pytest.raises(ValueError, match="schedule: nests deeper than 32"):
         w.append(0, x, rng_state=state.rng_state, schedule={"type": "AnnealingState",
-                                                            "rho": "x"})
+                                                            "rho": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]})
+    with pytest.raises(ValueError, match="adapt: only with rng_state and schedule"):
+        w.append(0, x, adapt={"type": "S"})
     with pytest.raises(ValueError, match="schedule: expected finite"):
         w.append(0, x, rng_state=state.rng_state, schedule={"type": "AnnealingState",
                                                             "rho": float("nan")})
@@ -769,6 +776,98 @@ def test_state_rows_validation(tmp_path):
     w.append(0, x, rng_state=state.rng_state, schedule=state.schedule)
     with pytest.raises(ValueError, match="expected 5056 bytes"):
         w.append(1, x, rng_state=torch.zeros(16, dtype=torch.uint8), schedule=state.schedule)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CountingState:
+    """An adaptation state of the kind a user's strategy keeps: numbers and a tensor."""
+
+    n: int
+    scores: torch.Tensor
+    label: str = "mi"
+
+
+def _adapt_state():
+    return _CountingState(3, torch.tensor([0.25, -1.5], dtype=torch.float64))
+
+
+def test_adapt_state_round_trips_in_a_checkpoint(tmp_path):
+    smoother = _smoother()
+    plain = smoother.init(_prior())
+    state = dataclasses.replace(plain, adapt=_adapt_state())
+    d = storage.read_state_dict(storage.write_checkpoint(tmp_path / "c.h5", smoother, state))
+    assert d["adapt"] == encode_state(_adapt_state())
+    back = decode_state(d["adapt"], _CountingState, what="adapt")
+    assert back.n == 3 and back.label == "mi" and torch.equal(back.scores, _adapt_state().scores)
+    # without one: no attribute, and the dict says None
+    path = storage.write_checkpoint(tmp_path / "p.h5", smoother, plain)
+    with h5py.File(path) as f:
+        assert "adapt" not in f.attrs
+    assert storage.read_state_dict(path)["adapt"] is None
+
+
+def test_adapt_state_round_trips_in_history_rows(tmp_path):
+    """``adapt_state`` appears with the first row that has an adaptation state; rows
+    without one (before and after it) read ``adapt`` None and keep their checksums."""
+    smoother, model = _smoother(), _model()
+    path = tmp_path / "h.h5"
+    w = _writer(path, smoother, model)
+    state = smoother.init(_prior())
+    w.start(state)
+    assert not _has_variable(path, "adapt_state")
+    checksum_0 = _variable(path, "state_checksum")[0]
+    y, ok = enkal.evaluate(model, model.layout.to_physical(state.parameters))
+    state, info = smoother.step(state, y, ok=ok)
+    w.record(dataclasses.replace(state, adapt=_adapt_state()), info, predictions=y)
+    y, ok = enkal.evaluate(model, model.layout.to_physical(state.parameters))
+    state, info = smoother.step(state, y, ok=ok)
+    w.record(state, info, predictions=y, final=True)
+    w.close()
+    assert _variable(path, "state_checksum")[0] == checksum_0
+    assert [v.decode() for v in _variable(path, "adapt_state")] == [
+        "", json.dumps(encode_state(_adapt_state())), ""]
+    rows = [storage.read_history_state(path, iteration=k) for k in range(3)]
+    assert [r["adapt"] for r in rows] == [None, encode_state(_adapt_state()), None]
+    # the checksum covers the adaptation state: a changed one is not trusted
+    with h5py.File(path, "r+") as f:
+        f["adapt_state"][1] = json.dumps({"type": "_CountingState", "n": 4})
+    with pytest.warns(RuntimeWarning, match="row 1 .*checksum mismatch"):
+        assert storage.read_history_state(path, max_iteration=1)["iteration"] == 0
+
+
+def test_schedule_states_hold_any_json_values(tmp_path):
+    """A schedule state's fields may be strings, null, lists, objects (a tensor's
+    encoding): the writer stores them, the readers return them as written."""
+    smoother, model = _smoother(), _model()
+    state = smoother.init(_prior())
+    sched = {"type": "MyState", "name": "warm", "none": None, "steps": [1, 2.5],
+             "scale": encode_state(_CountingState(1, torch.ones(2)))["scores"]}
+    path = tmp_path / "h.h5"
+    w = _writer(path, smoother, model)
+    w.append(0, state.parameters, rng_state=state.rng_state, schedule=sched)
+    assert storage.read_history_state(path)["schedule"] == sched
+    smoother.state_dict = lambda s: {**enkal.EnsembleSmoother.state_dict(smoother, s),
+                                     "schedule": sched}
+    d = storage.read_state_dict(storage.write_checkpoint(tmp_path / "c.h5", smoother, state))
+    assert d["schedule"] == sched
+    # a state read from a file must fit the types its class declares
+    bad = tmp_path / "bad.h5"
+    w = _writer(bad, smoother, model)
+    w.append(0, state.parameters, rng_state=state.rng_state,
+             schedule={"type": "AnnealingState", "rho": "high", "iteration": 0})
+    with pytest.raises(ValueError, match="bad.h5: history state does not fit this smoother: "
+                       "schedule state field 'rho' of AnnealingState: expected float, got str"):
+        storage.read_state(bad, _smoother())
+
+
+def _has_variable(path, name):
+    with h5py.File(path) as f:
+        return name in f
+
+
+def _variable(path, name):
+    with h5py.File(path) as f:
+        return f[name][...]
 
 
 def test_resume_from_a_history_without_the_latest_ensemble(tmp_path):
@@ -811,6 +910,24 @@ def test_resume_from_a_history_without_the_latest_ensemble(tmp_path):
         with storage.open(path) as ds:
             assert ds.iteration.values.tolist() == list(range(11))
             assert ds.stored.values.tolist() == [5, 0, 0, 5, 0, 0, 5, 0, 0, 5, 0]
+
+
+def test_format_of_and_read_policy(tmp_path):
+    policy = storage.History(every=3, predictions=True, compression="lzf")
+    _straight(4, tmp_path / "h.h5", history=policy)
+    assert storage.format_of(tmp_path / "h.h5") == storage.HISTORY_FORMAT
+    assert storage.format_of(tmp_path / "h.ckpt.h5") == storage.CHECKPOINT_FORMAT
+    with h5py.File(tmp_path / "plain.h5", "w"):
+        pass
+    assert storage.format_of(tmp_path / "plain.h5") is None
+    with pytest.raises(FileNotFoundError, match="nope.h5"):
+        storage.format_of(tmp_path / "nope.h5")
+    assert storage.read_policy(tmp_path / "h.h5") == policy
+    with pytest.raises(StorageError, match="h.ckpt.h5: not an enkal-history file"):
+        storage.read_policy(tmp_path / "h.ckpt.h5")
+    # the names today's smoother imports
+    assert storage._format_of is storage.format_of and storage._read_policy is storage.read_policy
+    assert storage.HistoryWriter._keeps is storage.HistoryWriter.keeps_row
 
 
 def test_checkpoint_policies_of_run(tmp_path, monkeypatch):
