@@ -28,6 +28,8 @@ HalvingState(scale=0.25, iteration=2)
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -382,6 +384,53 @@ def decode_state(d: Any, like: type | None, *, what: str = "state") -> Any:
         raise ValueError(f"{what} state {kind!r} has fields {unknown} that {like.__name__} "
                          f"does not have")
     try:
-        return like(**{k: _decode(v) for k, v in values.items()})
+        state = like(**{k: _decode(v) for k, v in values.items()})
     except (TypeError, ValueError) as err:
         raise ValueError(f"{what} state {kind!r}: {err}") from None
+    problem = _field_type_problem(state)
+    if problem is not None:
+        raise ValueError(f"{what} state {problem}")
+    return state
+
+
+def _field_type_problem(state: Any) -> str | None:
+    """Why a component state decoded from a file does not fit the types its dataclass
+    declares for its fields (``None`` when it does). Only plain annotations are checked
+    (``int``, ``float``, ``bool``, ``str``, tensors, tuples, optionals); anything else, and
+    the values' ranges, are the component's to check."""
+    if not dataclasses.is_dataclass(state) or isinstance(state, type):
+        return None
+    try:
+        hints = typing.get_type_hints(type(state))
+    except Exception:  # annotations that do not resolve: nothing to check them against
+        return None
+    for f in dataclasses.fields(state):
+        value = getattr(state, f.name)
+        if f.name in hints and not _fits(value, hints[f.name]):
+            hint = hints[f.name]
+            name = hint.__name__ if type(hint) is type else str(hint).replace("typing.", "")
+            return (f"field {f.name!r} of {type(state).__name__}: expected {name}, got "
+                    f"{type(value).__name__}")
+    return None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    hint = typing.get_origin(hint) or hint  # tuple[float, ...] -> tuple
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (tuple, list):  # JSON has lists only
+        return isinstance(value, (tuple, list))
+    if hint is typing.Any or not isinstance(hint, type):
+        return True
+    try:
+        return isinstance(value, hint)
+    except TypeError:  # a class that refuses isinstance (a non-runtime Protocol, ...)
+        return True

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ._checks import check_positive_int
 from ._types import Sink, SmootherResult, SmootherState
 from .smoother import EnsembleSmoother
 from .storage import HISTORY_FORMAT, Recorder, format_of, read_state
@@ -122,13 +123,14 @@ def run(
                         f"{type(smoother).__name__}")
     if sum(x is not None for x in (prior, state, resume)) != 1:
         raise ValueError("run: expected exactly one of prior=, state= or resume=")
+    if resume is not None and store is None and format_of(resume) == HISTORY_FORMAT:
+        store = resume  # resuming a history continues it
     if checkpoint is True and store is None:
         raise ValueError("checkpoint=True: needs store= (or give a checkpoint path)")
     if history is not None and store is None:
         raise ValueError("history=: only with store=")
+    check_positive_int(checkpoint_every, "checkpoint_every")
     if resume is not None:
-        if store is None and format_of(resume) == HISTORY_FORMAT:
-            store = resume  # resuming a history continues it
         state = read_state(resume, smoother, device=getattr(model, "device", None),
                            store=store, max_iteration=max_iterations)
     elif state is None and prior is not None:

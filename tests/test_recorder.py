@@ -1,8 +1,12 @@
 """enkal.storage.Recorder: the history and checkpoint files of a run, as a sink.
 
 A loop driven by hand (``init``/``step``, ask/tell) with a :class:`Recorder` must write the
-files ``smoother.run(model, prior, store=...)`` writes, bit for bit: every variable and
+files ``enkal.run(smoother, model, prior, store=...)`` writes, bit for bit: every variable and
 attribute (but the ``created`` time), and the raw bytes of the files with that time masked.
+(When the recorder moved out of the smoother's loop these tests compared it with the old
+``EnsembleSmoother.run(store=...)``, which wrote the files itself; the files of 8de6c67's
+``enkal run`` and of a killed-and-resumed run are compared bit for bit in the closing note of
+the issue "One iteration, one place".)
 """
 
 from __future__ import annotations
@@ -133,8 +137,8 @@ def test_recorder_writes_the_files_of_run(case, background, tmp_path, monkeypatc
     if isinstance(own, str):
         run_kw = {**run_kw, "checkpoint": f"run/{own}"}
         rec_kw = {**rec_kw, "checkpoint": f"rec/{own}"}
-    result = smoother.run(model, _prior(), store="run/h.h5", background_io=background,
-                          **run_kw)
+    result = enkal.run(smoother, model, _prior(), store="run/h.h5", background_io=background,
+                       **run_kw)
     state = _drive(smoother, model, Recorder("rec/h.h5", background=background, **rec_kw),
                    smoother.init(_prior()), max_iterations=limit)
     assert torch.equal(state.parameters, result.parameters)
@@ -153,18 +157,17 @@ def test_recorder_checkpoints_when_run_does(case, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_kw, rec_kw = CASES[case]
     calls = []
-    real = storage.write_checkpoint
+    real = recorder_module.write_checkpoint
 
     def spy(path, smoother, state, **kw):
         calls.append((Path(path).name, state.iteration, kw))
         return real(path, smoother, state, **kw)
 
     smoother, model = _smoother(), _model()
-    monkeypatch.setattr(storage, "write_checkpoint", spy)  # what run() imports
-    smoother.run(model, _prior(), store="h.h5", **run_kw)
+    monkeypatch.setattr(recorder_module, "write_checkpoint", spy)
+    enkal.run(smoother, model, _prior(), store="h.h5", **run_kw)
     by_run = list(calls)
     calls.clear()
-    monkeypatch.setattr(recorder_module, "write_checkpoint", spy)
     _drive(smoother, model, Recorder("h.h5", **rec_kw), smoother.init(_prior()),
            max_iterations=run_kw.get("max_iterations", 100))
     assert calls == by_run
@@ -199,8 +202,8 @@ def test_recorder_with_masks_from_structure_adaptation(background, tmp_path):
     smoother = _smoother(adapt=enkal.StructureAdaptation(every=2, fraction=0.34))
     model = _model()
     policy = History(every=2, predictions=True)
-    smoother.run(model, _prior(), store=tmp_path / "run.h5", history=policy,
-                 background_io=background)
+    enkal.run(smoother, model, _prior(), store=tmp_path / "run.h5", history=policy,
+              background_io=background)
     _drive(smoother, model, Recorder(tmp_path / "rec.h5", history=policy,
                                      background=background), smoother.init(_prior()))
     with h5py.File(tmp_path / "rec.h5") as f:
@@ -217,10 +220,10 @@ def test_recorder_continues_a_history_as_run_resume_does(policy, tmp_path):
     # with a policy: the first run's last row holds no state, so it resumes from row 3
     kw = {} if policy is None else {"history": History(every=3, final=False,
                                                        predictions=True)}
-    smoother.run(model, _prior(), store=tmp_path / "run.h5", max_iterations=4, **kw)
+    enkal.run(smoother, model, _prior(), store=tmp_path / "run.h5", max_iterations=4, **kw)
     shutil.copy(tmp_path / "run.h5", tmp_path / "rec.h5")
     shutil.copy(tmp_path / "run.ckpt.h5", tmp_path / "rec.ckpt.h5")
-    smoother.run(model, resume=tmp_path / "run.h5", history=policy)
+    enkal.run(smoother, model, resume=tmp_path / "run.h5", history=policy)
     state = storage.read_state(tmp_path / "rec.h5", smoother, store=tmp_path / "rec.h5")
     assert state.iteration == (4 if policy is None else 3)
     _drive(smoother, model, Recorder(tmp_path / "rec.h5", history=policy,
@@ -291,3 +294,19 @@ def test_recorder_is_a_sink():
     from enkal._types import Sink
 
     assert isinstance(Recorder("h.h5"), Sink)
+
+
+def test_a_checkpoint_without_a_history(tmp_path):
+    """``enkal.run(..., checkpoint=path)`` without ``store``: the checkpoint file alone,
+    at the start and every ``checkpoint_every`` updates; it resumes the run."""
+    smoother, model = _smoother(), _model()
+    ckpt = tmp_path / "only.ckpt.h5"
+    straight = enkal.run(smoother, model, _prior(), max_iterations=6)
+    enkal.run(smoother, model, _prior(), max_iterations=3, checkpoint=ckpt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["only.ckpt.h5"]
+    resumed = enkal.run(smoother, model, resume=ckpt, max_iterations=6)
+    assert torch.equal(resumed.parameters, straight.parameters)
+    with pytest.raises(ValueError, match="checkpoint: without a history path"):
+        Recorder(None)
+    with pytest.raises(ValueError, match="history: only with a history path"):
+        Recorder(None, checkpoint=ckpt, history=History())

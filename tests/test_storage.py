@@ -643,7 +643,7 @@ def test_sigkill_mid_run_then_resume_from_the_history_file_is_bitwise(tmp_path):
 
 
 def _straight(n, store=None, **kw):
-    return _smoother().run(_model(), _prior(), max_iterations=n, store=store, **kw)
+    return enkal.run(_smoother(), _model(), _prior(), max_iterations=n, store=store, **kw)
 
 
 def _corrupt_row(path, row, name="parameters"):
@@ -683,7 +683,7 @@ def test_torn_or_corrupt_last_row_falls_back_to_the_previous_state(tmp_path, dam
     # resuming recomputes iteration 5 (and on), bit for bit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        resumed = _smoother().run(_model(), resume=path, max_iterations=7, history=policy)
+        resumed = enkal.run(_smoother(), _model(), resume=path, max_iterations=7, history=policy)
     assert torch.equal(resumed.parameters, _straight(7).parameters)
     with storage.open(path) as ds, storage.open(tmp_path / "ref.h5") as ref:
         assert ds.iteration.values.tolist() == list(range(8))
@@ -704,7 +704,7 @@ def test_no_usable_state_row_is_a_clear_error(tmp_path):
     with pytest.raises(StorageError, match="old.h5: holds no smoother state"):
         storage.read_state(old, _smoother())
     with pytest.raises(StorageError, match="old.h5: holds no smoother state"):
-        _smoother().run(_model(), resume=old)
+        enkal.run(_smoother(), _model(), resume=old)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -856,7 +856,7 @@ def test_schedule_states_hold_any_json_values(tmp_path):
     w.append(0, state.parameters, rng_state=state.rng_state,
              schedule={"type": "AnnealingState", "rho": "high", "iteration": 0})
     with pytest.raises(ValueError, match="bad.h5: history state does not fit this smoother: "
-                       "schedule state field 'rho' of AnnealingState: expected float, got str"):
+                       "state dict: schedule state field 'rho' of AnnealingState: expected float, got str"):
         storage.read_state(bad, _smoother())
 
 
@@ -884,7 +884,7 @@ def test_resume_from_a_history_without_the_latest_ensemble(tmp_path):
         calls.append(state.iteration)
         return real(path, smoother, state, **kw)
 
-    import enkal.storage as mod
+    import enkal.storage.recorder as mod  # where the run's recorder looks it up
 
     mod.write_checkpoint = counting
     try:
@@ -899,9 +899,9 @@ def test_resume_from_a_history_without_the_latest_ensemble(tmp_path):
     a_store.write_bytes(store.read_bytes())
     a_ckpt = tmp_path / "a.ckpt.h5"
     a_ckpt.write_bytes(ckpt.read_bytes())
-    a = _smoother().run(_model(), resume=a_ckpt, store=a_store, history=policy,
+    a = enkal.run(_smoother(), _model(), resume=a_ckpt, store=a_store, history=policy,
                         max_iterations=10)
-    b = _smoother().run(_model(), resume=store, max_iterations=10)  # the file's own policy
+    b = enkal.run(_smoother(), _model(), resume=store, max_iterations=10)  # its own policy
     assert torch.equal(a.parameters, reference.parameters)
     assert torch.equal(b.parameters, reference.parameters)
     assert a.history["iteration"] == [8, 9, 10]  # from the checkpoint at 7
@@ -925,15 +925,12 @@ def test_format_of_and_read_policy(tmp_path):
     assert storage.read_policy(tmp_path / "h.h5") == policy
     with pytest.raises(StorageError, match="h.ckpt.h5: not an enkal-history file"):
         storage.read_policy(tmp_path / "h.ckpt.h5")
-    # the names today's smoother imports
-    assert storage._format_of is storage.format_of and storage._read_policy is storage.read_policy
-    assert storage.HistoryWriter._keeps is storage.HistoryWriter.keeps_row
 
 
 def test_checkpoint_policies_of_run(tmp_path, monkeypatch):
     calls = []
     real = storage.write_checkpoint
-    monkeypatch.setattr(storage, "write_checkpoint",
+    monkeypatch.setattr(storage.recorder, "write_checkpoint",  # where the recorder looks
                         lambda path, sm, st, **kw: (calls.append((Path(path).name,
                                                                   st.iteration)),
                                                     real(path, sm, st, **kw))[1])
@@ -964,12 +961,12 @@ def test_resume_from_the_start_checkpoint_takes_the_later_history_states(tmp_pat
     ckpt = storage.write_checkpoint(tmp_path / "start.h5", smoother, start)
     _straight(6, store, checkpoint=False)  # the "killed" run got to 6
     seen = []
-    resumed = _smoother().run(_model(), resume=ckpt, store=store, max_iterations=8,
+    resumed = enkal.run(_smoother(), _model(), resume=ckpt, store=store, max_iterations=8,
                               callbacks=[lambda s, i: seen.append(s.iteration)])
     assert seen == [7, 8]  # 1..6 were taken from the history, not recomputed
     assert torch.equal(resumed.parameters, _straight(8).parameters)
     # max_iterations below the history's end: the state where recomputing would stop
-    short = _smoother().run(_model(), resume=ckpt, store=store, max_iterations=4)
+    short = enkal.run(_smoother(), _model(), resume=ckpt, store=store, max_iterations=4)
     assert short.state.iteration == 4 and short.history == {}
     assert torch.equal(short.parameters, _straight(4).parameters)
     with storage.open(store) as ds:
@@ -981,7 +978,8 @@ def test_resume_from_the_start_checkpoint_takes_the_later_history_states(tmp_pat
         state = storage.read_state(ckpt, other, store=store)
     assert state.iteration == 0
     # a history whose row at the checkpoint's iteration is another state: no shortcut
-    _smoother().run(_model(), 2 * _prior(), max_iterations=6, store=store, checkpoint=False)
+    enkal.run(_smoother(), _model(), 2 * _prior(), max_iterations=6, store=store,
+              checkpoint=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert storage.read_state(ckpt, smoother, store=store).iteration == 0
@@ -994,10 +992,8 @@ def test_background_io_writes_the_same_file_and_copies_only_what_it_keeps(tmp_pa
     """The writer thread gets copies of the tensors its row (and the checkpoint) writes,
     None for the others; with in-place updates reusing the buffers the file is the
     synchronous one, bit for bit."""
-    from enkal import smoother as smoother_module
-
     given = []
-    write = smoother_module._StoreSink._write
+    write = storage.Recorder._write
 
     def spy(self, state, info, predictions, final, checkpoint):
         given.append((state.iteration, state.parameters is not None, predictions is not None))
@@ -1006,7 +1002,7 @@ def test_background_io_writes_the_same_file_and_copies_only_what_it_keeps(tmp_pa
     policy = storage.History(every=3, predictions=True)
     kw = dict(history=policy, checkpoint=checkpoint, checkpoint_every=4, inplace=True)
     _straight(7, tmp_path / "sync.h5", **kw)
-    monkeypatch.setattr(smoother_module._StoreSink, "_write", spy)
+    monkeypatch.setattr(storage.Recorder, "_write", spy)
     _straight(7, tmp_path / "thread.h5", background_io=True, **kw)
     # rows 0, 3 and 6 keep the ensemble, 7 is final; a checkpoint at 4 needs the ensemble
     # (row 4 does not hold the state); the predictions of rows 0, 3, 6 come with 1, 4, 7

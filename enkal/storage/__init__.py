@@ -29,7 +29,7 @@ Three levels, one implementation (the streaming writer):
 * a history row that keeps the ensemble also holds the rest of that state (``rng_state``,
   ``schedule_state``, ``state_mask``, ``adapt_state``, ``state_checksum``):
   :func:`read_history_state` reads the last complete one, so a history is its own
-  checkpoint; :func:`read_state` reads either kind of file (what ``run(resume=path)`` does).
+  checkpoint; :func:`read_state` reads either kind of file (what ``enkal.run(..., resume=path)`` does).
 
 Modules, lowest first: ``schema`` (format names, reserved names, the ``stored`` bits, the
 JSON codec of attributes, small validators), ``h5`` (atomic writes, one-row appends,
@@ -93,10 +93,6 @@ from .schema import _state_checksum as _state_checksum  # noqa: F401 - used by t
 from .views import open_dataset, physical, read_layout, save, to_xarray
 
 open = open_dataset  # noqa: A001 - the public name is enkal.storage.open / enkal.open
-
-# the names today's smoother loop imports (until it takes a Recorder as its sink)
-_format_of = format_of
-_read_policy = read_policy
 
 __all__ = [
     "History",

@@ -29,7 +29,6 @@ from .schema import (
     _check_ensemble,
     _check_format,
     _check_rng_state,
-    _field_type_problem,
     _int_attr,
     _json_depth_ok,
     _loads,
@@ -158,13 +157,7 @@ def read_state_dict(path: Any, *, device: torch.device | str | None = None) -> d
         want = _storage_dtype(torch_dtype)
         par = _get_array(f, "parameters", (e, p), want, path)
         device_type = _attr_str(a["device_type"])
-        rng_size = _int_attr(a, "rng_state_size", path)
-        if device_type == "cpu" and rng_size != _CPU_RNG_STATE_SIZE:
-            raise StorageError(f"{path}: rng_state_size {rng_size} is not the size of a "
-                               f"CPU generator state ({_CPU_RNG_STATE_SIZE})")
-        if not 0 < rng_size <= 1 << 20:
-            raise StorageError(f"{path}: implausible rng_state_size {rng_size}")
-        rng = _get_array(f, "rng_state", (rng_size,), np.dtype(np.uint8), path)
+        rng = _read_rng(f, a, device_type, path)
         mask = None
         if _int_attr(a, "has_mask", path):
             mask = _get_array(f, "mask", (p,), np.dtype(np.uint8), path)
@@ -173,17 +166,8 @@ def read_state_dict(path: Any, *, device: torch.device | str | None = None) -> d
         iteration = _int_attr(a, "iteration", path)
         if iteration < 0:
             raise StorageError(f"{path}: negative iteration {iteration}")
-        schedule = _loads(_attr_str(a["schedule"]), "schedule", path)
+        schedule, adapt = _read_components(a, path)
         config = _loads(_attr_str(a["config"]), "config", path)
-        problem = _schedule_problem(schedule)
-        if problem is not None:
-            raise StorageError(f"{path}: schedule attribute {problem}")
-        adapt = None
-        if "adapt" in a:
-            adapt = _loads(_attr_str(a["adapt"]), "adapt", path)
-            problem = _schedule_problem(adapt, "adaptation")
-            if problem is not None:
-                raise StorageError(f"{path}: adapt attribute {problem}")
     if not np.all(np.isfinite(par)):
         raise StorageError(f"{path}: parameters hold NaN/inf (a checkpoint never does)")
     params = torch.from_numpy(par).to(dtype=torch_dtype, device=device)
@@ -228,6 +212,32 @@ def read_checkpoint(path: Any, smoother: Any, *, device: torch.device | str | No
                        what="checkpoint")
 
 
+def _read_rng(f: h5py.File, a: dict, device_type: str, path: Path) -> np.ndarray:
+    """The checkpoint's generator state, its declared size checked first."""
+    rng_size = _int_attr(a, "rng_state_size", path)
+    if device_type == "cpu" and rng_size != _CPU_RNG_STATE_SIZE:
+        raise StorageError(f"{path}: rng_state_size {rng_size} is not the size of a "
+                           f"CPU generator state ({_CPU_RNG_STATE_SIZE})")
+    if not 0 < rng_size <= 1 << 20:
+        raise StorageError(f"{path}: implausible rng_state_size {rng_size}")
+    return _get_array(f, "rng_state", (rng_size,), np.dtype(np.uint8), path)
+
+
+def _read_components(a: dict, path: Path) -> tuple[Any, Any]:
+    """The encoded schedule and adaptation states of a checkpoint (adapt: None if none)."""
+    schedule = _loads(_attr_str(a["schedule"]), "schedule", path)
+    problem = _schedule_problem(schedule)
+    if problem is not None:
+        raise StorageError(f"{path}: schedule attribute {problem}")
+    adapt = None
+    if "adapt" in a:
+        adapt = _loads(_attr_str(a["adapt"]), "adapt", path)
+        problem = _schedule_problem(adapt, "adaptation")
+        if problem is not None:
+            raise StorageError(f"{path}: adapt attribute {problem}")
+    return schedule, adapt
+
+
 def _load_state(d: dict[str, Any], path: Path, smoother: Any, device: Any, *,
                 what: str) -> Any:
     """A validated state dict (from a checkpoint or a history row) -> SmootherState."""
@@ -252,11 +262,6 @@ def _load_state(d: dict[str, Any], path: Path, smoother: Any, device: Any, *,
         state = smoother.load_state_dict(d)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path}: {what} does not fit this smoother: {err}") from None
-    for part in ("schedule", "adapt"):  # fields read from a file, as their classes declare
-        problem = _field_type_problem(getattr(state, part, None))
-        if problem is not None:
-            raise ValueError(f"{path}: {what} does not fit this smoother: {part} state "
-                             f"{problem}")
     _config_differs(smoother, config, path, what)
     return state
 

@@ -56,6 +56,14 @@ from .schema import (
 )
 
 
+def _output_names(names: Sequence[str] | None, m: int) -> list[str]:
+    """``N_obs`` output names (``y[i]`` when not given)."""
+    out = [f"y[{i}]" for i in range(m)] if names is None else [str(n) for n in names]
+    if len(out) != m:
+        raise ValueError(f"output_names: expected {m} names (N_obs), got {len(out)}")
+    return out
+
+
 class HistoryWriter:
     """Append a run to an HDF5 history file, one iteration at a time.
 
@@ -66,7 +74,7 @@ class HistoryWriter:
     A row that keeps the ensemble and is given the generator and schedule state
     (:meth:`record` and :meth:`start` take them from a
     :class:`~enkal.smoother.SmootherState`) holds the whole smoother state, with a
-    checksum: :func:`read_history_state` reads it back and ``run(resume=path)`` continues
+    checksum: :func:`read_history_state` reads it back and ``enkal.run(..., resume=path)`` continues
     from it, so a history that keeps the latest ensemble is its own checkpoint (a few kB a
     row on top of the ensemble, instead of a second copy of it in a checkpoint file).
 
@@ -136,12 +144,7 @@ class HistoryWriter:
         if not isinstance(history, History):
             raise TypeError(f"history: expected enkal.storage.History, got "
                             f"{type(history).__name__}")
-        m = observations.size
-        if output_names is None:
-            output_names = [f"y[{i}]" for i in range(m)]
-        output_names = [str(n) for n in output_names]
-        if len(output_names) != m:
-            raise ValueError(f"output_names: expected {m} names (N_obs), got {len(output_names)}")
+        output_names = _output_names(output_names, observations.size)
         if config is not None and not isinstance(config, Mapping):
             raise TypeError(f"config: expected a dict, got {type(config).__name__}")
         if seed is None and config is not None and isinstance(config.get("seed"), int):
@@ -280,9 +283,9 @@ class HistoryWriter:
             self._mask is not None and np.array_equal(full_mask, self._mask))
         mask_np = full_mask if changed else None
         small = self._state_items(rng_state, schedule, adapt)
-        params_np = cpu_numpy(parameters) if keep else None
+        params_np = cpu_numpy(parameters) if keep and parameters is not None else None
         state = None
-        if keep and small is not None:
+        if params_np is not None and parameters is not None and small is not None:
             rng_np, sched_json, adapt_json = small
             state = _StateRow(rng_np, sched_json, parameters.device.type, full_mask,
                               _state_checksum(params_np, rng_np, sched_json, full_mask,
@@ -291,6 +294,7 @@ class HistoryWriter:
         if state is not None:
             flags |= _STORED_STATE | (_STORED_MASK if state.mask is not None else 0)
         if not self._created:
+            assert parameters is not None  # the first row carries the ensemble (checked)
             self._create(parameters.shape[0], parameters.dtype, kinds, first=(
                 iteration, flags, params_np, values, mask_np, state))
         else:
@@ -311,8 +315,6 @@ class HistoryWriter:
             self._last == iteration - 1 and \
             bool(self._last_flags & _STORED_PARAMETERS or (final and self.history.final))
         return self.history.keeps(iteration, final=final), keeps_predictions
-
-    _keeps = keeps_row  # the name today's smoother loop uses (until it takes a Recorder)
 
     def close(self, attrs: Mapping[str, Any] | None = None) -> None:
         """Mark the file complete (attribute ``complete = 1``) and add final attributes."""
@@ -457,7 +459,7 @@ class HistoryWriter:
                         self._ensure_state_variables(f, state)
                     _write_row(f, 0, iteration, flags, params_np, values, self._diagnostics,
                                None, 0, mask_np, self._unlimited, state)
-            if tmp is not None:
+            if tmp is not None and self.path is not None:
                 _atomic_replace(tmp, self.path, fsync=True)
         except BaseException:
             if tmp is not None and tmp.exists():

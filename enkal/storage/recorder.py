@@ -33,6 +33,34 @@ def default_checkpoint_path(store: str | os.PathLike) -> str:
     return f"{root}.ckpt{ext or '.h5'}"
 
 
+def _check_args(history: Any, checkpoint: Any, checkpoint_every: Any, background: Any,
+                attrs: Any, resume_from: Any) -> None:
+    if history is not None and not isinstance(history, History):
+        raise TypeError(f"history: expected enkal.storage.History or None, got "
+                        f"{type(history).__name__}")
+    if checkpoint is not None and not isinstance(checkpoint, (bool, str, os.PathLike)):
+        raise TypeError(f"checkpoint: expected a path, a bool or None, got "
+                        f"{type(checkpoint).__name__}")
+    check_positive_int(checkpoint_every, "checkpoint_every")
+    if not isinstance(background, bool):
+        raise TypeError(f"background: expected a bool, got {type(background).__name__}")
+    if attrs is not None and not isinstance(attrs, Mapping):
+        raise TypeError(f"attrs: expected a dict or None, got {type(attrs).__name__}")
+    if resume_from is not None:
+        check_positive_int(resume_from, "resume_from", minimum=0)
+
+
+def _truth(truth: Any) -> torch.Tensor | None:
+    """A twin experiment's truth as a float64 CPU vector (checked against N_par at start)."""
+    if truth is None:
+        return None
+    try:
+        return torch.as_tensor(truth, dtype=torch.float64).detach().cpu().reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"truth: expected a tensor or sequence of N_par numbers, got "
+                        f"{type(truth).__name__} ({err})") from None
+
+
 class Recorder:
     """Record a run to an HDF5 history file and a checkpoint file as it goes (a sink).
 
@@ -44,9 +72,10 @@ class Recorder:
 
     Parameters
     ----------
-    path : str or os.PathLike
+    path : str or os.PathLike or None
         The history file (``docs/schema.md``): replaced at the start, or continued with
-        ``resume_from``.
+        ``resume_from``. ``None``: no history, only the checkpoint file ``checkpoint``
+        (then a path).
     history : History, optional
         Which iterations keep the ensemble (default :class:`History`: all of them); a file
         continued with ``resume_from`` keeps the policy it was written with unless given.
@@ -97,7 +126,7 @@ class Recorder:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike | None,
         *,
         history: History | None = None,
         checkpoint: str | os.PathLike | bool | None = None,
@@ -107,35 +136,21 @@ class Recorder:
         truth: Any = None,
         resume_from: int | None = None,
     ) -> None:
-        self.path: Path = _as_path(path)
-        if history is not None and not isinstance(history, History):
-            raise TypeError(f"history: expected enkal.storage.History or None, got "
-                            f"{type(history).__name__}")
-        if checkpoint is not None and not isinstance(checkpoint, (bool, str, os.PathLike)):
-            raise TypeError(f"checkpoint: expected a path, a bool or None, got "
-                            f"{type(checkpoint).__name__}")
-        check_positive_int(checkpoint_every, "checkpoint_every")
-        if not isinstance(background, bool):
-            raise TypeError(f"background: expected a bool, got {type(background).__name__}")
-        if attrs is not None and not isinstance(attrs, Mapping):
-            raise TypeError(f"attrs: expected a dict or None, got {type(attrs).__name__}")
-        if resume_from is not None:
-            check_positive_int(resume_from, "resume_from", minimum=0)
-        self.truth: torch.Tensor | None = None
-        if truth is not None:
-            try:
-                self.truth = torch.as_tensor(truth, dtype=torch.float64).detach().cpu() \
-                    .reshape(-1)
-            except (TypeError, ValueError, RuntimeError) as err:
-                raise TypeError(f"truth: expected a tensor or sequence of N_par numbers, got "
-                                f"{type(truth).__name__} ({err})") from None
+        self.path: Path | None = None if path is None else _as_path(path)
+        if path is None and (checkpoint is None or isinstance(checkpoint, bool)):
+            raise ValueError("checkpoint: without a history path, expected a checkpoint "
+                             f"path, got {checkpoint!r}")
+        if path is None and history is not None:
+            raise ValueError("history: only with a history path")
+        _check_args(history, checkpoint, checkpoint_every, background, attrs, resume_from)
+        self.truth = _truth(truth)
         self.history = history
         #: where the checkpoint goes (None: no checkpoint file)
         self.checkpoint_path: str | None = None
         self._always = True  # checkpoint at every checkpoint_every (else: where needed)
-        if checkpoint not in (None, False, True):
+        if isinstance(checkpoint, (str, os.PathLike)):
             self.checkpoint_path = os.fspath(checkpoint)
-        elif checkpoint is not False:
+        elif checkpoint is not False and self.path is not None:
             self.checkpoint_path = default_checkpoint_path(self.path)
             self._always = checkpoint is True
         self.checkpoint_every = checkpoint_every
@@ -143,6 +158,7 @@ class Recorder:
         self.attrs = dict(attrs or {})
         self.resume_from = resume_from
         self._writer: HistoryWriter | None = None
+        self._started = False
         self._smoother: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
@@ -153,7 +169,7 @@ class Recorder:
         return self._writer
 
     def __repr__(self) -> str:
-        return (f"Recorder({str(self.path)!r}, checkpoint={self.checkpoint_path!r}, "
+        return (f"Recorder({None if self.path is None else str(self.path)!r}, checkpoint={self.checkpoint_path!r}, "
                 f"background={self.background})")
 
     # -- the Sink protocol ------------------------------------------------------------------
@@ -164,7 +180,7 @@ class Recorder:
         ``run`` is an :class:`enkal._types.RunStart`: ``smoother`` (``config()``,
         ``observations``, ``seed``, ``state_dict``), ``layout``, ``output_names``, ``state``.
         """
-        if self._writer is not None:
+        if self._started:
             raise ValueError("Recorder: start() called twice; a Recorder records one run")
         smoother = run.smoother
         extra = dict(self.attrs)
@@ -173,19 +189,22 @@ class Recorder:
                 raise ValueError(f"truth: expected {run.layout.size} values (N_par), got "
                                  f"{self.truth.numel()}")
             extra["truth"] = self.truth.numpy()  # a numeric attribute, in physical units
-        history = self.history
-        if history is None and self.resume_from is not None and self.path.exists():
-            history = read_policy(self.path)  # a continued history keeps its own policy
-        writer = HistoryWriter(
-            self.path, layout=run.layout, observations=smoother.observations,
-            config=smoother.config(), history=history if history is not None else History(),
-            output_names=run.output_names, seed=smoother.seed, resume_from=self.resume_from,
-            attrs=extra)
-        writer.start(run.state)
+        writer = None
+        if self.path is not None:
+            history = self.history
+            if history is None and self.resume_from is not None and self.path.exists():
+                history = read_policy(self.path)  # a continued history keeps its policy
+            writer = HistoryWriter(
+                self.path, layout=run.layout, observations=smoother.observations,
+                config=smoother.config(),
+                history=history if history is not None else History(),
+                output_names=run.output_names, seed=smoother.seed,
+                resume_from=self.resume_from, attrs=extra)
+            writer.start(run.state)
         if self.checkpoint_path is not None and self.resume_from is None:
             write_checkpoint(self.checkpoint_path, smoother, run.state)
         # only now: a start that failed leaves the history incomplete, as run() does
-        self._writer, self._smoother = writer, smoother
+        self._writer, self._smoother, self._started = writer, smoother, True
         if self.background:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enkal-store")
 
@@ -194,7 +213,7 @@ class Recorder:
         """The history row of ``state`` (after an update; ``predictions`` are those the
         update assimilated), then its checkpoint when one is due (``final``, or every
         ``checkpoint_every`` updates)."""
-        if self._writer is None:
+        if not self._started:
             raise ValueError("Recorder: record() before start()")
         checkpoint = final or state.iteration % self.checkpoint_every == 0
         self._wait()
@@ -203,7 +222,8 @@ class Recorder:
             return
         # copy only what the row and the checkpoint will write: the writer then never sees
         # a tensor the loop reuses; what it would not keep it is not given at all
-        keep_x, keep_y = self._writer.keeps_row(state.iteration, final=final)
+        keep_x, keep_y = (False, False) if self._writer is None else \
+            self._writer.keeps_row(state.iteration, final=final)
         # a row without the ensemble does not hold the state: the checkpoint is written
         keep_x = keep_x or (checkpoint and self.checkpoint_path is not None)
         snap = dataclasses.replace(
@@ -227,9 +247,11 @@ class Recorder:
     # -- internals ---------------------------------------------------------------------------
     def _write(self, state: Any, info: Any, predictions: torch.Tensor | None, final: bool,
                checkpoint: bool) -> None:
-        self._writer.record(state, info, predictions=predictions, final=final)
+        if self._writer is not None:
+            self._writer.record(state, info, predictions=predictions, final=final)
         if checkpoint and self.checkpoint_path is not None and (
-                self._always or final or not self._writer.holds_state):
+                self._always or final or self._writer is None
+                or not self._writer.holds_state):
             # after the history row; no fsync: the rename is atomic for a killed process
             # (the page cache survives it); only power loss would need fsync
             write_checkpoint(self.checkpoint_path, self._smoother, state, fsync=False)

@@ -131,6 +131,18 @@ class _StateVariables(NamedTuple):
     torch_dtype: torch.dtype  # of the ensemble
 
 
+def _rng_device_type(rng: h5py.Dataset, path: Path) -> str:
+    """The device type the generator states were taken on, checked against their size."""
+    device_type = _attr_str(rng.attrs.get("device_type", ""))
+    if device_type not in ("cpu", "cuda", "mps", "xpu"):
+        raise StorageError(f"{path}: rng_state has an unknown device_type "
+                           f"{device_type!r}")
+    if device_type == "cpu" and rng.shape[1] != _CPU_RNG_STATE_SIZE:
+        raise StorageError(f"{path}: rng_state rows of {rng.shape[1]} bytes are not CPU "
+                           f"generator states ({_CPU_RNG_STATE_SIZE})")
+    return device_type
+
+
 def _state_variables(f: h5py.File, path: Path) -> _StateVariables:
     """The state variables of ``f`` after checking their dims, dtypes and declared sizes."""
     if f.get("rng_state", getlink=True) is None:
@@ -158,13 +170,7 @@ def _state_variables(f: h5py.File, path: Path) -> _StateVariables:
     if rng.ndim != 2 or rng.dtype != np.uint8 or not 0 < rng.shape[1] <= 1 << 20:
         raise StorageError(f"{path}: variable 'rng_state' has shape {rng.shape} and dtype "
                            f"{rng.dtype}, expected (iteration, rng_byte) uint8")
-    device_type = _attr_str(rng.attrs.get("device_type", ""))
-    if device_type not in ("cpu", "cuda", "mps", "xpu"):
-        raise StorageError(f"{path}: rng_state has an unknown device_type "
-                           f"{device_type!r}")
-    if device_type == "cpu" and rng.shape[1] != _CPU_RNG_STATE_SIZE:
-        raise StorageError(f"{path}: rng_state rows of {rng.shape[1]} bytes are not CPU "
-                           f"generator states ({_CPU_RNG_STATE_SIZE})")
+    device_type = _rng_device_type(rng, path)
     for name, ds in (("schedule_state", sched), ("adapt_state", adapt)):
         if ds is not None and (ds.ndim != 1 or h5py.check_string_dtype(ds.dtype) is None):
             raise StorageError(f"{path}: variable {name!r} has dtype {ds.dtype}, expected "

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import types
-import typing
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,7 +49,7 @@ def _now() -> str:
 
 
 def _versions() -> dict[str, str]:
-    from .. import __version__
+    from .._version import __version__
 
     return {"enkal_version": __version__, "torch_version": torch.__version__,
             "h5py_version": h5py.version.version, "hdf5_version": h5py.version.hdf5_version}
@@ -189,49 +187,6 @@ def _schedule_json(schedule: Any, what: str = "schedule") -> str:
     if not _json_depth_ok(text):
         raise ValueError(f"{what}: nests deeper than {_MAX_JSON_DEPTH} levels")
     return text
-
-
-def _field_type_problem(state: Any) -> str | None:
-    """Why a component state decoded from a file does not fit the types its dataclass
-    declares for its fields (``None`` when it does). Only plain annotations are checked
-    (``int``, ``float``, ``bool``, ``str``, tensors, tuples, optionals); anything else, and
-    the values' ranges, are the component's to check."""
-    if not dataclasses.is_dataclass(state) or isinstance(state, type):
-        return None
-    try:
-        hints = typing.get_type_hints(type(state))
-    except Exception:  # annotations that do not resolve: nothing to check them against
-        return None
-    for f in dataclasses.fields(state):
-        value = getattr(state, f.name)
-        if f.name in hints and not _fits(value, hints[f.name]):
-            hint = hints[f.name]
-            name = hint.__name__ if type(hint) is type else str(hint).replace("typing.", "")
-            return (f"field {f.name!r} of {type(state).__name__}: expected {name}, got "
-                    f"{type(value).__name__}")
-    return None
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_fits(value, h) for h in typing.get_args(hint))
-    hint = typing.get_origin(hint) or hint  # tuple[float, ...] -> tuple
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint in (tuple, list):  # JSON has lists only
-        return isinstance(value, (tuple, list))
-    if hint is typing.Any or not isinstance(hint, type):
-        return True
-    try:
-        return isinstance(value, hint)
-    except TypeError:  # a class that refuses isinstance (a non-runtime Protocol, ...)
-        return True
 
 
 # -- what a row holds ------------------------------------------------------------------
