@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-__all__ = ["EnkalError", "FailedMembersError", "ScheduleExhaustedError", "StorageError"]
+__all__ = ["EnkalError", "FailedMembersError", "ScheduleExhaustedError", "StorageError",
+           "DiskFullError", "FileInUseError"]
 
 
 class EnkalError(RuntimeError):
@@ -20,3 +21,13 @@ class ScheduleExhaustedError(EnkalError):
 
 class StorageError(EnkalError, ValueError):
     """A file could not be read as an enkal file (truncated, corrupt or not enkal's)."""
+
+
+class DiskFullError(EnkalError):
+    """A file could not be written for lack of space (a full disk, a quota, a file-size
+    limit). The row or checkpoint being written was rolled back: the file holds every
+    completed row and resumes once space is freed."""
+
+
+class FileInUseError(EnkalError):
+    """Another process (or another run in this one) is writing the same history file."""

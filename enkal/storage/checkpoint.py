@@ -18,7 +18,16 @@ import torch
 
 from .._checks import cpu_numpy
 from ..errors import StorageError
-from .h5 import _as_path, _atomic_replace, _get_array, _put_array, _read_errors, _temp_path
+from .h5 import (
+    _as_path,
+    _atomic_replace,
+    _get_array,
+    _put_array,
+    _read_errors,
+    _temp_path,
+    open_read,
+)
+from .journal import check_space, full_error, is_full
 from .schema import (
     _CPU_RNG_STATE_SIZE,
     _MAX_JSON_DEPTH,
@@ -99,6 +108,8 @@ def write_checkpoint(path: Any, smoother: Any, state: Any, *, fsync: bool = True
     }
     if adapt_json is not None:
         attrs["adapt"] = adapt_json  # only when there is one: other files are as before
+    need = x.numel() * x.element_size() + rng.size + (0 if mask is None else x.shape[1])
+    check_space(path, need, what=f"the checkpoint of iteration {int(d['iteration'])}")
     tmp = _temp_path(path)
     try:
         with h5py.File(tmp, "w", libver="latest", locking=False) as f:
@@ -109,9 +120,12 @@ def write_checkpoint(path: Any, smoother: Any, state: Any, *, fsync: bool = True
             if mask is not None:
                 _put_array(f, "mask", mask.detach().cpu().numpy().astype(np.uint8))
         _atomic_replace(tmp, path, fsync=fsync)
-    except BaseException:
+    except BaseException as err:
         if tmp.exists():
             tmp.unlink()
+        if is_full(err):  # the previous checkpoint at path is untouched
+            raise full_error(path, f"the checkpoint of iteration {int(d['iteration'])}",
+                             err) from err
         raise
     return path
 
@@ -145,7 +159,7 @@ def read_state_dict(path: Any, *, device: torch.device | str | None = None) -> d
         raise FileNotFoundError(f"{path}: no such checkpoint")
     device = torch.device(device) if device is not None else torch.device("cpu")
     with _read_errors(path, "an enkal checkpoint"), \
-            h5py.File(path, "r", locking=False) as f:
+            open_read(path) as f:
         _check_format(f.attrs, path, CHECKPOINT_FORMAT)
         a = {k: f.attrs[k] for k in f.attrs}
         e, p = _int_attr(a, "n_members", path), _int_attr(a, "n_parameters", path)

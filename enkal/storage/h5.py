@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from ..errors import StorageError
+from .journal import recover, transaction
 from .schema import (
     _INT_MISSING,
     _ROW_CHUNK,
@@ -91,6 +92,21 @@ def _read_errors(path: Any, what: str) -> Iterator[None]:
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
         raise StorageError(f"{path}: cannot be read as {what} (truncated or corrupt?): "
                            f"{type(err).__name__}: {err}") from err
+
+
+def open_read(path: Path) -> h5py.File:
+    """``h5py.File(path, "r")`` as xarray opens files: with HDF5's default file locking, so
+    that a file a notebook holds open in this process (``xr.open_dataset``) can be read here
+    too (HDF5 refuses a second handle of one file whose locking flags differ). Where the
+    file system has no locks, without them."""
+    with contextlib.suppress(OSError):  # (a read-only copy stays as it is)
+        recover(path, reader=True)  # a change its killed writer left half done comes undone
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        if "lock" not in str(err).lower() or "flag values" in str(err):
+            raise
+        return h5py.File(path, "r", locking=False)
 
 
 def _check_declared_size(ds: h5py.Dataset, name: str, path: Any, *, slack: int = 0,
@@ -396,7 +412,7 @@ def repair(path: Any) -> int:
         raise FileNotFoundError(f"{path}: no such enkal history file")
     try:
         _repair_end_of_address(path)
-        with h5py.File(path, "r+", locking=False) as f:
+        with transaction(path) as f:
             _check_format(f.attrs, path, HISTORY_FORMAT)
             names = _unlimited(f)
             n = min(f[name].shape[0] for name in names)

@@ -25,13 +25,13 @@ from .h5 import (
     _create_state_variables,
     _create_structure,
     _cut_history,
-    _fsync_path,
     _StateRow,
     _temp_path,
     _unlimited,
     _write_row,
     repair,
 )
+from .journal import check_space, deferred_interrupts, full_error, is_full, transaction
 from .schema import (
     _RESERVED,
     _STORED_MASK,
@@ -316,19 +316,18 @@ class HistoryWriter:
             bool(self._last_flags & _STORED_PARAMETERS or (final and self.history.final))
         return self.history.keeps(iteration, final=final), keeps_predictions
 
-    def close(self, attrs: Mapping[str, Any] | None = None) -> None:
-        """Mark the file complete (attribute ``complete = 1``) and add final attributes."""
+    def close(self, attrs: Mapping[str, Any] | None = None, *, complete: bool = True) -> None:
+        """Add the final attributes and mark the file ``complete = 1`` (the run ended as
+        planned) or, with ``complete=False``, leave it ``0`` (interrupted, failed)."""
         if self._closed:
             return
         self._closed = True
         if not self._created:
             return
-        with self._h5("r+") as f:
+        with deferred_interrupts(), self._h5("r+") as f:
             for k, v in (attrs or {}).items():
                 f.attrs[k] = _attr_value(v)
-            f.attrs["complete"] = np.int8(1)
-        if self.fsync and self.path is not None:
-            _fsync_path(self.path)
+            f.attrs["complete"] = np.int8(1 if complete else 0)
 
     def __enter__(self) -> HistoryWriter:
         return self
@@ -388,24 +387,36 @@ class HistoryWriter:
                     values: dict[str, Any], kinds: dict[str, str],
                     pred_np: np.ndarray | None, mask_np: np.ndarray | None,
                     state: _StateRow | None) -> None:
-        """Extend an existing file by one row (new diagnostics and state variables first)."""
-        new = {k: v for k, v in kinds.items() if k not in self._diagnostics}
-        if new:
-            self._add_diagnostics(new)
-        with self._h5("r+") as f:
-            if state is not None:
-                self._ensure_state_variables(f, state)
-            _write_row(f, self._rows, iteration, flags, params_np, values,
-                       self._diagnostics, pred_np, self._last_flags, mask_np,
-                       self._unlimited, state)
-        if self.fsync and self.path is not None:
-            _fsync_path(self.path)
+        """Extend an existing file by one row (new diagnostics and state variables first).
 
-    def _h5(self, mode: str) -> h5py.File:
+        A row is written whole or not at all: a failing write (a full disk, an interrupt)
+        is undone (:mod:`enkal.storage.journal`), and Ctrl-C waits for the row."""
+        what = f"the row of iteration {iteration}"
+        if self.path is not None:
+            check_space(self.path, _row_bytes(params_np, pred_np, state), what=what)
+        try:
+            with deferred_interrupts():
+                new = {k: v for k, v in kinds.items() if k not in self._diagnostics}
+                if new:
+                    self._add_diagnostics(new)
+                with self._h5("r+") as f:
+                    if state is not None:
+                        self._ensure_state_variables(f, state)
+                    _write_row(f, self._rows, iteration, flags, params_np, values,
+                               self._diagnostics, pred_np, self._last_flags, mask_np,
+                               self._unlimited, state)
+        except Exception as err:
+            if self.path is not None and is_full(err):
+                raise full_error(self.path, what, err) from err
+            raise
+
+    def _h5(self, mode: str) -> Any:
+        """The file for one change: in memory as is; on disk a :func:`transaction`, undone
+        whole if it fails (so a failed change never leaves a file nothing can read)."""
         if self.path is None:
             self._target.seek(0)
             return h5py.File(self._target, mode)
-        return h5py.File(self.path, mode, locking=False)
+        return transaction(self.path, fsync=self.fsync)
 
     def _global_attrs(self) -> dict[str, Any]:
         attrs: dict[str, Any] = {
@@ -436,6 +447,9 @@ class HistoryWriter:
         self._torch_dtype = str(dtype).removeprefix("torch.")
         tmp = None if self.path is None else _temp_path(self.path)
         target = self._target if tmp is None else tmp
+        if self.path is not None and first is not None:
+            check_space(self.path, 2 * _row_bytes(first[2], None, first[5]),
+                        what="the first row of a new history")
         try:
             if tmp is None:
                 self._target.seek(0)
@@ -461,9 +475,11 @@ class HistoryWriter:
                                None, 0, mask_np, self._unlimited, state)
             if tmp is not None and self.path is not None:
                 _atomic_replace(tmp, self.path, fsync=True)
-        except BaseException:
+        except BaseException as err:
             if tmp is not None and tmp.exists():
                 tmp.unlink()
+            if self.path is not None and is_full(err):
+                raise full_error(self.path, "a new history", err) from err
             raise
         self._created = True
 
@@ -534,3 +550,15 @@ class HistoryWriter:
                 "move it aside to start a new history"
             ) from err
         self._created = True
+
+
+def _row_bytes(params: np.ndarray | None, predictions: np.ndarray | None,
+               state: _StateRow | None) -> int:
+    """Bytes one row adds to the file, about (its arrays and state; metadata is the margin
+    of :func:`~enkal.storage.journal.check_space`)."""
+    n = 0 if params is None else params.nbytes
+    n += 0 if predictions is None else predictions.nbytes
+    if state is not None:
+        n += state.rng.nbytes + len(state.schedule) + len(state.adapt or "")
+        n += 0 if state.mask is None else state.mask.nbytes
+    return n

@@ -19,8 +19,9 @@ import torch
 
 from .._checks import check_positive_int
 from .checkpoint import write_checkpoint
-from .h5 import _as_path
+from .h5 import _as_path, open_read
 from .history import HistoryWriter
+from .journal import process_alive, writer_lock
 from .resume import read_policy
 from .schema import History
 
@@ -158,6 +159,8 @@ class Recorder:
         self.attrs = dict(attrs or {})
         self.resume_from = resume_from
         self._writer: HistoryWriter | None = None
+        self._lock: Any = None
+        self._forwards_before = 0  # member forwards of the runs this one continues
         self._started = False
         self._smoother: Any = None
         self._pool: ThreadPoolExecutor | None = None
@@ -182,6 +185,18 @@ class Recorder:
         """
         if self._started:
             raise ValueError("Recorder: start() called twice; a Recorder records one run")
+        if self.path is not None:
+            self._lock = writer_lock(self.path)  # one writer per history file
+        try:
+            self._start(run)
+        except BaseException:
+            self._release()
+            raise
+
+    def _start(self, run: Any) -> None:
+        for target in (self.path, self.checkpoint_path):
+            if target is not None:
+                remove_stale_temporaries(Path(target))
         smoother = run.smoother
         extra = dict(self.attrs)
         if self.truth is not None:
@@ -190,6 +205,8 @@ class Recorder:
                                  f"{self.truth.numel()}")
             extra["truth"] = self.truth.numpy()  # a numeric attribute, in physical units
         writer = None
+        if self.path is not None and self.resume_from is not None and self.path.exists():
+            self._forwards_before = _forwards_of(self.path)
         if self.path is not None:
             history = self.history
             if history is None and self.resume_from is not None and self.path.exists():
@@ -232,17 +249,30 @@ class Recorder:
         self._pending = self._pool.submit(self._write, snap, info, preds, final, checkpoint)
 
     def close(self, end: Any) -> None:
-        """Wait for the write in flight and mark the history complete, with
-        ``end.stopped_by`` and ``end.n_forwards`` (an :class:`enkal._types.RunEnd`)."""
+        """Wait for the write in flight and close the history (an
+        :class:`enkal._types.RunEnd`): ``stopped_by`` says how the run ended
+        (``end.stopped_by``, or ``"interrupted"`` after Ctrl-C, or ``"failed: ..."``),
+        ``complete`` is 1 only when it ended as planned, and ``n_forwards`` counts the member
+        forwards of the whole run, resumed parts included."""
         try:
             self._wait()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-            if self._writer is not None:
-                self._writer.close(attrs={"stopped_by": end.stopped_by,
-                                          "n_forwards": end.n_forwards})
+            try:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                    self._pool = None
+                if self._writer is not None:
+                    self._writer.close(
+                        attrs={"stopped_by": _ending(end),
+                               "n_forwards": self._forwards_before + end.n_forwards},
+                        complete=end.error is None)
+            finally:
+                self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- internals ---------------------------------------------------------------------------
     def _write(self, state: Any, info: Any, predictions: torch.Tensor | None, final: bool,
@@ -260,3 +290,40 @@ class Recorder:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
+
+
+def _ending(end: Any) -> str:
+    """``stopped_by`` of a run that ended with ``end`` (a :class:`~enkal._types.RunEnd`)."""
+    err = getattr(end, "error", None)
+    if err is None:
+        return str(end.stopped_by)
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    message = " ".join(str(err).split())
+    return f"failed: {type(err).__name__}: {message}"[:300]
+
+
+def _forwards_of(path: Path) -> int:
+    """The ``n_forwards`` a history file records (0 when it has none or is unreadable:
+    the count is provenance, never a reason to refuse a resume)."""
+    try:
+        with open_read(path) as f:
+            return int(f.attrs.get("n_forwards", 0))
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files (``.NAME.PID-xxxx.tmp``) that writers of ``path`` killed
+    before their rename left beside it; only those of processes no longer running."""
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*-*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split("-", 1)[0]
+        if not pid.isdigit() or process_alive(int(pid)):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed

@@ -16,7 +16,7 @@ import torch
 from .._types import encode_state
 from ..errors import StorageError
 from .checkpoint import _load_state, read_state_dict
-from .h5 import _as_path, _dataset, _read_errors, _unlimited, repair
+from .h5 import _as_path, _dataset, _read_errors, _unlimited, open_read, repair
 from .history import History
 from .schema import (
     _CPU_RNG_STATE_SIZE,
@@ -79,7 +79,7 @@ def read_history_state(path: Any, *, device: torch.device | str | None = None,
         raise FileNotFoundError(f"{path}: no such enkal history file")
     device = torch.device(device) if device is not None else torch.device("cpu")
     with _read_errors(path, "an enkal history file"), \
-            h5py.File(path, "r", locking=False) as f:
+            open_read(path) as f:
         _check_format(f.attrs, path, HISTORY_FORMAT)
         _check_history_file(f, path)
         v = _state_variables(f, path)
@@ -266,7 +266,7 @@ def read_policy(path: Any) -> History:
     """
     path = _as_path(path)
     with _read_errors(path, "an enkal history file"), \
-            h5py.File(path, "r", locking=False) as f:
+            open_read(path) as f:
         _check_format(f.attrs, path, HISTORY_FORMAT)
         if "history_policy" not in f.attrs:
             return History()
@@ -294,7 +294,7 @@ def format_of(path: Any) -> str | None:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or history file")
     with _read_errors(path, "an enkal checkpoint or history file"), \
-            h5py.File(path, "r", locking=False) as f:
+            open_read(path) as f:
         fmt = f.attrs.get("enkal_format")
         return _attr_str(fmt) if fmt is not None else None
 

@@ -23,6 +23,7 @@ from .h5 import (
     _read_errors,
     _temp_path,
     _unlimited,
+    open_read,
 )
 from .history import History, HistoryWriter
 from .schema import HISTORY_FORMAT, _attr_str, _check_format, _loads
@@ -149,7 +150,7 @@ def open_dataset(path: Any, **kwargs: Any) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such enkal history file")
     with _read_errors(path, "an enkal history file"):
-        with h5py.File(path, "r", locking=False) as f:
+        with open_read(path) as f:
             _check_format(f.attrs, path, HISTORY_FORMAT)
             _check_history_file(f, path)
             lengths = [f[name].shape[0] for name in _unlimited(f)]
