@@ -109,7 +109,8 @@ def write_checkpoint(path: Any, smoother: Any, state: Any, *, fsync: bool = True
     if adapt_json is not None:
         attrs["adapt"] = adapt_json  # only when there is one: other files are as before
     need = x.numel() * x.element_size() + rng.size + (0 if mask is None else x.shape[1])
-    check_space(path, need, what=f"the checkpoint of iteration {int(d['iteration'])}")
+    check_space(path, need, what=f"the checkpoint of iteration {int(d['iteration'])}",
+                new=True)
     tmp = _temp_path(path)
     try:
         with h5py.File(tmp, "w", libver="latest", locking=False) as f:

@@ -448,8 +448,8 @@ class HistoryWriter:
         tmp = None if self.path is None else _temp_path(self.path)
         target = self._target if tmp is None else tmp
         if self.path is not None and first is not None:
-            check_space(self.path, 2 * _row_bytes(first[2], None, first[5]),
-                        what="the first row of a new history")
+            check_space(self.path, _row_bytes(first[2], None, first[5]),
+                        what="the first row of a new history", new=True)
         try:
             if tmp is None:
                 self._target.seek(0)

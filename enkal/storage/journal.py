@@ -109,14 +109,22 @@ class Journal(io.RawIOBase):
 
     Before a write overwrites bytes of the file's old extent, their old content goes to the
     undo log ``.NAME.journal`` (appended, in order, before the overwrite: a killed process
-    leaves a log that :func:`recover` replays) and to memory (:meth:`rollback`)."""
+    leaves a log that :func:`recover` replays) and to memory (:meth:`rollback`).
+
+    A write that finds no room (a full disk, a quota, a file-size limit) is not reported to
+    HDF5: from then on the writes of this change go to memory instead of the file (reads
+    see them), so that HDF5 finishes and closes the file cleanly -- an error inside HDF5's
+    close leaves the library holding a half-closed file, which crashes it later -- and the
+    caller then undoes the change (:attr:`error` holds the cause)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__()
         recover(path)  # a change a killed writer left half done comes undone first
-        self._f = open(path, "r+b")  # noqa: SIM115 - closed in close()
-        self._size = os.fstat(self._f.fileno()).st_size
+        self._f = open(path, "r+b", buffering=0)  # noqa: SIM115 - closed in close()
+        self._fd = self._f.fileno()
+        self._size = os.fstat(self._fd).st_size
         self._undo: list[tuple[int, bytes]] = []
+        self._overlay: list[tuple[int, bytes]] = []  # writes held in memory after an error
         self._pos = 0
         self._log_path = journal_path(path)
         self._log: Any = None  # opened at the first overwrite
@@ -126,9 +134,11 @@ class Journal(io.RawIOBase):
     def _keep(self, offset: int, old: bytes) -> None:
         if self._log is None:
             self._log = open(self._log_path, "wb", buffering=0)  # noqa: SIM115
-            self._log.write(_MAGIC + self._size.to_bytes(8, "little")
-                            + os.getpid().to_bytes(8, "little"))
-        self._log.write(_RECORD.pack(offset, len(old)) + old)  # one write: whole or none
+            _write_all(self._log.fileno(), _MAGIC + self._size.to_bytes(8, "little")
+                       + os.getpid().to_bytes(8, "little"), None)
+        # one record, whole; a record cut short is ignored by recover(): its overwrite
+        # comes after it
+        _write_all(self._log.fileno(), _RECORD.pack(offset, len(old)) + old, None)
         self._undo.append((offset, old))
 
     def readable(self) -> bool:
@@ -141,57 +151,82 @@ class Journal(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        self._pos = self._f.seek(offset, whence)
+        if whence == io.SEEK_SET:
+            self._pos = offset
+        elif whence == io.SEEK_CUR:
+            self._pos += offset
+        else:
+            self._pos = self._end() + offset
         return self._pos
+
+    def _end(self) -> int:
+        end = os.fstat(self._fd).st_size
+        for offset, data in self._overlay:
+            end = max(end, offset + len(data))
+        return end
 
     def tell(self) -> int:
         return self._pos
 
     def readinto(self, buffer: Any) -> int:
-        self._f.seek(self._pos)
-        n = self._f.readinto(buffer) or 0
+        view = memoryview(buffer).cast("B")
+        data = os.pread(self._fd, len(view), self._pos)
+        n = len(data)
+        view[:n] = data
+        for offset, held in self._overlay:  # what was written to memory, in order
+            lo, hi = max(offset, self._pos), min(offset + len(held), self._pos + len(view))
+            if lo < hi:
+                view[lo - self._pos:hi - self._pos] = held[lo - offset:hi - offset]
+                n = max(n, hi - self._pos)
+        if n < len(view) and self._overlay:  # a hole before held bytes reads as zeros
+            view[n:] = b"\0" * (len(view) - n)
         self._pos += n
         return n
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        end = self._pos + len(view)
-        try:
-            if self._pos < self._size:  # keep what the write overwrites in the old extent
-                self._f.seek(self._pos)
-                self._keep(self._pos, self._f.read(min(end, self._size) - self._pos))
-            self._f.seek(self._pos)
-            self._f.write(view)
-        except BaseException as err:
-            self.error = self.error or err
-            raise
-        self._pos = end
+        if self.error is None:
+            try:
+                if self._pos < self._size:  # keep what the write overwrites
+                    end = min(self._pos + len(view), self._size)
+                    self._keep(self._pos, os.pread(self._fd, end - self._pos, self._pos))
+                _write_all(self._fd, view, self._pos)
+            except OSError as err:
+                if not is_full(err):
+                    self.error = err
+                    raise
+                self.error = err  # from here on this change lives in memory (see above)
+            except BaseException as err:
+                self.error = self.error or err
+                raise
+        if self.error is not None:
+            self._overlay.append((self._pos, bytes(view)))
+        self._pos += len(view)
         return len(view)
 
     def truncate(self, size: int | None = None) -> int:
         size = self._pos if size is None else size
+        if self.error is not None:
+            return size  # undone anyway
         if size < self._size:
-            self._f.seek(size)
-            self._keep(size, self._f.read(self._size - size))
-        return self._f.truncate(size)
+            self._keep(size, os.pread(self._fd, self._size - size, size))
+        os.ftruncate(self._fd, size)
+        return size
 
     def flush(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
+        pass  # unbuffered
 
     def fsync(self) -> None:
         """Flush to disk (after a change that must survive power loss)."""
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        os.fsync(self._fd)
 
     def rollback(self) -> None:
         """Put back every overwritten byte and cut the file to its old length."""
         for offset, old in reversed(self._undo):
-            self._f.seek(offset)
-            self._f.write(old)
-        self._f.truncate(self._size)
-        self._f.flush()
+            _write_all(self._fd, old, offset)
+        os.ftruncate(self._fd, self._size)
         self._undo.clear()
+        self._overlay.clear()
         self.commit()
 
     def commit(self) -> None:
@@ -199,7 +234,6 @@ class Journal(io.RawIOBase):
         if self._log is not None:
             self._log.close()
             self._log = None
-            self._f.flush()  # the file's new bytes before the log's removal
             self._log_path.unlink()
 
     def close(self) -> None:
@@ -258,6 +292,18 @@ def transaction(path: Path, *, fsync: bool = False) -> Iterator[h5py.File]:
         journal.close()
 
 
+def _write_all(fd: int, data: Any, offset: int | None) -> None:
+    """Write all of ``data`` at ``offset`` (``None``: at the descriptor's position)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        if n <= 0:  # pragma: no cover - a regular file writes or raises
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+        if offset is not None:
+            offset += n
+
+
 def is_full(err: BaseException) -> bool:
     """Whether ``err`` (or what caused it) is a write that found no room."""
     while err is not None:
@@ -267,9 +313,10 @@ def is_full(err: BaseException) -> bool:
     return False
 
 
-def free_bytes(path: Path) -> int | None:
+def free_bytes(path: Path, *, new: bool = False) -> int | None:
     """Bytes a write to ``path`` may still add: free disk space for this user, and the
-    process's ``RLIMIT_FSIZE`` less the file's size (``None`` when neither is known)."""
+    process's ``RLIMIT_FSIZE`` less the file's size (of a ``new`` file: the whole limit);
+    ``None`` when neither is known."""
     limits = []
     try:
         st = os.statvfs(path.parent)
@@ -281,18 +328,24 @@ def free_bytes(path: Path) -> int | None:
 
         soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         if soft != resource.RLIM_INFINITY:
-            size = path.stat().st_size if path.exists() else 0
+            size = path.stat().st_size if path.exists() and not new else 0
             limits.append(max(soft - size, 0))
     except (ImportError, OSError, ValueError):
         pass
     return min(limits) if limits else None
 
 
-def check_space(path: Path, need: int, *, what: str) -> None:
-    """:class:`DiskFullError` naming ``what`` when fewer than ``need`` bytes (plus a margin
-    for HDF5's metadata: 1 MiB and 10%) can be written to ``path``."""
-    want = int(need * 1.1) + (1 << 20)
-    free = free_bytes(path)
+#: room kept for HDF5's metadata beyond a row's arrays: the chunk of every per-iteration
+#: variable (1024 rows x 8 bytes, about 20 of them) and the string heaps, with slack
+METADATA_MARGIN = 256 << 10
+
+
+def check_space(path: Path, need: int, *, what: str, new: bool = False) -> None:
+    """:class:`DiskFullError` naming ``what`` when fewer than ``need`` bytes (plus 5% and
+    :data:`METADATA_MARGIN`) can be written to ``path`` (a ``new`` file: a temporary one
+    that will replace it)."""
+    want = int(need * 1.05) + METADATA_MARGIN
+    free = free_bytes(path, new=new)
     if free is not None and free < want:
         raise DiskFullError(
             f"{path}: not enough space to write {what}: it needs about "
