@@ -20,6 +20,7 @@ __all__ = [
     "check_bool",
     "check_bool_vector",
     "check_buffer",
+    "check_device",
     "check_ensemble",
     "check_generator",
     "check_generator_state",
@@ -183,6 +184,19 @@ def check_bool(x: Any, name: str) -> None:
     included (``progress=1`` is more likely a slip than a choice)."""
     if not isinstance(x, (bool, np.bool_)):
         raise TypeError(f"{name}: expected a bool (True or False), got {_describe(x)}")
+
+
+def check_device(device: Any, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``: ``TypeError`` for what is not a str, int (a CUDA
+    index) or ``torch.device``, ``ValueError`` for a name torch does not know."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{name}: expected a torch.device or a str such as 'cpu' or 'cuda:0', "
+                        f"got {_describe(device)}")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"{name}: expected a device such as 'cpu' or 'cuda:0', got "
+                         f"{device!r} ({err})"[:300]) from None
 
 
 def check_instance(obj: Any, name: str) -> None:

@@ -32,7 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import check_ensemble, check_positive_float, check_positive_int
+from ._checks import (
+    check_bool,
+    check_device,
+    check_ensemble,
+    check_positive_float,
+    check_positive_int,
+)
 from .ensemble import ParameterLayout
 
 __all__ = ["ForwardModel", "CallableModel", "evaluate", "EvaluationReport"]
@@ -107,6 +113,13 @@ class CallableModel(ForwardModel):
     numpy : bool
     device, dtype :
         Where the function computes (default CPU, float64).
+    output_names : sequence of str, optional
+        ``N_obs`` readable names of the outputs (for storage).
+
+    Every argument is checked, naming it: ``TypeError`` for a wrong type (``fn`` not
+    callable, ``batched``/``numpy`` not bools, a non-floating ``dtype``, ``output_names``
+    not a sequence of str), ``ValueError`` for a wrong value (``output_size < 1``, a device
+    torch does not know, the wrong number of output names).
     """
 
     def __init__(
@@ -126,18 +139,16 @@ class CallableModel(ForwardModel):
         check_positive_int(output_size, "output_size")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        check_bool(batched, "batched")
+        check_bool(numpy, "numpy")
         self._fn = fn
         self._layout = _layout_from(parameters)
         self._output_size = int(output_size)
         self.batched = bool(batched)
         self.numpy = bool(numpy)
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.dtype = dtype
-        if output_names is not None and len(output_names) != output_size:
-            raise ValueError(
-                f"output_names: expected {output_size} names, got {len(output_names)}"
-            )
-        self._output_names = list(output_names) if output_names is not None else None
+        self._output_names = _output_names(output_names, int(output_size))
 
     @property
     def layout(self) -> ParameterLayout:
@@ -163,6 +174,18 @@ class CallableModel(ForwardModel):
             return self._call(parameters)
         rows = [self._call(parameters[i]).reshape(-1) for i in range(parameters.shape[0])]
         return torch.stack(rows) if rows else parameters.new_empty((0, self._output_size))
+
+
+def _output_names(names: Any, n: int) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, Sequence) or \
+            not all(isinstance(x, str) for x in names):
+        raise TypeError(f"output_names: expected a sequence of {n} str, got "
+                        f"{names!r}"[:200])
+    if len(names) != n:
+        raise ValueError(f"output_names: expected {n} names (output_size), got {len(names)}")
+    return list(names)
 
 
 class EvaluationReport(tuple):

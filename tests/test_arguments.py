@@ -3,8 +3,8 @@
 A table of wrong types and wrong values for each public argument of the smoother (its
 constructor, ``init``, ``step``, ``run``, ``done``, ``state_dict``/``load_state_dict``), the
 kernels (``assimilate``, ``ensemble_transform``, ``apply_transform``), ``evaluate``,
-``gaussian_ensemble``, ``Observations`` and the in-process executors. Each case must raise
-exactly the exception it names (``TypeError`` for a wrong type, ``ValueError`` for a wrong
+``CallableModel``, ``gaussian_ensemble``, ``Observations`` and the in-process executors.
+Each case must raise exactly the exception it names (``TypeError`` for a wrong type, ``ValueError`` for a wrong
 value; anything else, such as a raw ``RuntimeError`` from deep in torch, fails the test)
 with a message that names the argument and says what arrived ("got ...").
 
@@ -405,6 +405,31 @@ _EVALUATE_AND_EXECUTORS = [
 _NOT_CHECKED_IN_ENSEMBLE_PY = pytest.mark.xfail(
     strict=False, reason="enkal/ensemble.py does not check it yet: a raw torch error")
 
+def _callable(**kwargs) -> CallableModel:
+    kwargs = {"parameters": P, "output_size": M, **kwargs}
+    return CallableModel(kwargs.pop("fn", lambda x: x[:, :M]), **kwargs)
+
+
+_CALLABLE_MODEL = [
+    case("fn-str", lambda: _callable(fn="f"), TypeError, "fn"),
+    case("parameters-none", lambda: _callable(parameters=None), TypeError, "parameters"),
+    case("parameters-zero", lambda: _callable(parameters=0), ValueError, "parameters"),
+    case("output_size-zero", lambda: _callable(output_size=0), ValueError, "output_size"),
+    case("output_size-float", lambda: _callable(output_size=3.0), TypeError, "output_size"),
+    case("batched-str", lambda: _callable(batched="yes"), TypeError, "batched"),
+    case("numpy-int", lambda: _callable(numpy=1), TypeError, "numpy"),
+    case("device-unknown", lambda: _callable(device="nowhere"), ValueError, "device"),
+    case("device-float", lambda: _callable(device=3.5), TypeError, "device"),
+    case("dtype-int", lambda: _callable(dtype=torch.int64), TypeError, "dtype"),
+    case("dtype-str", lambda: _callable(dtype="float64"), TypeError, "dtype"),
+    case("output_names-int", lambda: _callable(output_names=3), TypeError, "output_names"),
+    case("output_names-str", lambda: _callable(output_names="abc"), TypeError, "output_names"),
+    case("output_names-not-str", lambda: _callable(output_names=[1, 2, 3]), TypeError,
+         "output_names"),
+    case("output_names-length", lambda: _callable(output_names=["a"]), ValueError,
+         "output_names"),
+]
+
 _GAUSSIAN_ENSEMBLE = [
     case("mean-str", lambda: gaussian_ensemble("x", 1.0, 8), TypeError, "mean"),
     case("mean-nan", lambda: gaussian_ensemble([0.0, math.nan], 1.0, 8), ValueError, "mean"),
@@ -475,7 +500,8 @@ def _check(call, exc, name, arrived=ARRIVED) -> str:
     *table("EnsembleSmoother", _SMOOTHER), *table("init", _INIT), *table("step", _STEP),
     *table("run", _RUN), *table("done/state_dict", _DONE_AND_STATE_DICT),
     *table("assimilate", _ASSIMILATE), *table("transforms", _TRANSFORMS),
-    *table("evaluate/executors", _EVALUATE_AND_EXECUTORS)])
+    *table("evaluate/executors", _EVALUATE_AND_EXECUTORS),
+    *table("CallableModel", _CALLABLE_MODEL)])
 def test_wrong_argument_is_refused_naming_it(call, exc, name, arrived):
     _check(call, exc, name, arrived)
 
