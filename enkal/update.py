@@ -193,7 +193,10 @@ def _whitened(predictions: torch.Tensor, observations: Observations, alpha: floa
     ybar = yh.mean(dim=0)
     scale = 1.0 / math.sqrt(alpha * (n - 1))
     s = observations.whiten(yh - ybar) * scale  # (E, N_obs), S = D L^-T / sqrt(alpha (E-1))
-    lam, v = _spectral_basis(s, truncation)
+    try:
+        lam, v = _spectral_basis(s, truncation)
+    except ValueError as err:  # the scaling by alpha may be the cause: say what it was
+        raise ValueError(f"{err} (noise inflation alpha = {alpha:g})") from None
     return yh, ybar, y, s, lam, v
 
 

@@ -579,12 +579,29 @@ def test_chunk_size_classified(v):
                 _expected_int(v), "chunk_size")
 
 
+def _alpha_classified(call, v) -> None:
+    expected = _expected_float(v, none=False)
+    if expected is not None:
+        _check(lambda: call(v), expected, "alpha")
+        return
+    try:
+        call(v)
+    except ValueError as err:
+        # a valid but extreme alpha (1e-309) overflows the whitened anomalies S = D L^-T /
+        # sqrt(alpha (E-1)): refused, with the alpha that caused it named
+        assert float(v) < 1e-200 and re.search(r"alpha = ", str(err)), str(err)
+
+
 @given(anything)
 def test_alpha_classified(v):
-    _classified(lambda a: assimilate(_prior(), _preds(), _obs(), alpha=a), v,
-                _expected_float(v, none=False), "alpha")
-    _classified(lambda a: ensemble_transform(_preds(), _obs(), rule=SquareRoot(), alpha=a), v,
-                _expected_float(v, none=False), "alpha")
+    _alpha_classified(lambda a: assimilate(_prior(), _preds(), _obs(), alpha=a), v)
+    _alpha_classified(lambda a: ensemble_transform(_preds(), _obs(), rule=SquareRoot(),
+                                                   alpha=a), v)
+
+
+def test_an_alpha_so_small_that_the_anomalies_overflow_is_named():
+    with pytest.raises(ValueError, match=r"overflow float64.*alpha = 2\.2\d*e-309"):
+        assimilate(_prior(), _preds(), _obs(), alpha=2.225073858507203e-309)
 
 
 @given(anything)
