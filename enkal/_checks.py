@@ -17,12 +17,21 @@ import torch
 
 __all__ = [
     "as_float_tensor",
+    "check_bool",
+    "check_bool_vector",
+    "check_buffer",
+    "check_device",
     "check_ensemble",
+    "check_generator",
+    "check_generator_state",
+    "check_instance",
+    "check_iteration",
     "check_members_first",
     "check_finite",
     "check_positive_int",
     "check_fraction",
     "check_positive_float",
+    "check_seed",
     "cpu_numpy",
 ]
 
@@ -123,6 +132,7 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     # One streaming reduction: a NaN/inf anywhere makes the sum non-finite, so a finite sum
     # proves every entry finite without the bool copy isfinite(x) builds (2x an update's
     # GEMM at N_par = 1e6, bench/update.py); only a non-finite sum pays for the exact check.
+    x = x.detach()
     if x.numel() == 0 or math.isfinite(float(x.sum())):
         return
     if not bool(torch.isfinite(x).all()):
@@ -145,7 +155,10 @@ def check_positive_float(x: Any, name: str, *, allow_zero: bool = False,
         return
     if isinstance(x, bool) or not isinstance(x, Real):
         raise TypeError(f"{name}: expected a float, got {_describe(x)}")
-    v = float(x)
+    try:
+        v = float(x)
+    except OverflowError:  # an int beyond float64
+        v = math.inf
     ok = math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
     if not ok:
         rel = ">= 0" if allow_zero else "> 0"
@@ -158,8 +171,116 @@ def check_fraction(x: Any, name: str, *, allow_none: bool = True) -> None:
         return
     if isinstance(x, bool) or not isinstance(x, Real):
         raise TypeError(f"{name}: expected a float in (0, 1], got {_describe(x)}")
-    if not (0 < float(x) <= 1):
+    try:
+        v = float(x)
+    except OverflowError:  # an int beyond float64
+        v = math.inf
+    if not (0 < v <= 1):
         raise ValueError(f"{name}: expected a float in (0, 1], got {x}")
+
+
+def check_bool(x: Any, name: str) -> None:
+    """``True`` or ``False`` (a numpy bool too); ``TypeError`` for anything else, ints
+    included (``progress=1`` is more likely a slip than a choice)."""
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool (True or False), got {_describe(x)}")
+
+
+def check_device(device: Any, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``: ``TypeError`` for what is not a str, int (a CUDA
+    index) or ``torch.device``, ``ValueError`` for a name torch does not know."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{name}: expected a torch.device or a str such as 'cpu' or 'cuda:0', "
+                        f"got {_describe(device)}")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"{name}: expected a device such as 'cpu' or 'cuda:0', got "
+                         f"{device!r} ({err})"[:300]) from None
+
+
+def check_instance(obj: Any, name: str) -> None:
+    """``TypeError`` when a class arrives where a configured object is expected
+    (``rule=SquareRoot`` for ``rule=SquareRoot()``): its methods would be unbound."""
+    if isinstance(obj, type):
+        raise TypeError(f"{name}: expected an instance, got the class {obj.__name__}; did you "
+                        f"mean {obj.__name__}()?")
+
+
+def check_generator(g: Any, name: str = "generator") -> None:
+    """``None`` or a ``torch.Generator`` (a seed is not one: ``torch.Generator().manual_seed(
+    seed)`` makes one)."""
+    if g is not None and not isinstance(g, torch.Generator):
+        hint = ("; make one with torch.Generator().manual_seed(seed)"
+                if isinstance(g, Integral) and not isinstance(g, bool) else "")
+        raise TypeError(f"{name}: expected a torch.Generator or None, got {_describe(g)}{hint}")
+
+
+def check_bool_vector(x: Any, name: str, n: int, size: str) -> None:
+    """A bool tensor of shape ``(n,)`` (``size`` names ``n``: ``N_ens`` for a mask of members,
+    ``N_par`` for one of parameters); ``TypeError`` for another type or dtype,
+    ``ValueError`` for another shape."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a bool tensor of shape ({n},) = ({size},), got "
+                        f"{_describe(x)}")
+    if x.dtype != torch.bool:
+        raise TypeError(f"{name}: expected a bool tensor of shape ({n},) = ({size},), got "
+                        f"dtype {x.dtype}; make it with a comparison or .bool()")
+    if x.shape != (n,):
+        raise ValueError(f"{name}: expected a bool tensor of shape ({n},) = ({size},), got "
+                         f"shape {tuple(x.shape)}")
+
+
+def check_buffer(out: Any, like: torch.Tensor, name: str = "out") -> None:
+    """An output buffer for a tensor like ``like``: a tensor of its shape, dtype and device
+    that does not require grad (``TypeError`` for another type, ``ValueError`` otherwise)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor buffer, got {_describe(out)}")
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(
+            f"{name}: expected shape {tuple(like.shape)}, dtype {like.dtype}, device "
+            f"{like.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}"
+        )
+    if out.requires_grad:
+        raise ValueError(f"{name}: expected a buffer that does not require grad, got one that "
+                         "does (the update is not differentiated: pass a detached tensor)")
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` as an int in ``[0, 2**64)``, what a ``torch.Generator`` takes (numpy ints
+    too). A negative seed is a ``TypeError``, as it has always been for the smoother's seed
+    (tests/test_smoother.py asserts it); ``2**64`` or more a ``ValueError``."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or int(seed) < 0:
+        raise TypeError(f"{name}: expected a non-negative int, got {seed!r}"[:200])
+    if int(seed) >= 2 ** 64:
+        raise ValueError(f"{name}: expected an int below 2**64 (what a torch.Generator "
+                         f"takes), got {seed}"[:200])
+    return int(seed)
+
+
+def check_iteration(value: Any, name: str) -> int:
+    """An iteration count read back (a state dict's): an int ``>= 0``, or what ``int()``
+    makes of a numpy or 0-d tensor integer or a digit string; ``ValueError`` otherwise."""
+    try:
+        it = int(value)
+    except (TypeError, ValueError, RuntimeError):
+        it = -1
+    if isinstance(value, bool) or it < 0 or (isinstance(value, float) and value != it):
+        raise ValueError(f"{name}: expected an int >= 0, got {value!r}"[:200])
+    return it
+
+
+def check_generator_state(value: Any, name: str, device: torch.device) -> torch.Tensor:
+    """A ``torch.Generator`` state read back: the CPU byte tensor that a generator on
+    ``device`` accepts (``ValueError`` naming ``name`` otherwise)."""
+    try:
+        state = torch.as_tensor(value, dtype=torch.uint8).cpu()
+        torch.Generator(device=device).set_state(state)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name}: expected the state of a {device.type} torch.Generator, got "
+                         f"{_describe(value)} that does not restore one ({err})"[:300]
+                         ) from None
+    return state
 
 
 def cpu_numpy(t: torch.Tensor) -> np.ndarray:

@@ -143,7 +143,8 @@ def analyse(
     parameters : Tensor, shape (N_ens, N_par)
         The ensemble ``X`` whose predictions are given (unconstrained space).
     predictions : Tensor, shape (N_ens, N_obs)
-        ``Yh``; rows of failed members may hold anything (NaN).
+        ``Yh``; rows of failed members may hold anything (NaN). Detached: no gradient
+        flows through the update.
     observations : Observations
     rule, schedule, failure : components
         See :mod:`enkal._types`.
@@ -172,6 +173,9 @@ def analyse(
     chunk_size : int, optional
         Parameter columns per GEMM block.
     """
+    # the update is never differentiated: predictions handed in with an autograd graph (a
+    # module's output) would otherwise fail at the chunked GEMM's out= or leak into X+
+    predictions = predictions.detach()
     n_par = parameters.shape[1]
     sections = [[slice(0, n_par)]] if sections is None else sections
     active = range(len(sections)) if active is None else active

@@ -165,14 +165,26 @@ def _run_threads(work, spans: list, devices: list) -> dict:
 
 
 def _check_devices(devices: Any, name: str) -> tuple[torch.device, ...]:
+    """A non-empty sequence of devices (one may be given alone): ``TypeError`` for what is not
+    a sequence of ``torch.device``, str or int (a CUDA index), ``ValueError`` for a device
+    torch does not know or an empty sequence."""
     if isinstance(devices, (str, torch.device)):
         devices = (devices,)
     try:
-        out = tuple(torch.device(d) for d in devices)
-    except (TypeError, RuntimeError) as err:
+        items = tuple(devices)
+    except TypeError:
+        items = None
+    if items is None or any(isinstance(d, bool) or not isinstance(d, (str, torch.device, int))
+                            for d in items):
         raise TypeError(
             f"{name}: expected a sequence of devices such as ['cuda:0', 'cuda:1'], got "
-            f"{devices!r} ({err})"[:300]
+            f"{devices!r}"[:300]
+        )
+    try:
+        out = tuple(torch.device(d) for d in items)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{name}: expected devices such as 'cpu' or 'cuda:0', got {devices!r} ({err})"[:300]
         ) from None
     if not out:
         raise ValueError(f"{name}: expected at least one device, got none")
@@ -233,9 +245,9 @@ class MultiDevice:
         replicas = [replicate(d) for d in self.devices]
 
         def work(index: int, a: int, b: int):
-            replica = replicas[index]
-            chunk = parameters[a:b].to(device=replica.device)
-            y, ok = res = evaluate(replica, chunk, max_abs=self.max_abs)
+            # evaluate moves the members to the replica's device, and copies them there
+            # when that move does not (the model must not write into the caller's ensemble)
+            y, ok = res = evaluate(replicas[index], parameters[a:b], max_abs=self.max_abs)
             return y, ok, res.errors
 
         return _assemble(parameters, m, run_on_devices(work, spans, self.devices))

@@ -9,6 +9,12 @@ first, with *physical* parameter values. :class:`CallableModel` wraps a plain fu
 failed (the forward raised, or the prediction has NaN/inf) instead of stopping: a failed chunk
 is retried member by member so one bad member does not fail its neighbours.
 
+The ensemble is defended from the model: every ``forward`` call gets members in memory of its
+own (a copy, unless moving them to the model's device or dtype made one already), so a model
+that writes into its input changes nothing outside the call; and the predictions are
+detached, so a model whose output requires grad (a ``torch.nn.Module`` inside a
+:class:`CallableModel`) hands no autograd graph to the update.
+
 >>> import torch
 >>> from enkal import CallableModel
 >>> model = CallableModel(lambda x: x ** 2, parameters=["a", "b"], output_size=2)
@@ -26,7 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import check_ensemble, check_positive_int
+from ._checks import (
+    check_bool,
+    check_device,
+    check_ensemble,
+    check_positive_float,
+    check_positive_int,
+)
 from .ensemble import ParameterLayout
 
 __all__ = ["ForwardModel", "CallableModel", "evaluate", "EvaluationReport"]
@@ -55,7 +67,11 @@ class ForwardModel(ABC):
 
     @abstractmethod
     def forward(self, parameters: torch.Tensor) -> torch.Tensor:
-        """Map physical parameters ``(n, N_par)`` to predictions ``(n, N_obs)``."""
+        """Map physical parameters ``(n, N_par)`` to predictions ``(n, N_obs)``.
+
+        Under :func:`evaluate` (and so every executor and ``run``) ``parameters`` is the
+        call's own tensor, which the model may overwrite; its output is detached.
+        """
 
     @property
     def output_names(self) -> list[str] | None:
@@ -97,6 +113,13 @@ class CallableModel(ForwardModel):
     numpy : bool
     device, dtype :
         Where the function computes (default CPU, float64).
+    output_names : sequence of str, optional
+        ``N_obs`` readable names of the outputs (for storage).
+
+    Every argument is checked, naming it: ``TypeError`` for a wrong type (``fn`` not
+    callable, ``batched``/``numpy`` not bools, a non-floating ``dtype``, ``output_names``
+    not a sequence of str), ``ValueError`` for a wrong value (``output_size < 1``, a device
+    torch does not know, the wrong number of output names).
     """
 
     def __init__(
@@ -116,18 +139,16 @@ class CallableModel(ForwardModel):
         check_positive_int(output_size, "output_size")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        check_bool(batched, "batched")
+        check_bool(numpy, "numpy")
         self._fn = fn
         self._layout = _layout_from(parameters)
         self._output_size = int(output_size)
         self.batched = bool(batched)
         self.numpy = bool(numpy)
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.dtype = dtype
-        if output_names is not None and len(output_names) != output_size:
-            raise ValueError(
-                f"output_names: expected {output_size} names, got {len(output_names)}"
-            )
-        self._output_names = list(output_names) if output_names is not None else None
+        self._output_names = _output_names(output_names, int(output_size))
 
     @property
     def layout(self) -> ParameterLayout:
@@ -153,6 +174,18 @@ class CallableModel(ForwardModel):
             return self._call(parameters)
         rows = [self._call(parameters[i]).reshape(-1) for i in range(parameters.shape[0])]
         return torch.stack(rows) if rows else parameters.new_empty((0, self._output_size))
+
+
+def _output_names(names: Any, n: int) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, Sequence) or \
+            not all(isinstance(x, str) for x in names):
+        raise TypeError(f"output_names: expected a sequence of {n} str, got "
+                        f"{names!r}"[:200])
+    if len(names) != n:
+        raise ValueError(f"output_names: expected {n} names (output_size), got {len(names)}")
+    return list(names)
 
 
 class EvaluationReport(tuple):
@@ -198,12 +231,18 @@ def evaluate(
     Parameters
     ----------
     model : ForwardModel
+        Checked to be a :class:`ForwardModel` (``TypeError``).
     parameters : Tensor, shape (N_ens, N_par)
-        Physical parameter values.
+        Physical parameter values: a floating tensor (``TypeError`` otherwise) with the
+        model's ``N_par`` columns (``ValueError``). Never written to: each ``forward`` call
+        gets its members in memory of its own (a copy of its ``(members_per_call, N_par)``
+        chunk when moving it to the model's device and dtype did not already copy it).
     members_per_call : int, optional
-        Members per ``forward`` call (bounds memory); default all at once.
+        Members per ``forward`` call (bounds memory, the copy's included); default all at
+        once. An int ``>= 1``.
     max_abs : float, optional
-        Predictions with an entry larger than this in magnitude count as failed.
+        Predictions with an entry larger than this in magnitude count as failed. A finite
+        float ``> 0``.
 
     Returns
     -------
@@ -216,10 +255,12 @@ def evaluate(
     member's index to the first line of what went wrong (for diagnostics).
 
     A forward that returns the wrong shape is a bug in the model, not a failed member: it
-    raises ``ValueError`` at once.
+    raises ``ValueError`` at once. The predictions are detached from any autograd graph the
+    model built.
     """
     check_inputs(model, parameters)
     check_positive_int(members_per_call, "members_per_call", allow_none=True)
+    check_positive_float(max_abs, "max_abs", allow_none=True)
     n = parameters.shape[0]
     m = model.output_size
     step = members_per_call or max(n, 1)
@@ -228,18 +269,17 @@ def evaluate(
     errors: dict[int, str] = {}
     for start in range(0, n, step):
         stop = min(start + step, n)
-        chunk = parameters[start:stop].to(device=model.device, dtype=model.dtype)
         try:
-            raw = model.forward(chunk)
+            raw = model.forward(_model_input(model, parameters, start, stop))
         except Exception:  # noqa: BLE001 - a black-box simulator may raise anything
-            _one_by_one(model, chunk, start, out, ok, errors)
+            _one_by_one(model, parameters, start, stop, out, ok, errors)
             continue
         y = _check_output(model, raw, stop - start)
-        out[start:stop] = y.to(device=out.device, dtype=out.dtype)
+        out[start:stop] = y.detach().to(device=out.device, dtype=out.dtype)
         ok[start:stop] = True
     finite = torch.isfinite(out).all(dim=1)
     if max_abs is not None:
-        finite &= ~(out.abs() > max_abs).any(dim=1)
+        finite &= ~(out.abs() > float(max_abs)).any(dim=1)
     for i in torch.nonzero(ok & ~finite).squeeze(1).tolist():
         errors.setdefault(i, "non-finite or out-of-bound prediction")
     ok &= finite
@@ -248,16 +288,32 @@ def evaluate(
     return result
 
 
-def _one_by_one(model, chunk, start, out, ok, errors) -> None:
-    if chunk.shape[0] == 1:
+def _model_input(model: ForwardModel, parameters: torch.Tensor, start: int,
+                 stop: int) -> torch.Tensor:
+    """Members ``start:stop`` on the model's device and dtype, in memory of their own.
+
+    ``.to`` returns a view of ``parameters`` when nothing changes; a model writing into its
+    input (``x.mul_(100)``) would then write into the caller's ensemble (the smoother's
+    state, a ``run``'s prior), so that view is copied. When ``.to`` moved or cast the
+    members it made a copy already, and none is added.
+    """
+    chunk = parameters[start:stop].detach().to(device=model.device, dtype=model.dtype)
+    if chunk.device == parameters.device and \
+            chunk.untyped_storage().data_ptr() == parameters.untyped_storage().data_ptr():
+        chunk = chunk.clone()
+    return chunk
+
+
+def _one_by_one(model: ForwardModel, parameters: torch.Tensor, start: int, stop: int,
+                out: torch.Tensor, ok: torch.Tensor, errors: dict[int, str]) -> None:
+    """Retry the members ``start:stop`` of a chunk whose forward raised, one per call, each
+    from a fresh copy (the failed call may have written into its input)."""
+    for i in range(start, stop):
         try:
-            model_out = model.forward(chunk)
+            raw = model.forward(_model_input(model, parameters, i, i + 1))
         except Exception as err:  # noqa: BLE001
-            errors[start] = f"{type(err).__name__}: {err}"[:500]
-            return
-        y = _check_output(model, model_out, 1)
-        out[start:start + 1] = y.to(device=out.device, dtype=out.dtype)
-        ok[start] = True
-        return
-    for i in range(chunk.shape[0]):
-        _one_by_one(model, chunk[i:i + 1], start + i, out, ok, errors)
+            errors[i] = f"{type(err).__name__}: {err}"[:500]
+            continue
+        y = _check_output(model, raw, 1)
+        out[i:i + 1] = y.detach().to(device=out.device, dtype=out.dtype)
+        ok[i] = True

@@ -38,14 +38,28 @@ in the smoother state, so a run resumed from a state dict repeats the uninterrup
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from ._checks import check_ensemble, check_finite, check_members_first, check_positive_int
+from ._checks import (
+    check_bool,
+    check_bool_vector,
+    check_buffer,
+    check_ensemble,
+    check_finite,
+    check_generator_state,
+    check_instance,
+    check_iteration,
+    check_members_first,
+    check_positive_float,
+    check_positive_int,
+    check_seed,
+)
 from ._types import (
     Guard,
     RunEnd,
@@ -73,6 +87,9 @@ __all__ = ["EnsembleSmoother", "SmootherState", "StepInfo", "SmootherResult"]
 #: arguments of the one-call runner, :func:`enkal.run`, that ``EnsembleSmoother.run`` refuses
 _RUNNER_ONLY = ("store", "history", "checkpoint", "checkpoint_every", "background_io",
                 "resume", "store_attrs", "truth")
+#: ``EnsembleSmoother.run``'s own keyword arguments (for "did you mean" hints)
+_RUN_KEYWORDS = ("state", "max_iterations", "tolerance", "executor", "callbacks", "sinks",
+                 "progress", "inplace")
 
 
 class EnsembleSmoother:
@@ -101,6 +118,11 @@ class EnsembleSmoother:
 
     Any object with the methods of the protocols in :mod:`enkal._types` plugs in as a
     component, and its state (a frozen dataclass) is checkpointed like a built-in one.
+
+    Every argument is checked here, naming it: ``TypeError`` for a wrong type (an object
+    without the component's methods, a class where an instance is expected, a non-int or
+    negative ``seed``), ``ValueError`` for a wrong value (``chunk_size < 1``, a seed of
+    ``2**64`` or more).
     """
 
     def __init__(
@@ -119,13 +141,14 @@ class EnsembleSmoother:
             raise TypeError(
                 f"observations: expected enkal.Observations, got {type(observations).__name__}"
             )
+        for name, component in (("schedule", schedule), ("guard", guard),
+                                ("failure", failure), ("adapt", adapt)):
+            check_instance(component, name)
         _check_rule(rule)
         check_schedule(schedule)
         if guard is not None:
             check_component(guard, Guard, "guard", "CollapseGuard(...) or None")
         check_policy(failure)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise TypeError(f"seed: expected a non-negative int, got {seed!r}")
         check_positive_int(chunk_size, "chunk_size", allow_none=True)
         check_adapt(adapt)
         self.observations = observations
@@ -133,7 +156,7 @@ class EnsembleSmoother:
         self.schedule = schedule
         self.guard = guard
         self.failure = failure
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.chunk_size = chunk_size
         self.adapt = adapt
 
@@ -160,23 +183,32 @@ class EnsembleSmoother:
 
     # -- ask/tell ------------------------------------------------------------------------
     def init(self, prior: torch.Tensor, *, mask: torch.Tensor | None = None) -> SmootherState:
-        """Start from a prior ensemble ``(N_ens, N_par)`` (unconstrained space)."""
+        """Start from a prior ensemble ``(N_ens, N_par)`` (unconstrained space).
+
+        ``prior`` must be a floating tensor (``TypeError``), 2-D with at least 2 members and
+        finite (``ValueError``); it is never written to by ``step`` or ``run``, and is
+        detached (the state never carries an autograd graph). ``mask``, the live
+        parameters, must be a bool tensor (``TypeError``) of shape ``(N_par,)``
+        (``ValueError``).
+        """
         check_ensemble(prior, "prior")
         if prior.shape[0] < 2:
             raise ValueError(f"prior: expected at least 2 members (N_ens >= 2), got {prior.shape[0]}")
         check_finite(prior, "prior")
         if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
-                    mask.shape != (prior.shape[1],):
-                raise ValueError(f"mask: expected a bool tensor of shape ({prior.shape[1]},)")
+            check_bool_vector(mask, "mask", prior.shape[1], "N_par")
             mask = mask.to(prior.device)
+        if prior.requires_grad:
+            prior = prior.detach()
         gen = torch.Generator(device=prior.device).manual_seed(self.seed)
         return SmootherState(parameters=prior, iteration=0, schedule=self.schedule.init(),
                              rng_state=gen.get_state(), mask=mask,
                              adapt=self.adapt.init() if self.adapt is not None else None)
 
     def done(self, state: SmootherState) -> bool:
-        """True when the schedule plans no further update."""
+        """True when the schedule plans no further update (``state``: a
+        :class:`SmootherState`, else ``TypeError``)."""
+        _check_state(state)
         return self.schedule.done(state.schedule)
 
     def step(
@@ -199,10 +231,15 @@ class EnsembleSmoother:
             Members known to have failed (``False``), e.g. because their forward raised.
         out : Tensor, optional
             Buffer for the new parameters (may be ``state.parameters``: then the old state
-            must not be used again).
+            must not be used again): the shape, dtype and device of ``state.parameters``.
+
+        Checked, naming the argument: ``TypeError`` for a wrong type or dtype (``state``
+        not a :class:`SmootherState`, integer predictions, a non-bool ``ok``, ``out`` not a
+        tensor), ``ValueError`` for a wrong shape or device. The predictions are detached:
+        the update is never differentiated, so predictions with an autograd graph (a
+        module's output) leave none in the state.
         """
-        if not isinstance(state, SmootherState):
-            raise TypeError(f"state: expected SmootherState, got {type(state).__name__}")
+        _check_state(state)
         x = state.parameters
         if not isinstance(predictions, torch.Tensor):
             raise TypeError(
@@ -217,6 +254,10 @@ class EnsembleSmoother:
                 f"predictions: expected device {x.device} (the ensemble's), got "
                 f"{predictions.device}"
             )
+        if ok is not None:
+            check_bool_vector(ok, "ok", x.shape[0], "N_ens")
+        if out is not None:
+            check_buffer(out, x)
         if self.schedule.done(state.schedule):
             raise ScheduleExhaustedError(
                 f"{type(self.schedule).__name__}: no update left after iteration "
@@ -288,6 +329,13 @@ class EnsembleSmoother:
             caller's prior), through an ``(N_ens, chunk_size)`` buffer: the memory-bounded
             path for huge ``N_par``. By default two ensemble buffers alternate (faster).
 
+        Every argument is checked before the first forward, naming it: ``TypeError`` for a
+        wrong type (``tolerance="x"``, ``progress=1``, ``callbacks=None``, a class for
+        ``executor``, a keyword of :func:`enkal.run`), ``ValueError`` for a wrong value
+        (``max_iterations < 1``, a negative or NaN ``tolerance``, a model whose
+        ``output_size`` or ``N_par`` does not fit). The model never writes to the prior or
+        the state: each forward gets its own copy of its members (:func:`enkal.evaluate`).
+
         Recording to a file and resuming from one is :func:`enkal.run` (``store=``,
         ``resume=``, ``history=``, ``checkpoint=``...), which calls this with a
         :class:`~enkal.storage.Recorder` sink.
@@ -295,15 +343,21 @@ class EnsembleSmoother:
         _refuse_runner_only(runner_only)
         self._check_model(model)
         check_positive_int(max_iterations, "max_iterations")
+        check_positive_float(tolerance, "tolerance", allow_zero=True, allow_none=True)
+        check_bool(progress, "progress")
+        check_bool(inplace, "inplace")
         executor = InProcess() if executor is None else executor
+        check_instance(executor, "executor")
         check_executor(executor)
         callbacks, sinks = _callables(callbacks), _sinks(sinks)
         if state is None:
             if prior is None:
-                raise ValueError("run: expected exactly one of prior= or state=")
+                raise ValueError("run: expected exactly one of prior= or state=, got neither")
             state = self.init(prior)
         elif prior is not None:
-            raise ValueError("run: expected exactly one of prior= or state=")
+            raise ValueError("run: expected exactly one of prior= or state=, got both")
+        else:
+            _check_state(state)
         if state.parameters.shape[1] != model.layout.size:
             raise ValueError(
                 f"prior: expected {model.layout.size} columns (the model's N_par), got shape "
@@ -319,13 +373,15 @@ class EnsembleSmoother:
             raise TypeError(f"model: expected an enkal.ForwardModel, got {type(model).__name__}")
         if model.output_size != self.observations.size:
             raise ValueError(
-                f"model: output_size {model.output_size} does not match the "
-                f"{self.observations.size} observations"
+                f"model: expected output_size {self.observations.size} (the number of "
+                f"observations), got {model.output_size}"
             )
 
     # -- persistence -----------------------------------------------------------------------
     def state_dict(self, state: SmootherState) -> dict[str, Any]:
-        """Plain tensors and numbers describing ``state`` (no pickled objects)."""
+        """Plain tensors and numbers describing ``state`` (no pickled objects; ``state``: a
+        :class:`SmootherState`, else ``TypeError``)."""
+        _check_state(state)
         return {
             "parameters": state.parameters,
             "iteration": state.iteration,
@@ -344,14 +400,30 @@ class EnsembleSmoother:
 
         Each component's state is rebuilt as the type its ``init()`` returns (no registry
         of names: a user's schedule or adaptation resumes like a built-in one).
+
+        Checked, each message starting "state dict": ``d`` a mapping (``TypeError``) with
+        the entries ``parameters`` (a floating ``(N_ens, N_par)`` tensor), ``iteration`` (an
+        int ``>= 0``), ``rng_state`` (a generator state for the parameters' device),
+        ``schedule`` (this schedule's state) and optionally ``mask`` (a bool ``(N_par,)``
+        tensor); a wrong type is a ``TypeError``, a missing entry or a wrong value a
+        ``ValueError``.
         """
-        try:
-            params = d["parameters"]
-            sched = d["schedule"]
-            rng = d["rng_state"]
-            iteration = int(d["iteration"])
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"state dict: missing or malformed entry ({err})") from None
+        if not isinstance(d, Mapping):
+            raise TypeError(f"state dict: expected a mapping (what state_dict returns), got "
+                            f"{type(d).__name__}")
+        missing = [k for k in ("parameters", "iteration", "schedule", "rng_state")
+                   if k not in d]
+        if missing:
+            raise ValueError(f"state dict: missing entries {missing}, got keys {sorted(d)}"
+                             [:300])
+        params, sched = d["parameters"], d["schedule"]
+        check_ensemble(params, "state dict parameters")
+        params = params.detach() if params.requires_grad else params
+        iteration = check_iteration(d["iteration"], "state dict iteration")
+        rng = check_generator_state(d["rng_state"], "state dict rng_state", params.device)
+        mask = d.get("mask")
+        if mask is not None:
+            check_bool_vector(mask, "state dict mask", params.shape[1], "N_par")
         try:
             schedule = decode_state(sched, type(self.schedule.init()), what="schedule")
             adapt = None
@@ -361,12 +433,19 @@ class EnsembleSmoother:
                     decode_state(saved, type(self.adapt.init()), what="adapt")
         except ValueError as err:
             raise ValueError(f"state dict: {err}") from None
-        state = SmootherState(
-            parameters=params, iteration=iteration, schedule=schedule,
-            rng_state=torch.as_tensor(rng, dtype=torch.uint8).cpu(), mask=d.get("mask"),
-            adapt=adapt)
-        check_members_first(state.parameters, "state dict parameters")
-        return state
+        return SmootherState(parameters=params, iteration=iteration, schedule=schedule,
+                             rng_state=rng, mask=mask, adapt=adapt)
+
+
+def _check_state(state: Any, name: str = "state") -> None:
+    """A :class:`SmootherState` whose parameters are a floating ``(N_ens, N_par)`` tensor
+    (shape and type only: nothing that reads the ensemble)."""
+    if not isinstance(state, SmootherState):
+        hint = (": rebuild one with smoother.load_state_dict(d)" if isinstance(state, Mapping)
+                else "")
+        raise TypeError(f"{name}: expected an enkal.SmootherState (from smoother.init or "
+                        f"step), got {type(state).__name__}{hint}")
+    check_ensemble(state.parameters, f"{name}.parameters")
 
 
 def _refuse_runner_only(kwargs: dict) -> None:
@@ -377,10 +456,12 @@ def _refuse_runner_only(kwargs: dict) -> None:
     known = [n for n in names if n in _RUNNER_ONLY]
     if known:
         raise TypeError(
-            f"run: {', '.join(known)} belong to enkal.run(smoother, model, prior, "
-            f"{known[0]}=...), the one call that records to HDF5 and resumes; "
-            "EnsembleSmoother.run takes sinks=[enkal.storage.Recorder(...)] instead")
-    raise TypeError(f"run: unexpected keyword argument(s) {names}")
+            f"run: got {', '.join(f'{n}=' for n in known)}, which belong to enkal.run("
+            f"smoother, model, prior, {known[0]}=...), the one call that records to HDF5 and "
+            "resumes; EnsembleSmoother.run takes sinks=[enkal.storage.Recorder(...)] instead")
+    hints = [m for n in names for m in difflib.get_close_matches(n, _RUN_KEYWORDS, n=1)]
+    hint = f"; did you mean {', '.join(hints)}?" if hints else ""
+    raise TypeError(f"run: got unexpected keyword argument(s) {names}{hint}")
 
 
 def _callables(callbacks: Any) -> list:
@@ -399,6 +480,7 @@ def _sinks(sinks: Any) -> list:
         raise TypeError(f"sinks: expected an iterable of sinks, got {type(sinks).__name__}")
     out = list(sinks)
     for sink in out:
+        check_instance(sink, "sinks")
         check_component(sink, Sink, "sinks", "enkal.storage.Recorder(...)")
     return out
 

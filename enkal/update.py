@@ -60,8 +60,13 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import (
+    check_bool_vector,
+    check_buffer,
+    check_ensemble,
     check_finite,
     check_fraction,
+    check_generator,
+    check_instance,
     check_members_first,
     check_positive_float,
     check_positive_int,
@@ -137,6 +142,7 @@ class PerturbedObservations:
 
 
 def _check_rule(rule: object) -> None:
+    check_instance(rule, "rule")
     check_component(rule, UpdateRule, "rule", "SquareRoot() or PerturbedObservations()")
 
 
@@ -187,7 +193,10 @@ def _whitened(predictions: torch.Tensor, observations: Observations, alpha: floa
     ybar = yh.mean(dim=0)
     scale = 1.0 / math.sqrt(alpha * (n - 1))
     s = observations.whiten(yh - ybar) * scale  # (E, N_obs), S = D L^-T / sqrt(alpha (E-1))
-    lam, v = _spectral_basis(s, truncation)
+    try:
+        lam, v = _spectral_basis(s, truncation)
+    except ValueError as err:  # the scaling by alpha may be the cause: say what it was
+        raise ValueError(f"{err} (noise inflation alpha = {alpha:g})") from None
     return yh, ybar, y, s, lam, v
 
 
@@ -247,13 +256,42 @@ def ensemble_transform(
     Returns
     -------
     Tensor, shape (E, E), float64, on the predictions' device.
+
+    Checked: ``observations`` is an :class:`Observations` and ``rule`` an update rule
+    (``TypeError``); ``predictions`` a floating ``(E, N_obs)`` tensor with ``E >= 2``
+    (``TypeError`` for the type or dtype, ``ValueError`` for the shape; non-finite
+    predictions are a ``ValueError`` from the whitening); ``alpha`` a finite float ``> 0``;
+    ``perturbations``, when given, a floating ``(E, N_obs)`` finite tensor. The
+    predictions are detached (the update is never differentiated).
     """
+    _check_transform_inputs(predictions, observations, rule, alpha, perturbations)
+    predictions = predictions.detach()
     if isinstance(rule, PerturbedObservations):
         if perturbations is None:
             raise ValueError("perturbations: required for PerturbedObservations, got None")
         return rule.transform(predictions, observations, alpha=alpha,
                               perturbations=perturbations)
     return rule.transform(predictions, observations, alpha=alpha, generator=None)
+
+
+def _check_transform_inputs(predictions, observations, rule, alpha, perturbations) -> None:
+    """The arguments of :func:`ensemble_transform` (see its docstring)."""
+    if not isinstance(observations, Observations):
+        raise TypeError(
+            f"observations: expected enkal.Observations, got {type(observations).__name__}"
+        )
+    _check_rule(rule)
+    check_positive_float(alpha, "alpha")
+    check_ensemble(predictions, "predictions", n_columns=observations.size, columns="N_obs")
+    n = predictions.shape[0]
+    if n < 2:
+        raise ValueError(f"predictions: expected at least 2 members (E >= 2), got {n}")
+    if perturbations is not None:
+        check_ensemble(perturbations, "perturbations", n_columns=observations.size,
+                       columns="N_obs")
+        check_members_first(perturbations, "perturbations", n_members=n,
+                            n_columns=observations.size, columns="N_obs")
+        check_finite(perturbations, "perturbations")
 
 
 def apply_transform(
@@ -268,12 +306,22 @@ def apply_transform(
     ``W`` is cast to the parameters' dtype so no parameter-sized float64 copy is made. With
     ``out is parameters`` the update is done block by block through an
     ``(E, chunk_size)`` buffer (default chunk 65536 columns), the memory-bounded path.
+
+    Checked (shapes and types only, nothing that reads ``X``): ``transform`` a floating
+    ``(E, E)`` tensor and ``parameters`` a floating ``(E, N_par)`` one (``TypeError`` for a
+    type or dtype, ``ValueError`` for a shape); ``out`` a tensor of the parameters' shape,
+    dtype and device that does not require grad, ``parameters`` itself or not overlapping
+    it (``ValueError``); ``chunk_size`` an int ``>= 1``. Inputs are detached: the update is
+    never differentiated.
     """
+    _check_apply_inputs(transform, parameters, out, chunk_size)
+    transform, parameters = transform.detach(), parameters.detach()
     w = transform.to(dtype=parameters.dtype, device=parameters.device)
     p = parameters.shape[1]
     inplace = out is not None and out.data_ptr() == parameters.data_ptr()
     if out is not None and not inplace and _overlaps(out, parameters):
-        raise ValueError("out: must be either `parameters` itself or a separate buffer")
+        raise ValueError("out: expected `parameters` itself or a separate buffer, got a "
+                         "tensor that overlaps the parameters' memory")
     if chunk_size is None and not inplace:
         return torch.matmul(w, parameters, out=out) if out is not None else w @ parameters
     step = chunk_size or 65536
@@ -290,6 +338,23 @@ def apply_transform(
         else:
             torch.matmul(w, parameters[:, start:stop], out=target[:, start:stop])
     return target
+
+
+def _check_apply_inputs(transform, parameters, out, chunk_size) -> None:
+    """The arguments of :func:`apply_transform` (see its docstring)."""
+    check_ensemble(parameters, "parameters")
+    n = parameters.shape[0]
+    if not isinstance(transform, torch.Tensor):
+        raise TypeError(f"transform: expected a torch.Tensor of shape ({n}, {n}) = (E, E), "
+                        f"got {type(transform).__name__}")
+    if not transform.is_floating_point():
+        raise TypeError(f"transform: expected a floating dtype, got {transform.dtype}")
+    if transform.shape != (n, n):
+        raise ValueError(f"transform: expected shape ({n}, {n}) = (E, E) for the {n} members "
+                         f"of the parameters, got {tuple(transform.shape)}")
+    if out is not None:
+        check_buffer(out, parameters)
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -372,14 +437,12 @@ def _check_pair(parameters, predictions, observations, rule, alpha) -> None:
 def _check_ok(ok, predictions: torch.Tensor, n: int) -> torch.Tensor | None:
     """The ``ok`` mask of ``assimilate`` (or its absence) against the predictions."""
     if ok is not None:
-        if not isinstance(ok, torch.Tensor) or ok.dtype != torch.bool:
-            raise TypeError(f"ok: expected a bool tensor of shape ({n},), got {ok!r}"[:200])
-        if ok.shape != (n,):
-            raise ValueError(f"ok: expected shape ({n},), got {tuple(ok.shape)}")
+        check_bool_vector(ok, "ok", n, "N_ens")
         ok = ok.to(predictions.device)
         rows_finite = torch.isfinite(predictions).all(dim=1)
         if bool((ok & ~rows_finite).any()):
-            raise ValueError("predictions: members marked ok have NaN/inf predictions")
+            raise ValueError(f"predictions: expected finite predictions for the members marked "
+                             f"ok, got NaN/inf in {int((ok & ~rows_finite).sum())} of them")
         if int(ok.sum()) < 2:
             raise FailedMembersError(
                 f"only {int(ok.sum())} of {n} members succeeded; at least 2 are needed"
@@ -434,18 +497,19 @@ def assimilate(
     Returns
     -------
     Tensor, shape (N_ens, N_par), dtype and device of ``parameters``.
+
+    Every argument is checked before anything is computed: ``TypeError`` for a wrong type
+    or dtype (a class given for ``rule``, an int for ``generator``), ``ValueError`` for a
+    wrong shape, device or value (non-finite parameters, ``alpha <= 0``, NaN predictions of
+    members not excluded by ``ok``), each naming the argument. The update is never
+    differentiated: ``parameters`` and ``predictions`` are detached.
     """
     ok = _validate(parameters, predictions, observations, rule, alpha, ok)
+    check_generator(generator)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
-        if out.shape != parameters.shape or out.dtype != parameters.dtype or \
-                out.device != parameters.device:
-            raise ValueError(
-                f"out: expected shape {tuple(parameters.shape)}, dtype {parameters.dtype}, "
-                f"device {parameters.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}"
-            )
+        check_buffer(out, parameters)
+    parameters, predictions = parameters.detach(), predictions.detach()
     used = predictions if ok is None or bool(ok.all()) else predictions[ok]
     w = draw_transform(used, observations, rule=rule, alpha=alpha, generator=generator, ok=ok)
     return apply_transform(w, parameters, out=out, chunk_size=chunk_size)
