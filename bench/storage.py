@@ -8,7 +8,7 @@ issue's 60,000) with 64 members, float32. A realistic iteration is
   2,560 logits are the predictions;
 * the update (``enkal.assimilate``, square root, M = 2,560 observations);
 * storage: the history row (which holds the whole state: the ensemble, the generator and
-  schedule state and a checksum, so that ``run(resume=history)`` needs no second file) and,
+  schedule state and a checksum, so that ``enkal.run(..., resume=history)`` needs no second file) and,
   where asked for, a separate checkpoint file.
 
 Part 1 (per option, 50 iterations): after each update the ensemble is appended with
@@ -239,7 +239,7 @@ def run_overhead(model, prior, obs, n: int, repeats: int, directory: Path) -> di
             if kwargs.pop("store", False):
                 kwargs["store"] = directory / f"run-{rep}-{len(times[name])}.h5"
             t0 = time.perf_counter()
-            smoother.run(model, prior, max_iterations=n, **kwargs)
+            enkal.run(smoother, model, prior, max_iterations=n, **kwargs)
             times[name].append((time.perf_counter() - t0) / n * 1e3)
             for f in directory.glob("run-*"):
                 f.unlink()

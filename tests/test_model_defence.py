@@ -252,3 +252,20 @@ def test_assimilate_and_the_kernels_never_differentiate(chunk_size):
     with pytest.raises(ValueError, match="out: expected a buffer that does not require grad"):
         enkal.assimilate(x.detach(), y, obs, out=torch.empty(E, P, dtype=F64,
                                                              requires_grad=True))
+
+
+def test_a_model_that_promises_not_to_write_skips_the_copy():
+    """``copies_inputs = False`` (the network's batch forward sets it): ``forward`` then
+    sees the ensemble's own memory -- no copy, and no protection."""
+    seen = []
+
+    class Trusted(enkal.CallableModel):
+        copies_inputs = False
+
+    model = Trusted(lambda x: seen.append(x) or x[:, :1], parameters=2, output_size=1)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    enkal.evaluate(model, x)
+    assert seen[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    model.copies_inputs = True
+    enkal.evaluate(model, x)
+    assert seen[1].untyped_storage().data_ptr() != x.untyped_storage().data_ptr()

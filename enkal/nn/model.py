@@ -325,6 +325,9 @@ class BatchForward(ForwardModel):
     :meth:`NeuralModel.with_inputs`): ``(n, N_par) -> (n, B * n_out)``, the outputs mapped by
     ``output`` (:class:`Regression` or :class:`Classification`) and flattened by sample."""
 
+    #: the network reads its members through ``functional_call`` and never writes to them
+    copies_inputs = False
+
     def __init__(self, net: NeuralModel, inputs: torch.Tensor, *, output: Any = None) -> None:
         if not isinstance(net, NeuralModel):
             raise TypeError(f"net: expected a NeuralModel, got {type(net).__name__}")
