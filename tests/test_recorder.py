@@ -250,7 +250,7 @@ def test_default_checkpoint_path():
     (dict(checkpoint_every=1.5), TypeError, "checkpoint_every: expected an int >= 1"),
     (dict(checkpoint_every=True), TypeError, "checkpoint_every"),
     (dict(background="yes"), TypeError, "background: expected a bool"),
-    (dict(attrs=[("a", 1)]), TypeError, "attrs: expected a dict or None"),
+    (dict(attrs=[("a", 1)]), TypeError, "attrs: expected a dict of attributes or None"),
     (dict(truth="abc"), TypeError, "truth: expected a tensor or sequence"),
     (dict(resume_from=-1), ValueError, "resume_from: expected an int >= 0"),
     (dict(resume_from="3"), TypeError, "resume_from: expected an int >= 0"),
@@ -310,3 +310,21 @@ def test_a_checkpoint_without_a_history(tmp_path):
         Recorder(None)
     with pytest.raises(ValueError, match="history: only with a history path"):
         Recorder(None, checkpoint=ckpt, history=History())
+
+
+@pytest.mark.parametrize("attrs, error, match", [
+    ({"enkal_format": "mine"}, ValueError, "'enkal_format' is an attribute the history writes"),
+    ({"layout": "[]"}, ValueError, "'layout' is an attribute"),
+    ({"complete": 1}, ValueError, "'complete' is an attribute"),
+    ({1: 2}, TypeError, "expected non-empty str keys"),
+    ({"note": object()}, TypeError, r"attrs\['note'\]: expected a number"),
+])
+def test_reserved_or_unwritable_attributes_are_refused(attrs, error, match, tmp_path):
+    """``store_attrs={"enkal_format": ...}`` used to replace the file's own attributes, after
+    which the run's own file could no longer be opened (issue #19, item 8)."""
+    with pytest.raises(error, match=match):
+        Recorder(tmp_path / "h.h5", attrs=attrs)
+    with pytest.raises(error, match=match):
+        enkal.run(_smoother(), _model(), _prior(), store=tmp_path / "h.h5", store_attrs=attrs,
+                  max_iterations=1)
+    assert not (tmp_path / "h.h5").exists()

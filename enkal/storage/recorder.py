@@ -9,12 +9,14 @@ checkpoint file, in that order, optionally in a background thread.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._checks import check_positive_int
@@ -45,10 +47,42 @@ def _check_args(history: Any, checkpoint: Any, checkpoint_every: Any, background
     check_positive_int(checkpoint_every, "checkpoint_every")
     if not isinstance(background, bool):
         raise TypeError(f"background: expected a bool, got {type(background).__name__}")
-    if attrs is not None and not isinstance(attrs, Mapping):
-        raise TypeError(f"attrs: expected a dict or None, got {type(attrs).__name__}")
+    if attrs is not None:
+        _check_attrs(attrs)
     if resume_from is not None:
         check_positive_int(resume_from, "resume_from", minimum=0)
+
+
+#: global attributes a history file writes itself: a user's ``attrs`` may not replace them
+#: (the file could no longer be read, or would lie about its run)
+RESERVED_ATTRS = frozenset({
+    "enkal_format", "enkal_format_version", "enkal_version", "torch_version", "h5py_version",
+    "hdf5_version", "created", "parameter_space", "layout", "history_policy", "noise",
+    "complete", "parameters_dtype", "seed", "config", "truth", "stopped_by", "n_forwards",
+})
+
+
+def _check_attrs(attrs: Any, name: str = "attrs") -> None:
+    """Extra global attributes: a mapping of str keys (not :data:`RESERVED_ATTRS`) to
+    numbers, strings, bools, numeric arrays or JSON-able values."""
+    if not isinstance(attrs, Mapping):
+        raise TypeError(f"{name}: expected a dict of attributes or None, got "
+                        f"{type(attrs).__name__}")
+    for key, value in attrs.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"{name}: expected non-empty str keys, got {key!r}"[:200])
+        if key in RESERVED_ATTRS:
+            raise ValueError(f"{name}: {key!r} is an attribute the history writes itself "
+                             f"(reserved: {sorted(RESERVED_ATTRS)}); choose another name")
+        plain = isinstance(value, (str, int, float, np.generic)) or (
+            isinstance(value, np.ndarray) and value.dtype.kind in "biuf")
+        try:
+            if not plain:
+                json.dumps(value, allow_nan=False)  # JSON, never repr() of an object
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name}[{key!r}]: expected a number, a string, a numeric array "
+                            f"or a JSON-able value, got {type(value).__name__} ({err})"
+                            ) from None
 
 
 def _truth(truth: Any) -> torch.Tensor | None:
