@@ -337,3 +337,40 @@ def test_temporaries_of_dead_writers_are_removed_and_n_forwards_adds_up(tmp_path
         assert json.loads(f.attrs["history_policy"]) is not None
     assert not list(tmp_path.glob(".*.journal")) and not list(tmp_path.glob(".*.lock"))
     assert np.isfinite(xr.open_dataset(path, engine="h5netcdf").parameters[-1]).all()
+
+
+def test_polling_a_file_another_process_appends_to_never_gives_a_raw_error(tmp_path):
+    """``enkal.open`` while another process appends: it opens the rows written so far, or
+    says in one StorageError naming the file that it caught the file mid-append (before:
+    a raw ``OSError: addr overflow``)."""
+    path = tmp_path / "f.h5"
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import enkal
+        from test_faults import _model, _smoother
+        prior = torch.randn(8, 20, generator=torch.Generator().manual_seed(1),
+                            dtype=torch.float64)
+        model = enkal.CallableModel(lambda x: x[:, :2], parameters=20, output_size=2)
+        enkal.run(_smoother(), model, prior, store={str(path)!r}, max_iterations=400)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    opened, caught = 0, 0
+    try:
+        while proc.poll() is None:
+            if not path.exists():
+                continue
+            try:
+                with enkal.open(path) as ds:
+                    rows = ds.iteration.values
+                assert list(rows) == list(range(len(rows)))
+                opened += 1
+            except enkal.StorageError as err:
+                assert str(path) in str(err)
+                caught += 1
+            except FileNotFoundError:  # between the temporary file and its rename
+                pass
+    finally:
+        proc.wait(timeout=300)
+    assert proc.returncode == 0 and opened > 0
+    assert _plain_rows(path) == list(range(401))

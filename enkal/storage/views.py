@@ -163,7 +163,8 @@ def open_dataset(path: Any, **kwargs: Any) -> Any:
                       RuntimeWarning, stacklevel=2)
         ds = ds.isel(iteration=slice(0, min(lengths)))
     try:
-        _validate_dataset(ds, path)
+        with _read_errors(path, "an enkal history file"):  # an error names the file
+            _validate_dataset(ds, path)
     except BaseException:
         ds.close()
         raise
