@@ -32,8 +32,15 @@ import torch
 from ._checks import check_ensemble, check_positive_int
 from ._types import RunEnd, RunStart, Sink, SmootherResult, SmootherState, StepInfo
 from .smoother import EnsembleSmoother
-from .storage import HISTORY_FORMAT, Recorder, format_of, read_state, repair
-from .storage.resume import check_dropped_rows, check_resume
+from .storage import (
+    HISTORY_FORMAT,
+    Recorder,
+    check_dropped_rows,
+    check_resume,
+    format_of,
+    read_state,
+    repair,
+)
 
 __all__ = ["run"]
 
@@ -85,7 +92,7 @@ def run(
         for bit where the uninterrupted run would (same device).
 
         A resume continues only the run the file recorded: before anything is written,
-        :func:`enkal.storage.resume.check_resume` compares the file (and the history it
+        :func:`enkal.storage.check_resume` compares the file (and the history it
         continues) with this run: observations, noise, ensemble size (with ``prior``),
         parameter layout, the strategies and settings of ``smoother.config()`` and
         ``store_attrs``; any difference is a ``ValueError`` naming each item with both

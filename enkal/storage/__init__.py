@@ -37,7 +37,8 @@ declared-size checks, :func:`repair`), ``history`` (:class:`History`,
 :class:`HistoryWriter`), ``views`` (:func:`save`, :func:`to_xarray`, :func:`open_dataset`,
 :func:`physical`), ``checkpoint`` (:func:`write_checkpoint`, :func:`read_checkpoint`),
 ``resume`` (:func:`read_history_state`, :func:`read_state`, :func:`read_policy`,
-:func:`format_of`) and ``recorder`` (:class:`Recorder`). None of them imports the smoother:
+:func:`format_of`, and what a resume compares: :func:`run_differences`,
+:func:`check_resume`, :func:`check_dropped_rows`) and ``recorder`` (:class:`Recorder`). None of them imports the smoother:
 a smoother is duck-typed (``config()``, ``observations``, ``seed``, ``state_dict``,
 ``load_state_dict``).
 
@@ -87,7 +88,16 @@ from .h5 import _unlimited as _unlimited  # noqa: F401 - used by tests
 from .h5 import repair
 from .history import History, HistoryWriter
 from .recorder import Recorder, default_checkpoint_path
-from .resume import format_of, read_history_state, read_policy, read_state
+from .resume import (
+    Difference,
+    check_dropped_rows,
+    check_resume,
+    format_of,
+    read_history_state,
+    read_policy,
+    read_state,
+    run_differences,
+)
 from .schema import CHECKPOINT_FORMAT, FORMAT_VERSION, HISTORY_FORMAT
 from .schema import _state_checksum as _state_checksum  # noqa: F401 - used by tests
 from .views import open_dataset, physical, read_layout, save, to_xarray
@@ -112,6 +122,10 @@ __all__ = [
     "read_state",
     "read_policy",
     "format_of",
+    "run_differences",
+    "check_resume",
+    "check_dropped_rows",
+    "Difference",
     "default_checkpoint_path",
     "HISTORY_FORMAT",
     "CHECKPOINT_FORMAT",
