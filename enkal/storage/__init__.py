@@ -37,10 +37,10 @@ declared-size checks, :func:`repair`), ``history`` (:class:`History`,
 :class:`HistoryWriter`), ``views`` (:func:`save`, :func:`to_xarray`, :func:`open_dataset`,
 :func:`physical`), ``checkpoint`` (:func:`write_checkpoint`, :func:`read_checkpoint`),
 ``resume`` (:func:`read_history_state`, :func:`read_state`, :func:`read_policy`,
-:func:`format_of`, and what a resume compares: :func:`run_differences`,
-:func:`check_resume`, :func:`check_dropped_rows`) and ``recorder`` (:class:`Recorder`). None of them imports the smoother:
-a smoother is duck-typed (``config()``, ``observations``, ``seed``, ``state_dict``,
-``load_state_dict``).
+:func:`format_of`), ``compare`` (what a resume compares: :func:`run_differences`,
+:func:`check_resume`, :func:`check_dropped_rows`) and ``recorder`` (:class:`Recorder`).
+None of them imports the smoother: a smoother is duck-typed (``config()``,
+``observations``, ``seed``, ``state_dict``, ``load_state_dict``).
 
 Crash safety
 ------------
@@ -84,20 +84,12 @@ True
 """
 
 from .checkpoint import read_checkpoint, read_state_dict, write_checkpoint
+from .compare import Difference, check_dropped_rows, check_resume, run_differences
 from .h5 import _unlimited as _unlimited  # noqa: F401 - used by tests
 from .h5 import repair
 from .history import History, HistoryWriter
 from .recorder import Recorder, default_checkpoint_path
-from .resume import (
-    Difference,
-    check_dropped_rows,
-    check_resume,
-    format_of,
-    read_history_state,
-    read_policy,
-    read_state,
-    run_differences,
-)
+from .resume import format_of, read_history_state, read_policy, read_state
 from .schema import CHECKPOINT_FORMAT, FORMAT_VERSION, HISTORY_FORMAT
 from .schema import _state_checksum as _state_checksum  # noqa: F401 - used by tests
 from .views import open_dataset, physical, read_layout, save, to_xarray

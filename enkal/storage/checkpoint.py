@@ -242,7 +242,7 @@ def _load_state(d: dict[str, Any], path: Path, smoother: Any, device: Any, *,
                 what: str, warn: bool = True) -> Any:
     """A validated state dict (from a checkpoint or a history row) -> SmootherState;
     ``warn``: a ``RuntimeWarning`` when the configuration differs (``enkal.run`` compares
-    the whole run itself first, :func:`enkal.storage.resume.check_resume`)."""
+    the whole run itself first, :func:`enkal.storage.check_resume`)."""
     target = torch.device(device) if device is not None else torch.device("cpu")
     if d["device_type"] != target.type:
         raise ValueError(
