@@ -99,7 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="seed of prior, data and smoother (overrides "
                    "[smoother] seed)")
     r.add_argument("--device", help="torch device for the model and the update, e.g. cpu, cuda")
-    r.add_argument("--max-iterations", type=int, help="at most this many updates")
+    r.add_argument("--max-iterations", type=int,
+                   help="stop at this many updates, counted from the start of the run (a "
+                        "resumed run too)")
     r.add_argument("--resume", metavar="FILE",
                    help="continue a killed or stopped run from FILE: its history file (the "
                         "--out of that run; its last complete row holds the whole state) or "
@@ -113,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=["inprocess", "dask"],
                    help="where forwards run (overrides [executor])")
     r.add_argument("--workers", type=int, help="local Dask workers (with --executor dask)")
-    r.add_argument("--scheduler", help="Dask scheduler address (with --executor dask)")
+    r.add_argument("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (with "
+                                       "--executor dask; connected before anything is "
+                                       "written, waiting at most 5 s)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
     i = sub.add_parser("info", help="summarise a result file", parents=[common])
