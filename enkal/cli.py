@@ -129,6 +129,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Banner:
+    """A sink printing the run's first line once it starts (after a resume's checks, so a
+    refusal is the only line): the ensemble and the data it runs on."""
+
+    def __init__(self, name: str, out: str, resume: str | None) -> None:
+        self.name, self.out, self.resume = name, out, resume
+
+    def start(self, run: Any) -> None:
+        n_ens, n_par = run.state.parameters.shape
+        resuming = f" (resuming {self.resume} at iteration {run.state.iteration})" \
+            if self.resume else ""
+        print(f"enkal {__version__}: {self.name}, {n_ens} members, {n_par} parameters, "
+              f"{run.smoother.observations.size} observations -> {self.out}{resuming}",
+              file=sys.stderr, flush=True)
+
+    def record(self, state: Any, info: Any, predictions: Any, *, final: bool) -> None:
+        pass
+
+    def close(self, end: Any) -> None:
+        pass
+
+
 def _check_run_args(args: argparse.Namespace) -> None:
     """Usage errors of ``enkal run`` found before the (possibly expensive) build: ValueError."""
     if args.max_iterations is not None and args.max_iterations < 1:
@@ -231,10 +253,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     executor = _executor(args, exp.executor)
     max_it = args.max_iterations or exp.max_iterations
     bar = None if args.quiet else ProgressBar(max_it)
-    resuming = f" (resuming {args.resume})" if args.resume else ""
-    print(f"enkal {__version__}: {exp.name}, {exp.prior.shape[0]} members, "
-          f"{exp.prior.shape[1]} parameters, {exp.observations.size} observations -> "
-          f"{out}{resuming}", file=sys.stderr)
     try:
         if callable(getattr(executor, "connect", None)):
             executor.connect()  # an unreachable scheduler fails here, before any file
@@ -243,6 +261,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             allow_changes=args.allow_changes, max_iterations=max_it, executor=executor,
             callbacks=[bar] if bar else (), store=out, history=History(),
             store_attrs=_provenance(config, exp.name), truth=exp.truth,
+            sinks=[_Banner(exp.name, out, args.resume)],
         )
     finally:
         if bar is not None:
@@ -460,8 +479,9 @@ def _one_line(command: Any, args: argparse.Namespace) -> int:  # noqa: C901 - on
     try:
         return command(args)
     except _memory_errors() as err:
-        print(f"enkal {args.command}: out of memory ({type(err).__name__}: "
-              f"{_about(args, err)}); try {_MEMORY_HINT}", file=sys.stderr)
+        what = type(err).__name__ + (f": {_about(args, err)}" if str(err) else "")
+        print(f"enkal {args.command}: out of memory ({what}); try {_MEMORY_HINT}",
+              file=sys.stderr)
         return 1
     except (ValueError, TypeError) as err:
         print(f"enkal {args.command}: error: {_about(args, err)}", file=sys.stderr)

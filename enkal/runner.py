@@ -191,11 +191,12 @@ def _resume(smoother: EnsembleSmoother, model: Any, prior: torch.Tensor | None,
     """The state to resume from, after checking that the file records this run (nothing is
     written before: a continued history is only :func:`~enkal.storage.repair`-ed, which
     drops what a killed append left torn)."""
+    layout = getattr(model, "layout", None)
     if prior is not None:
-        check_ensemble(prior, "prior")
+        check_ensemble(prior, "prior", n_columns=getattr(layout, "size", None))
     if store is not None and os.path.exists(store) and format_of(store) == HISTORY_FORMAT:
         repair(store)
-    check_resume(resume, smoother, layout=getattr(model, "layout", None),
+    check_resume(resume, smoother, layout=layout,
                  ensemble_size=None if prior is None else prior.shape[0], attrs=attrs,
                  store=store, allow_changes=allow_changes)
     state = read_state(resume, smoother, device=getattr(model, "device", None), store=store,

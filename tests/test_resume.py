@@ -279,7 +279,8 @@ def test_resume_without_out_continues_the_resumed_file(slow_run, capsys):
     assert Path("slow.h5").read_bytes() == before  # the default output: untouched
     assert _iterations(Path("other.h5")) == list(range(13))
     assert _attrs(Path("other.h5"))["seed"] == 3
-    assert "-> other.h5 (resuming other.h5)" in capsys.readouterr().err
+    assert "20 members, 3 parameters, 15 observations -> other.h5 (resuming other.h5 at " \
+           "iteration 4)" in capsys.readouterr().err
     # a checkpoint X.ckpt.h5: the history X.h5 beside it
     assert _run(slow_run, "--out", "third.h5", "--max-iterations", 2) == 0
     assert _run(slow_run, "--resume", "third.ckpt.h5") == 0
@@ -322,6 +323,8 @@ def test_the_cli_refuses_a_resume_of_another_run_in_one_line(case, tmp_path, cap
         assert _run(second, "--resume", out, "--max-iterations", 3, "--allow-changes") == 0
         err = capsys.readouterr().err
         assert f"enkal run: note: resume {out}: the file was written with {words}" in err
+        assert f"20 members, 3 parameters, 15 observations -> {out} (resuming {out} at " \
+               "iteration 2)" in err  # what runs: the file's ensemble
         assert _iterations(out) == [0, 1, 2, 3]
 
 
