@@ -155,12 +155,14 @@ def _recorded_history(f: h5py.File, path: Path) -> _Recorded:
     if par.ndim != 3:
         raise StorageError(f"{path}: variable 'parameters' has shape {par.shape}, expected "
                            "(iteration, member, parameter)")
-    obs = _small_variable(f, "observations", path, 1)
+    # (what a file lacks is not compared: the resume then fails on what it needs, if at all)
+    obs = _small_variable(f, "observations", path, 1) if "observations" in f else None
+    std = _small_variable(f, "noise_std", path, 1) if "noise_std" in f else None
     chol = _small_variable(f, "noise_chol", path, 2) if "noise_chol" in f else None
     attrs = {k: f.attrs[k] for k in f.attrs}
     return _Recorded(config if isinstance(config, dict) else None, int(par.shape[1]),
-                     int(par.shape[2]), int(obs.size), obs,
-                     _small_variable(f, "noise_std", path, 1), chol, layout, attrs)
+                     int(par.shape[2]), None if obs is None else int(obs.size), obs, std,
+                     chol, layout, attrs)
 
 
 def _recorded_checkpoint(f: h5py.File, path: Path) -> _Recorded:
@@ -187,7 +189,9 @@ def _data_differences(recorded: _Recorded, observations: Any) -> list[Difference
     if not np.array_equal(recorded.observations, values):
         diffs.append(_array_difference("observations", recorded.observations, values))
     std = cpu_numpy(observations.noise_std).astype(np.float64)
-    if recorded.noise_std is not None and not np.array_equal(recorded.noise_std, std):
+    if recorded.noise_std is None:
+        return diffs
+    if not np.array_equal(recorded.noise_std, std):
         diffs.append(_array_difference("noise_std", recorded.noise_std, std))
     chol = None if observations.is_diagonal else \
         cpu_numpy(observations.noise_chol).astype(np.float64)
