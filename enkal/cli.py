@@ -2,18 +2,28 @@
 
 ::
 
-    enkal run CONFIG.toml [--out FILE] [--seed N] [--device D] [--max-iterations N]
-                          [--resume FILE] [--executor {inprocess,dask}] [--workers N]
+    enkal [--debug] run CONFIG.toml [--out FILE] [--seed N] [--device D]
+                          [--max-iterations N] [--resume FILE] [--allow-changes]
+                          [--executor {inprocess,dask}] [--workers N]
                           [--scheduler ADDRESS] [--quiet]
-    enkal info FILE
-    enkal plot FILE -o PNG
+    enkal [--debug] info FILE
+    enkal [--debug] plot FILE -o PNG
 
 Configuration errors (unknown or missing keys, bad values) and unusable command-line
 arguments (a missing ``--resume`` file, an ``--out`` in no directory, an unavailable
-``--device``) print one line naming the key or file and exit with status 2, before anything
-is written; a run that fails exits with status 1, also with one line. The problem a
-configuration describes is built by the plugin its ``problem`` key names (default
-``estimation``), found through the ``enkal.problems`` entry points.
+``--device``, a resume of another run) print one line naming the key or file and exit with
+status 2, before anything is written; a run that fails exits with status 1, also with one
+line (out of memory, a disk error, an unreachable Dask scheduler, an internal error).
+``--debug`` (before or after the command) shows the traceback instead. Warnings print as one
+line (``enkal run: note: ...``). The problem a configuration describes is built by the plugin
+its ``problem`` key names (default ``estimation``), found through the ``enkal.problems``
+entry points.
+
+``--resume FILE`` continues the run FILE recorded: without ``--out``, the output is FILE
+itself when it is a history, or, for a checkpoint ``X.ckpt.h5``, the history ``X.h5`` beside
+it. The run is compared with the file first (``enkal.run``): other data, noise, ensemble
+size, parameters or strategies are refused (``--allow-changes`` continues anyway, with a
+note), and so is a ``--max-iterations`` below rows the file holds.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -66,37 +77,78 @@ class ProgressBar:
             self.stream.flush()
 
 
+_DEBUG_HELP = "show the traceback of a failure instead of one line"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="enkal", description="Black-box ensemble Kalman inference.")
     p.add_argument("--version", action="version", version=f"enkal {__version__}")
+    p.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    # --debug after the command too: a subcommand's default must not reset the global one
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=_DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run a TOML configuration",
+    r = sub.add_parser("run", help="run a TOML configuration", parents=[common],
                        description="Build the problem a TOML configuration describes, run the "
                                    "smoother and write the history to an HDF5 file.")
     r.add_argument("config", help="the TOML configuration (see problems/*.toml)")
-    r.add_argument("--out", help="output HDF5 file (default: CONFIG's name with .h5, here)")
+    r.add_argument("--out", help="output HDF5 file (default: with --resume, the history "
+                                 "resumed; else CONFIG's name with .h5, here)")
     r.add_argument("--seed", type=int, help="seed of prior, data and smoother (overrides "
                    "[smoother] seed)")
     r.add_argument("--device", help="torch device for the model and the update, e.g. cpu, cuda")
-    r.add_argument("--max-iterations", type=int, help="at most this many updates")
+    r.add_argument("--max-iterations", type=int,
+                   help="stop at this many updates, counted from the start of the run (a "
+                        "resumed run too)")
     r.add_argument("--resume", metavar="FILE",
                    help="continue a killed or stopped run from FILE: its history file (the "
                         "--out of that run; its last complete row holds the whole state) or "
-                        "its checkpoint OUT.ckpt.h5")
+                        "its checkpoint OUT.ckpt.h5. Without --out the run continues FILE "
+                        "(a history) or OUT.h5 beside the checkpoint. A run that differs "
+                        "from FILE's (data, noise, ensemble size, parameters, strategies, "
+                        "seed) or a --max-iterations below FILE's rows is refused")
+    r.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue although this run differs from FILE's, or "
+                        "drop FILE's rows beyond --max-iterations (a note says what)")
     r.add_argument("--executor", choices=["inprocess", "dask"],
                    help="where forwards run (overrides [executor])")
     r.add_argument("--workers", type=int, help="local Dask workers (with --executor dask)")
-    r.add_argument("--scheduler", help="Dask scheduler address (with --executor dask)")
+    r.add_argument("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (with "
+                                       "--executor dask; connected before anything is "
+                                       "written, waiting at most 5 s)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    i = sub.add_parser("info", help="summarise a result file")
+    i = sub.add_parser("info", help="summarise a result file", parents=[common])
     i.add_argument("file")
 
-    pl = sub.add_parser("plot", help="plot a result file to PNG")
+    pl = sub.add_parser("plot", help="plot a result file to PNG", parents=[common])
     pl.add_argument("file")
     pl.add_argument("-o", "--output", required=True, help="PNG path")
     return p
+
+
+class _Banner:
+    """A sink printing the run's first line once it starts (after a resume's checks, so a
+    refusal is the only line): the ensemble and the data it runs on."""
+
+    def __init__(self, name: str, out: str, resume: str | None) -> None:
+        self.name, self.out, self.resume = name, out, resume
+
+    def start(self, run: Any) -> None:
+        n_ens, n_par = run.state.parameters.shape
+        resuming = f" (resuming {self.resume} at iteration {run.state.iteration})" \
+            if self.resume else ""
+        print(f"enkal {__version__}: {self.name}, {n_ens} members, {n_par} parameters, "
+              f"{run.smoother.observations.size} observations -> {self.out}{resuming}",
+              file=sys.stderr, flush=True)
+
+    def record(self, state: Any, info: Any, predictions: Any, *, final: bool) -> None:
+        pass
+
+    def close(self, end: Any) -> None:
+        pass
 
 
 def _check_run_args(args: argparse.Namespace) -> None:
@@ -110,6 +162,8 @@ def _check_run_args(args: argparse.Namespace) -> None:
     if args.resume is not None and not os.path.isfile(args.resume):
         raise ValueError(f"--resume {args.resume}: no such file (expected a history file or "
                          "a checkpoint)")
+    if args.allow_changes and args.resume is None:
+        raise ValueError("--allow-changes: only with --resume")
     if args.out is not None:
         if os.path.isdir(args.out):
             raise ValueError(f"--out {args.out}: is a directory, expected a file name")
@@ -136,6 +190,31 @@ def _check_device(name: str) -> None:
         raise ValueError(f"--device {name}: not available here ({err})") from None
 
 
+def _output(args: argparse.Namespace) -> str:
+    """The history file a run writes: ``--out``; else, resuming, the history resumed (a
+    history ``FILE``, or ``X.h5`` beside a checkpoint ``X.ckpt.h5``); else CONFIG.h5 here."""
+    from .storage import CHECKPOINT_FORMAT, HISTORY_FORMAT, format_of
+
+    if args.out is not None:
+        return str(args.out)
+    if args.resume is None:
+        return os.path.splitext(os.path.basename(args.config))[0] + ".h5"
+    fmt = format_of(args.resume)
+    if fmt == HISTORY_FORMAT:
+        return str(args.resume)
+    if fmt != CHECKPOINT_FORMAT:
+        raise ValueError(f"--resume {args.resume}: not an enkal history file or checkpoint "
+                         f"(enkal_format {fmt!r})")
+    root, ext = os.path.splitext(args.resume)
+    history = root.removesuffix(".ckpt") + ext if root.endswith(".ckpt") else None
+    if history is None or not os.path.isfile(history) or format_of(history) != HISTORY_FORMAT:
+        beside = f"no history {history} beside it" if history is not None else \
+            "not named X.ckpt.h5"
+        raise ValueError(f"--resume {args.resume}: a checkpoint, {beside}: give --out (the "
+                         "history file to continue or write)")
+    return history
+
+
 def _executor(args: argparse.Namespace, configured: Any) -> Any:
     if args.executor is None:
         return configured
@@ -153,7 +232,12 @@ def _executor(args: argparse.Namespace, configured: Any) -> Any:
         kwargs["n_workers"] = args.workers
     if args.scheduler is not None:
         kwargs["address"] = args.scheduler
-    return dask_cls(**kwargs)
+    try:
+        return dask_cls(**kwargs)
+    except ValueError as err:
+        if args.scheduler is None:
+            raise
+        raise ValueError(f"--scheduler {args.scheduler}: {err}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -162,23 +246,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .storage import History
 
     _check_run_args(args)
+    out = _output(args)
     config = load_toml(args.config)
     plugin = find_plugin(config.get("problem", "estimation"))
     exp = plugin.build(config, seed=args.seed, device=args.device)
-    out = args.out or os.path.splitext(os.path.basename(args.config))[0] + ".h5"
     executor = _executor(args, exp.executor)
     max_it = args.max_iterations or exp.max_iterations
     bar = None if args.quiet else ProgressBar(max_it)
-    print(f"enkal {__version__}: {exp.name}, {exp.prior.shape[0]} members, "
-          f"{exp.prior.shape[1]} parameters, {exp.observations.size} observations -> {out}",
-          file=sys.stderr)
     try:
+        if callable(getattr(executor, "connect", None)):
+            executor.connect()  # an unreachable scheduler fails here, before any file
         result = run(
-            exp.smoother, exp.model, None if args.resume else exp.prior,
-            max_iterations=max_it, executor=executor, callbacks=[bar] if bar else (),
-            store=out, history=History(), resume=args.resume,
-            store_attrs={"problem": config.get("problem", "estimation"), "name": exp.name},
-            truth=exp.truth,
+            exp.smoother, exp.model, exp.prior, resume=args.resume,
+            allow_changes=args.allow_changes, max_iterations=max_it, executor=executor,
+            callbacks=[bar] if bar else (), store=out, history=History(),
+            store_attrs=_provenance(config, exp.name), truth=exp.truth,
+            sinks=[_Banner(exp.name, out, args.resume)],
         )
     finally:
         if bar is not None:
@@ -189,6 +272,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{len(result.history.get('iteration', []))} updates, {result.n_forwards} member "
           f"forwards, stopped by {result.stopped_by}; wrote {out}")
     return 0
+
+
+#: tables of a configuration that describe how a problem is run, not the problem: the
+#: smoother's settings are compared as the smoother's configuration (and ensemble_size as the
+#: ensemble's size) when a run is resumed; max_iterations, the executor and the name may change
+_RUN_TABLES = ("smoother", "executor", "name")
+
+
+def _provenance(config: dict, name: str) -> dict:
+    """The history's extra attributes: the plugin, the experiment's name and the problem's
+    own configuration (``problem_config``: every table but [smoother] and [executor]), which
+    a resume compares (a changed data seed or noise is another problem)."""
+    problem = {k: v for k, v in config.items() if k not in _RUN_TABLES}
+    return {"problem": config.get("problem", "estimation"), "name": name,
+            "problem_config": problem}
 
 
 def _print_summary(summary: dict, truth: torch.Tensor | None) -> None:
@@ -342,11 +440,49 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _notes(command: str) -> Any:
+    """A ``warnings.showwarning`` for ``command``: each warning on one line,
+    ``enkal run: note: ...`` (a RuntimeWarning) or ``enkal run: warning: Category: ...``."""
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        text = " ".join(str(message).split())
+        kind = "note" if issubclass(category, RuntimeWarning) else \
+            f"warning: {category.__name__}"
+        print(f"enkal {command}: {kind}: {text}", file=sys.stderr, flush=True)
+
+    return show
+
+
+_MEMORY_HINT = ("fewer members ([smoother] ensemble_size), a smaller [smoother] chunk_size, "
+                "or forwards elsewhere (--executor dask)")
+
+
+def _memory_errors() -> tuple[type[BaseException], ...]:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError",
+                                                               None)
+    return (MemoryError,) if oom is None else (MemoryError, oom)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"run": cmd_run, "info": cmd_info, "plot": cmd_plot}
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _notes(args.command)
+        if args.debug:
+            return commands[args.command](args)
+        return _one_line(commands[args.command], args)
+
+
+def _one_line(command: Any, args: argparse.Namespace) -> int:  # noqa: C901 - one except each
+    """Run ``command``; every failure is one line on stderr and an exit status."""
     try:
-        return commands[args.command](args)
+        return command(args)
+    except _memory_errors() as err:
+        what = type(err).__name__ + (f": {_about(args, err)}" if str(err) else "")
+        print(f"enkal {args.command}: out of memory ({what}); try {_MEMORY_HINT}",
+              file=sys.stderr)
+        return 1
     except (ValueError, TypeError) as err:
         print(f"enkal {args.command}: error: {_about(args, err)}", file=sys.stderr)
         return 2
@@ -365,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"enkal {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a bug or a library's error: still one line
+        print(f"enkal {args.command}: internal error: {type(err).__name__}: "
+              f"{_about(args, err)} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _about(args: argparse.Namespace, err: BaseException) -> str:

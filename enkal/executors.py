@@ -271,6 +271,21 @@ def _require_distributed():
     return distributed
 
 
+def _check_address(address: str) -> None:
+    """Refuse a scheduler address that ``distributed`` cannot parse, before a ``Client`` is
+    made: a client that fails to parse its address is left half-made, and its ``__del__``
+    then waits twice the connect timeout and prints a traceback."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        if scheme in ("tcp", "tls"):
+            parse_host_port(location)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"Dask.address: expected a scheduler address such as "
+                         f"'tcp://host:8786', got {address!r} ({err})") from None
+
+
 class _Session:
     """The live, mutable side of a :class:`Dask` executor: the client (and the cluster)
     it opened itself. Kept out of the dataclass's fields, equality and ``repr``."""
@@ -322,6 +337,10 @@ class Dask:
         failing inside ``forward`` are not task errors (they are failed members); this is
         for the rest: a worker that cannot import a module yet, a transient I/O error.
         Tasks lost with a dead worker are rescheduled by the scheduler regardless.
+    connect_timeout : float
+        Seconds to wait for the scheduler at ``address`` (default 5): an unreachable one
+        fails :meth:`connect` with an ``OSError`` this soon. The address itself is checked
+        when the executor is made (``ValueError``: ``"tcp://host:port"`` and the like).
 
     Notes
     -----
@@ -354,6 +373,7 @@ class Dask:
     members_per_call: int | None = None
     max_abs: float | None = None
     retries: int = 1
+    connect_timeout: float = 5.0
     _session: _Session = field(default_factory=_Session, init=False, repr=False,
                                compare=False)
 
@@ -372,6 +392,8 @@ class Dask:
             )
         if self.client is not None and self.address is not None:
             raise ValueError("Dask: expected at most one of client= and address=, got both")
+        if self.address is not None:
+            _check_address(self.address)
         check_positive_int(self.n_workers, "Dask.n_workers", allow_none=True)
         if self.n_workers is not None and (self.client is not None or self.address is not None):
             raise ValueError(
@@ -384,6 +406,7 @@ class Dask:
         check_positive_float(self.max_abs, "Dask.max_abs", allow_none=True)
         _deprecated_max_abs(self)
         check_positive_int(self.retries, "Dask.retries", minimum=0)
+        check_positive_float(self.connect_timeout, "Dask.connect_timeout")
 
     # -- the connection --------------------------------------------------------------------
     def connect(self):
@@ -396,7 +419,8 @@ class Dask:
             if s.client is None:
                 distributed = _require_distributed()
                 if self.address is not None:
-                    s.client = distributed.Client(self.address, set_as_default=False)
+                    s.client = distributed.Client(self.address, set_as_default=False,
+                                                  timeout=self.connect_timeout)
                 else:
                     s.cluster = distributed.LocalCluster(
                         n_workers=self.n_workers or 2, threads_per_worker=1, processes=True)

@@ -22,16 +22,25 @@ the only place besides the command line where the loop meets storage.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from ._checks import check_positive_int
-from ._types import Sink, SmootherResult, SmootherState
+from ._checks import check_ensemble, check_positive_int
+from ._types import RunEnd, RunStart, Sink, SmootherResult, SmootherState, StepInfo
 from .smoother import EnsembleSmoother
-from .storage import HISTORY_FORMAT, Recorder, format_of, read_state
+from .storage import (
+    HISTORY_FORMAT,
+    Recorder,
+    check_dropped_rows,
+    check_resume,
+    format_of,
+    read_state,
+    repair,
+)
 
 __all__ = ["run"]
 
@@ -52,6 +61,7 @@ def run(
     truth: torch.Tensor | None = None,
     sinks: Iterable[Sink] = (),
     max_iterations: int = 100,
+    allow_changes: bool = False,
     **loop: Any,
 ) -> SmootherResult:
     """Run ``smoother`` on ``model``, streaming the run to an HDF5 file, or resuming one.
@@ -62,7 +72,10 @@ def run(
     model : ForwardModel
     prior : Tensor, shape (N_ens, N_par), optional
         Initial ensemble in the unconstrained space (exactly one of ``prior``, ``state``,
-        ``resume``).
+        ``resume``). With ``resume`` it may be given too, as the ensemble this run would
+        start from: the run continues the file's ensemble, and ``N_ens`` is compared with
+        the file's (a script can always pass its prior, and ``resume`` when its file
+        exists).
     state : SmootherState, optional
         Continue from this state.
     resume : path, optional
@@ -77,6 +90,17 @@ def run(
         them: that is what recomputing gives, bit for bit (callbacks are not called for
         the iterations taken from the history). A run resumed after being killed ends bit
         for bit where the uninterrupted run would (same device).
+
+        A resume continues only the run the file recorded: before anything is written,
+        :func:`enkal.storage.check_resume` compares the file (and the history it
+        continues) with this run: observations, noise, ensemble size (with ``prior``),
+        parameter layout, the strategies and settings of ``smoother.config()`` and
+        ``store_attrs``; any difference is a ``ValueError`` naming each item with both
+        values (see ``allow_changes``). Rows of the continued history after the state
+        resumed from are dropped: rows beyond ``max_iterations`` (lost for good) are
+        refused unless ``allow_changes``; rows the run recomputes are announced with a
+        ``RuntimeWarning``. The history's ``n_forwards`` attribute counts the whole run:
+        ``N_ens`` forwards per update since iteration 0, as the uninterrupted run's.
     store : path, optional
         Stream the run to this HDF5 history file (``docs/schema.md``), one iteration at a
         time: a crash keeps every completed iteration. Every row that keeps the ensemble
@@ -110,6 +134,11 @@ def run(
     max_iterations : int
         Updates counted from the start of the run: a resumed run stops at the same
         iteration as the uninterrupted one.
+    allow_changes : bool
+        With ``resume``: continue although the file's run differs from this one (new data,
+        another schedule...), or although ``max_iterations`` drops rows the history holds
+        beyond it; a ``RuntimeWarning`` names what differs (or the rows dropped). Another
+        parameter layout or number of observations is refused regardless.
     **loop
         The rest of :meth:`EnsembleSmoother.run`'s arguments (``tolerance``, ``executor``,
         ``callbacks``, ``progress``, ``inplace``).
@@ -121,8 +150,13 @@ def run(
     if not isinstance(smoother, EnsembleSmoother):
         raise TypeError(f"smoother: expected an enkal.EnsembleSmoother, got "
                         f"{type(smoother).__name__}")
-    if sum(x is not None for x in (prior, state, resume)) != 1:
-        raise ValueError("run: expected exactly one of prior=, state= or resume=")
+    given = [name for name, x in (("prior", prior), ("state", state), ("resume", resume))
+             if x is not None]
+    if given not in (["prior"], ["state"], ["resume"], ["prior", "resume"]):
+        raise ValueError("run: expected exactly one of prior=, state= or resume= (prior= "
+                         f"may come with resume=), got {' and '.join(given) or 'none'}")
+    if not isinstance(allow_changes, bool):
+        raise TypeError(f"allow_changes: expected a bool, got {type(allow_changes).__name__}")
     if resume is not None and store is None and format_of(resume) == HISTORY_FORMAT:
         store = resume  # resuming a history continues it
     if checkpoint is True and store is None:
@@ -130,17 +164,64 @@ def run(
     if history is not None and store is None:
         raise ValueError("history=: only with store=")
     check_positive_int(checkpoint_every, "checkpoint_every")
+    check_positive_int(max_iterations, "max_iterations")
+    forwards_before = 0
     if resume is not None:
-        state = read_state(resume, smoother, device=getattr(model, "device", None),
-                           store=store, max_iteration=max_iterations)
+        state = _resume(smoother, model, prior, resume, store=store, attrs=store_attrs,
+                        max_iterations=max_iterations, allow_changes=allow_changes)
+        forwards_before = state.parameters.shape[0] * state.iteration
     elif state is None and prior is not None:
         state = smoother.init(prior)
     assert state is not None  # exactly one of prior, state, resume (checked above)
     recorders: list[Sink] = []
     if store is not None or checkpoint not in (None, False):
-        recorders.append(Recorder(
+        recorder = Recorder(
             store, history=history, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
             background=background_io, attrs=store_attrs, truth=truth,
-            resume_from=state.iteration if resume is not None else None))
+            resume_from=state.iteration if resume is not None else None)
+        recorders.append(_ForwardsBefore(recorder, forwards_before) if forwards_before
+                         else recorder)
     return smoother.run(model, state=state, sinks=[*recorders, *sinks],
                         max_iterations=max_iterations, **loop)
+
+
+def _resume(smoother: EnsembleSmoother, model: Any, prior: torch.Tensor | None,
+            resume: str | os.PathLike, *, store: str | os.PathLike | None,
+            attrs: dict | None, max_iterations: int, allow_changes: bool) -> SmootherState:
+    """The state to resume from, after checking that the file records this run (nothing is
+    written before: a continued history is only :func:`~enkal.storage.repair`-ed, which
+    drops what a killed append left torn)."""
+    layout = getattr(model, "layout", None)
+    if prior is not None:
+        check_ensemble(prior, "prior", n_columns=getattr(layout, "size", None))
+    if store is not None and os.path.exists(store) and format_of(store) == HISTORY_FORMAT:
+        repair(store)
+    check_resume(resume, smoother, layout=layout,
+                 ensemble_size=None if prior is None else prior.shape[0], attrs=attrs,
+                 store=store, allow_changes=allow_changes)
+    state = read_state(resume, smoother, device=getattr(model, "device", None), store=store,
+                       max_iteration=max_iterations, warn=False)
+    if store is not None:
+        check_dropped_rows(resume, store, state.iteration, max_iteration=max_iterations,
+                           allow_changes=allow_changes)
+    return state
+
+
+class _ForwardsBefore:
+    """A resumed run's recorder, closed with the whole run's ``n_forwards``: the forwards
+    behind the resumed state (``N_ens`` per update since iteration 0, as the loop counts
+    them) plus this call's. Only the :class:`~enkal._types.RunEnd` it hands on differs."""
+
+    def __init__(self, sink: Sink, before: int) -> None:
+        self.sink = sink
+        self.before = before
+
+    def start(self, run: RunStart) -> None:
+        self.sink.start(run)
+
+    def record(self, state: SmootherState, info: StepInfo, predictions: torch.Tensor | None,
+               *, final: bool) -> None:
+        self.sink.record(state, info, predictions, final=final)
+
+    def close(self, end: RunEnd) -> None:
+        self.sink.close(dataclasses.replace(end, n_forwards=self.before + end.n_forwards))

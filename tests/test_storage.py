@@ -901,7 +901,9 @@ def test_resume_from_a_history_without_the_latest_ensemble(tmp_path):
     a_ckpt.write_bytes(ckpt.read_bytes())
     a = enkal.run(_smoother(), _model(), resume=a_ckpt, store=a_store, history=policy,
                         max_iterations=10)
-    b = enkal.run(_smoother(), _model(), resume=store, max_iterations=10)  # its own policy
+    with pytest.warns(RuntimeWarning, match="from iteration 6, dropping and recomputing "
+                                            "row 7"):  # announced
+        b = enkal.run(_smoother(), _model(), resume=store, max_iterations=10)  # its policy
     assert torch.equal(a.parameters, reference.parameters)
     assert torch.equal(b.parameters, reference.parameters)
     assert a.history["iteration"] == [8, 9, 10]  # from the checkpoint at 7
@@ -965,8 +967,13 @@ def test_resume_from_the_start_checkpoint_takes_the_later_history_states(tmp_pat
                               callbacks=[lambda s, i: seen.append(s.iteration)])
     assert seen == [7, 8]  # 1..6 were taken from the history, not recomputed
     assert torch.equal(resumed.parameters, _straight(8).parameters)
-    # max_iterations below the history's end: the state where recomputing would stop
-    short = enkal.run(_smoother(), _model(), resume=ckpt, store=store, max_iterations=4)
+    # max_iterations below the history's end: the state where recomputing would stop (the
+    # rows beyond it are lost for good: refused unless allowed, then announced)
+    with pytest.raises(ValueError, match=r"rows 5-8, beyond max_iterations 4"):
+        enkal.run(_smoother(), _model(), resume=ckpt, store=store, max_iterations=4)
+    with pytest.warns(RuntimeWarning, match=r"rows 5-8, beyond max_iterations 4"):
+        short = enkal.run(_smoother(), _model(), resume=ckpt, store=store, max_iterations=4,
+                          allow_changes=True)
     assert short.state.iteration == 4 and short.history == {}
     assert torch.equal(short.parameters, _straight(4).parameters)
     with storage.open(store) as ds:

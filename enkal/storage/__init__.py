@@ -37,9 +37,10 @@ declared-size checks, :func:`repair`), ``history`` (:class:`History`,
 :class:`HistoryWriter`), ``views`` (:func:`save`, :func:`to_xarray`, :func:`open_dataset`,
 :func:`physical`), ``checkpoint`` (:func:`write_checkpoint`, :func:`read_checkpoint`),
 ``resume`` (:func:`read_history_state`, :func:`read_state`, :func:`read_policy`,
-:func:`format_of`) and ``recorder`` (:class:`Recorder`). None of them imports the smoother:
-a smoother is duck-typed (``config()``, ``observations``, ``seed``, ``state_dict``,
-``load_state_dict``).
+:func:`format_of`), ``compare`` (what a resume compares: :func:`run_differences`,
+:func:`check_resume`, :func:`check_dropped_rows`) and ``recorder`` (:class:`Recorder`).
+None of them imports the smoother: a smoother is duck-typed (``config()``,
+``observations``, ``seed``, ``state_dict``, ``load_state_dict``).
 
 Crash safety
 ------------
@@ -83,6 +84,7 @@ True
 """
 
 from .checkpoint import read_checkpoint, read_state_dict, write_checkpoint
+from .compare import Difference, check_dropped_rows, check_resume, run_differences
 from .h5 import _unlimited as _unlimited  # noqa: F401 - used by tests
 from .h5 import repair
 from .history import History, HistoryWriter
@@ -112,6 +114,10 @@ __all__ = [
     "read_state",
     "read_policy",
     "format_of",
+    "run_differences",
+    "check_resume",
+    "check_dropped_rows",
+    "Difference",
     "default_checkpoint_path",
     "HISTORY_FORMAT",
     "CHECKPOINT_FORMAT",

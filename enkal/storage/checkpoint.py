@@ -254,8 +254,10 @@ def _read_components(a: dict, path: Path) -> tuple[Any, Any]:
 
 
 def _load_state(d: dict[str, Any], path: Path, smoother: Any, device: Any, *,
-                what: str) -> Any:
-    """A validated state dict (from a checkpoint or a history row) -> SmootherState."""
+                what: str, warn: bool = True) -> Any:
+    """A validated state dict (from a checkpoint or a history row) -> SmootherState;
+    ``warn``: a ``RuntimeWarning`` when the configuration differs (``enkal.run`` compares
+    the whole run itself first, :func:`enkal.storage.check_resume`)."""
     target = torch.device(device) if device is not None else torch.device("cpu")
     if d["device_type"] != target.type:
         raise ValueError(
@@ -277,7 +279,8 @@ def _load_state(d: dict[str, Any], path: Path, smoother: Any, device: Any, *,
         state = smoother.load_state_dict(d)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path}: {what} does not fit this smoother: {err}") from None
-    _config_differs(smoother, config, path, what)
+    if warn:
+        _config_differs(smoother, config, path, what)
     return state
 
 

@@ -300,7 +300,8 @@ def format_of(path: Any) -> str | None:
 
 
 def read_state(path: Any, smoother: Any, *, device: torch.device | str | None = None,
-               store: Any = None, max_iteration: int | None = None) -> Any:
+               store: Any = None, max_iteration: int | None = None,
+               warn: bool = True) -> Any:
     """The :class:`~enkal.smoother.SmootherState` to resume a run from: ``path`` is a
     checkpoint (:func:`read_checkpoint`) or a history file (:func:`read_history_state`:
     its last complete state row, at most ``max_iteration``; when ``store`` is that same
@@ -314,6 +315,10 @@ def read_state(path: Any, smoother: Any, *, device: torch.device | str | None = 
     configuration: it is then what recomputing from the checkpoint gives (up to
     ``max_iteration``, where the recomputation would stop), without the recomputation.
 
+    ``warn``: a ``RuntimeWarning`` when the file's configuration is not
+    ``smoother.config()`` (``enkal.run`` compares the whole run first, with
+    :func:`enkal.storage.check_resume`, and passes ``False``).
+
     Raises
     ------
     FileNotFoundError, StorageError, ValueError
@@ -325,10 +330,10 @@ def read_state(path: Any, smoother: Any, *, device: torch.device | str | None = 
                 _as_path(store).resolve() == path.resolve():
             repair(path)  # the run continues this file (its writer repairs it anyway)
         d = read_history_state(path, max_iteration=max_iteration)
-        return _load_state(d, path, smoother, device, what="history state")
+        return _load_state(d, path, smoother, device, what="history state", warn=warn)
     d = read_state_dict(path)
     ckpt_config = d["config"]
-    state = _load_state(d, path, smoother, device, what="checkpoint")
+    state = _load_state(d, path, smoother, device, what="checkpoint", warn=warn)
     if store is None:
         return state
     store = _as_path(store)
@@ -353,4 +358,4 @@ def read_state(path: Any, smoother: Any, *, device: torch.device | str | None = 
             and (row["mask"] is None or torch.equal(row["mask"], here["mask"].cpu())))
     if not same:
         return state
-    return _load_state(later, store, smoother, device, what="history state")
+    return _load_state(later, store, smoother, device, what="history state", warn=warn)
