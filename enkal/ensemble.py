@@ -267,9 +267,13 @@ def gaussian_ensemble(
 
     ``mean`` and ``std`` are scalars or ``(N_par,)`` vectors in the unconstrained space.
     """
-    from ._checks import as_float_tensor, check_positive_int
+    from ._checks import as_float_tensor, check_device, check_positive_int
 
     check_positive_int(n_members, "n_members", minimum=2)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating torch.dtype such as torch.float64, got "
+                        f"{dtype!r}")
+    device = check_device(device, "device")
     m = as_float_tensor(mean, "mean", dtype=dtype, device=device).reshape(-1)
     s = as_float_tensor(std, "std", dtype=dtype, device=device).reshape(-1)
     check_finite(m, "mean")

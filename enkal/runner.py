@@ -22,7 +22,6 @@ the only place besides the command line where the loop meets storage.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -30,11 +29,13 @@ from typing import Any
 import torch
 
 from ._checks import check_ensemble, check_positive_int
-from ._types import RunEnd, RunStart, Sink, SmootherResult, SmootherState, StepInfo
+from ._types import Sink, SmootherResult, SmootherState
 from .smoother import EnsembleSmoother
 from .storage import (
     HISTORY_FORMAT,
+    History,
     Recorder,
+    check_attributes,
     check_dropped_rows,
     check_resume,
     format_of,
@@ -155,14 +156,17 @@ def run(
     if given not in (["prior"], ["state"], ["resume"], ["prior", "resume"]):
         raise ValueError("run: expected exactly one of prior=, state= or resume= (prior= "
                          f"may come with resume=), got {' and '.join(given) or 'none'}")
-    if not isinstance(allow_changes, bool):
-        raise TypeError(f"allow_changes: expected a bool, got {type(allow_changes).__name__}")
+    _check_arguments(resume=resume, store=store, history=history, checkpoint=checkpoint,
+                     background_io=background_io, store_attrs=store_attrs, sinks=sinks,
+                     allow_changes=allow_changes)
     if resume is not None and store is None and format_of(resume) == HISTORY_FORMAT:
         store = resume  # resuming a history continues it
     if checkpoint is True and store is None:
-        raise ValueError("checkpoint=True: needs store= (or give a checkpoint path)")
+        raise ValueError("checkpoint: True (STORE.ckpt.h5) needs store=; got store=None "
+                         "(or give a checkpoint path)")
     if history is not None and store is None:
-        raise ValueError("history=: only with store=")
+        raise ValueError(f"history: only with store= (a history file to keep); got "
+                         f"history={history!r} and store=None")
     check_positive_int(checkpoint_every, "checkpoint_every")
     check_positive_int(max_iterations, "max_iterations")
     forwards_before = 0
@@ -175,12 +179,11 @@ def run(
     assert state is not None  # exactly one of prior, state, resume (checked above)
     recorders: list[Sink] = []
     if store is not None or checkpoint not in (None, False):
-        recorder = Recorder(
+        recorders.append(Recorder(
             store, history=history, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
             background=background_io, attrs=store_attrs, truth=truth,
-            resume_from=state.iteration if resume is not None else None)
-        recorders.append(_ForwardsBefore(recorder, forwards_before) if forwards_before
-                         else recorder)
+            resume_from=state.iteration if resume is not None else None,
+            forwards_before=forwards_before))
     return smoother.run(model, state=state, sinks=[*recorders, *sinks],
                         max_iterations=max_iterations, **loop)
 
@@ -207,21 +210,26 @@ def _resume(smoother: EnsembleSmoother, model: Any, prior: torch.Tensor | None,
     return state
 
 
-class _ForwardsBefore:
-    """A resumed run's recorder, closed with the whole run's ``n_forwards``: the forwards
-    behind the resumed state (``N_ens`` per update since iteration 0, as the loop counts
-    them) plus this call's. Only the :class:`~enkal._types.RunEnd` it hands on differs."""
-
-    def __init__(self, sink: Sink, before: int) -> None:
-        self.sink = sink
-        self.before = before
-
-    def start(self, run: RunStart) -> None:
-        self.sink.start(run)
-
-    def record(self, state: SmootherState, info: StepInfo, predictions: torch.Tensor | None,
-               *, final: bool) -> None:
-        self.sink.record(state, info, predictions, final=final)
-
-    def close(self, end: RunEnd) -> None:
-        self.sink.close(dataclasses.replace(end, n_forwards=self.before + end.n_forwards))
+def _check_arguments(*, resume: Any, store: Any, history: Any, checkpoint: Any,
+                     background_io: Any, store_attrs: Any, sinks: Any,
+                     allow_changes: Any) -> None:
+    """``TypeError``/``ValueError`` naming ``enkal.run``'s own argument (not the recorder's
+    name for it) before anything is read or written."""
+    for name, value in (("resume", resume), ("store", store)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name}: expected a file path (str or os.PathLike) or None, got "
+                            f"{type(value).__name__} {value!r}"[:200])
+    if history is not None and not isinstance(history, History):
+        raise TypeError(f"history: expected enkal.storage.History(...) or None, got "
+                        f"{type(history).__name__}")
+    if checkpoint is not None and not isinstance(checkpoint, (bool, str, os.PathLike)):
+        raise TypeError(f"checkpoint: expected a path, a bool or None, got "
+                        f"{type(checkpoint).__name__}")
+    for name, value in (("background_io", background_io), ("allow_changes", allow_changes)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(value).__name__} "
+                            f"{value!r}"[:200])
+    if store_attrs is not None:
+        check_attributes(store_attrs, "store_attrs")
+    if sinks is None or isinstance(sinks, (str, bytes)) or not hasattr(sinks, "__iter__"):
+        raise TypeError(f"sinks: expected an iterable of sinks, got {type(sinks).__name__}")

@@ -13,8 +13,8 @@ accepted, a value of the wrong type is a ``TypeError`` and a wrong value of the 
 ``ValueError``, both naming the argument.
 
 ``enkal.run``'s own arguments (``store``, ``resume``, ``checkpoint``...) are in a separate
-table: its code belongs to the runner and storage; the cases it does not check yet are marked
-``xfail(strict=False)``.
+table (they are checked in ``enkal/runner.py`` under their own names, before anything is
+read or written).
 """
 
 from __future__ import annotations
@@ -403,8 +403,6 @@ _EVALUATE_AND_EXECUTORS = [
         _model(), "x"), TypeError, "parameters"),
 ]
 
-_NOT_CHECKED_IN_ENSEMBLE_PY = pytest.mark.xfail(
-    strict=False, reason="enkal/ensemble.py does not check it yet: a raw torch error")
 
 def _callable(**kwargs) -> CallableModel:
     kwargs = {"parameters": P, "output_size": M, **kwargs}
@@ -443,11 +441,11 @@ _GAUSSIAN_ENSEMBLE = [
     case("generator-int", lambda: gaussian_ensemble(0.0, 1.0, 8, generator=0), TypeError,
          "generator"),
     case("dtype-int", lambda: gaussian_ensemble(0.0, 1.0, 8, dtype=torch.int64), TypeError,
-         "dtype", marks=_NOT_CHECKED_IN_ENSEMBLE_PY),
+         "dtype"),
     case("dtype-str", lambda: gaussian_ensemble(0.0, 1.0, 8, dtype="float64"), TypeError,
          "dtype"),
     case("device-unknown", lambda: gaussian_ensemble(0.0, 1.0, 8, device="nowhere"),
-         ValueError, "device", marks=_NOT_CHECKED_IN_ENSEMBLE_PY),
+         ValueError, "device"),
 ]
 
 _OBSERVATIONS = [
@@ -627,7 +625,6 @@ def test_run_scalars_classified(v):
 
 
 # -- enkal.run's own arguments (enkal/runner.py, enkal/storage/: outside this change) --------
-_RUNNER = pytest.mark.xfail(strict=False, reason="enkal.run does not check it yet")
 
 
 def _erun(tmp, **kwargs):
@@ -639,25 +636,22 @@ _ENKAL_RUN = [
     case("smoother-str", lambda tmp: enkal.run("s", _model(), _prior()), TypeError,
          "smoother"),
     case("model-str", lambda tmp: enkal.run(_smoother(), "m", _prior()), TypeError, "model"),
-    case("prior-and-state", lambda tmp: _erun(tmp, state=_state()), ValueError, "prior",
-         marks=_RUNNER),
+    case("prior-and-state", lambda tmp: _erun(tmp, state=_state()), ValueError, "prior"),
     case("state-int", lambda tmp: _erun(tmp, prior=None, state=3), TypeError, "state"),
-    case("resume-int", lambda tmp: _erun(tmp, prior=None, resume=3), TypeError, "resume",
-         marks=_RUNNER),
+    case("resume-int", lambda tmp: _erun(tmp, prior=None, resume=3), TypeError, "resume"),
     # a missing file is the OSError it always is, naming the path
     case("resume-missing", lambda tmp: _erun(tmp, prior=None, resume=tmp / "none.h5"),
          FileNotFoundError, "none.h5", "no such"),
-    case("store-int", lambda tmp: _erun(tmp, store=3), TypeError, "store", marks=_RUNNER),
-    case("store-list", lambda tmp: _erun(tmp, store=["a.h5"]), TypeError, "store",
-         marks=_RUNNER),
+    case("store-int", lambda tmp: _erun(tmp, store=3), TypeError, "store"),
+    case("store-list", lambda tmp: _erun(tmp, store=["a.h5"]), TypeError, "store"),
     case("history-str", lambda tmp: _erun(tmp, store=tmp / "h.h5", history="every"),
          TypeError, "history"),
     case("history-without-store", lambda tmp: _erun(tmp, history=enkal.History()),
-         ValueError, "history", marks=_RUNNER),
+         ValueError, "history"),
     case("checkpoint-int", lambda tmp: _erun(tmp, store=tmp / "c.h5", checkpoint=3),
          TypeError, "checkpoint"),
     case("checkpoint-true-without-store", lambda tmp: _erun(tmp, checkpoint=True), ValueError,
-         "checkpoint", marks=_RUNNER),
+         "checkpoint"),
     case("checkpoint_every-zero", lambda tmp: _erun(tmp, store=tmp / "c.h5",
                                                    checkpoint_every=0),
          ValueError, "checkpoint_every"),
@@ -665,27 +659,26 @@ _ENKAL_RUN = [
                                                   checkpoint_every="1"),
          TypeError, "checkpoint_every"),
     case("background_io-str", lambda tmp: _erun(tmp, store=tmp / "b.h5", background_io="yes"),
-         TypeError, "background_io", marks=_RUNNER),
+         TypeError, "background_io"),
     case("store_attrs-str", lambda tmp: _erun(tmp, store=tmp / "a.h5", store_attrs="x"),
-         TypeError, "store_attrs", marks=_RUNNER),
+         TypeError, "store_attrs"),
     case("store_attrs-reserved-format", lambda tmp: _erun(
         tmp, store=tmp / "a.h5", store_attrs={"enkal_format": "x"}), ValueError,
-        "store_attrs", marks=_RUNNER),
+        "store_attrs"),
     case("store_attrs-reserved-layout", lambda tmp: _erun(
-        tmp, store=tmp / "a.h5", store_attrs={"layout": "[]"}), ValueError, "store_attrs",
-        marks=_RUNNER),
+        tmp, store=tmp / "a.h5", store_attrs={"layout": "[]"}), ValueError, "store_attrs"),
     case("store_attrs-key-int", lambda tmp: _erun(tmp, store=tmp / "a.h5",
                                                  store_attrs={1: 2}),
-         TypeError, "store_attrs", marks=_RUNNER),
+         TypeError, "store_attrs"),
     case("store_attrs-value-object", lambda tmp: _erun(tmp, store=tmp / "a.h5",
                                                       store_attrs={"note": object()}),
-         TypeError, "store_attrs", marks=_RUNNER),
+         TypeError, "store_attrs"),
     case("truth-str", lambda tmp: _erun(tmp, store=tmp / "t.h5", truth="x"), TypeError,
          "truth"),
     case("truth-shape", lambda tmp: _erun(tmp, store=tmp / "t.h5",
                                          truth=torch.zeros(P + 1, dtype=F64)),
          ValueError, "truth"),
-    case("sinks-none", lambda tmp: _erun(tmp, sinks=None), TypeError, "sinks", marks=_RUNNER),
+    case("sinks-none", lambda tmp: _erun(tmp, sinks=None), TypeError, "sinks"),
     case("max_iterations-zero", lambda tmp: _erun(tmp, max_iterations=0), ValueError,
          "max_iterations"),
     case("tolerance-str", lambda tmp: _erun(tmp, tolerance="x"), TypeError, "tolerance"),

@@ -44,11 +44,10 @@ def _prior():
     return torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
-def _drive(smoother, model, recorder, state, *, max_iterations=100, forwards_before=0):
-    """The loop of ``run``, by hand: evaluate, step, record; close whatever happens (with
-    ``forwards_before`` more forwards: those behind a resumed state)."""
+def _drive(smoother, model, recorder, state, *, max_iterations=100):
+    """The loop of ``run``, by hand: evaluate, step, record; close whatever happens."""
     recorder.start(RunStart(smoother, model.layout, model.output_names, state))
-    n_forwards, stopped_by = forwards_before, "max_iterations"
+    n_forwards, stopped_by = 0, "max_iterations"
     try:
         while True:
             if smoother.done(state):
@@ -228,9 +227,10 @@ def test_recorder_continues_a_history_as_run_resume_does(policy, tmp_path):
     state = storage.read_state(tmp_path / "rec.h5", smoother, store=tmp_path / "rec.h5")
     assert state.iteration == (4 if policy is None else 3)
     # enkal.run counts the forwards behind the resumed state too (N_ens per update)
+    before = state.parameters.shape[0] * state.iteration
     _drive(smoother, model, Recorder(tmp_path / "rec.h5", history=policy,
-                                     resume_from=state.iteration), state,
-           forwards_before=state.parameters.shape[0] * state.iteration)
+                                     resume_from=state.iteration, forwards_before=before),
+           state)
     assert_same_file(tmp_path / "run.h5", tmp_path / "rec.h5")
     assert_same_file(tmp_path / "run.ckpt.h5", tmp_path / "rec.ckpt.h5")
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .._checks import check_ensemble, check_positive_int
+from ..devices import _check_devices, run_on_devices
 from ..ensemble import ParameterLayout
-from ..executors import _check_devices, run_on_devices
 from ..forward import ForwardModel
 from .tasks import Regression, _check_output_map
 
@@ -73,7 +73,7 @@ class NeuralModel:
         Precision of the computation (default the module's parameter dtype).
     devices : sequence of torch.device or str, optional
         Several devices: one thread each, taking the next chunk of members as soon as they
-        finished the previous one (:func:`enkal.executors.run_on_devices`). Default
+        finished the previous one (:func:`enkal.devices.run_on_devices`). Default
         ``[device]``.
 
     Attributes

@@ -88,7 +88,7 @@ from .compare import Difference, check_dropped_rows, check_resume, run_differenc
 from .h5 import _unlimited as _unlimited  # noqa: F401 - used by tests
 from .h5 import repair
 from .history import History, HistoryWriter
-from .recorder import Recorder, default_checkpoint_path
+from .recorder import RESERVED_ATTRS, Recorder, check_attributes, default_checkpoint_path
 from .resume import format_of, read_history_state, read_policy, read_state
 from .schema import CHECKPOINT_FORMAT, FORMAT_VERSION, HISTORY_FORMAT
 from .schema import _state_checksum as _state_checksum  # noqa: F401 - used by tests
@@ -119,6 +119,8 @@ __all__ = [
     "check_dropped_rows",
     "Difference",
     "default_checkpoint_path",
+    "check_attributes",
+    "RESERVED_ATTRS",
     "HISTORY_FORMAT",
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._checks import cpu_numpy
 from ..errors import StorageError
-from .h5 import _as_path, _check_declared_size, _dataset, _read_errors, _unlimited
+from .h5 import _as_path, _check_declared_size, _dataset, _read_errors, _unlimited, open_read
 from .schema import (
     CHECKPOINT_FORMAT,
     HISTORY_FORMAT,
@@ -99,7 +99,7 @@ Difference(name='ensemble_size', recorded='4', current='8', fatal=False)]
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or history file")
     with _read_errors(path, "an enkal checkpoint or history file"), \
-            h5py.File(path, "r", locking=False) as f:
+            open_read(path) as f:
         fmt = _attr_str(f.attrs["enkal_format"]) if "enkal_format" in f.attrs else None
         if fmt == HISTORY_FORMAT:
             recorded = _recorded_history(f, path)
@@ -422,7 +422,7 @@ def _iterations(path: Any) -> np.ndarray:
     """The ``iteration`` of each row of a history file (its complete rows)."""
     path = _as_path(path)
     with _read_errors(path, "an enkal history file"), \
-            h5py.File(path, "r", locking=False) as f:
+            open_read(path) as f:
         _check_format(f.attrs, path, HISTORY_FORMAT)
         n = min(f[name].shape[0] for name in _unlimited(f))
         return np.asarray(_dataset(f, "iteration", path)[:n], dtype=np.int64)

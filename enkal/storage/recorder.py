@@ -21,13 +21,13 @@ import torch
 
 from .._checks import check_positive_int
 from .checkpoint import write_checkpoint
-from .h5 import _as_path, open_read
+from .h5 import _as_path
 from .history import HistoryWriter
 from .journal import process_alive, writer_lock
 from .resume import read_policy
 from .schema import History
 
-__all__ = ["Recorder", "default_checkpoint_path"]
+__all__ = ["Recorder", "default_checkpoint_path", "check_attributes", "RESERVED_ATTRS"]
 
 
 def default_checkpoint_path(store: str | os.PathLike) -> str:
@@ -48,7 +48,7 @@ def _check_args(history: Any, checkpoint: Any, checkpoint_every: Any, background
     if not isinstance(background, bool):
         raise TypeError(f"background: expected a bool, got {type(background).__name__}")
     if attrs is not None:
-        _check_attrs(attrs)
+        check_attributes(attrs)
     if resume_from is not None:
         check_positive_int(resume_from, "resume_from", minimum=0)
 
@@ -62,7 +62,7 @@ RESERVED_ATTRS = frozenset({
 })
 
 
-def _check_attrs(attrs: Any, name: str = "attrs") -> None:
+def check_attributes(attrs: Any, name: str = "attrs") -> None:
     """Extra global attributes: a mapping of str keys (not :data:`RESERVED_ATTRS`) to
     numbers, strings, bools, numeric arrays or JSON-able values."""
     if not isinstance(attrs, Mapping):
@@ -73,7 +73,8 @@ def _check_attrs(attrs: Any, name: str = "attrs") -> None:
             raise TypeError(f"{name}: expected non-empty str keys, got {key!r}"[:200])
         if key in RESERVED_ATTRS:
             raise ValueError(f"{name}: {key!r} is an attribute the history writes itself "
-                             f"(reserved: {sorted(RESERVED_ATTRS)}); choose another name")
+                             f"(reserved: {sorted(RESERVED_ATTRS)}); got {key}={value!r}, "
+                             "choose another name"[:400])
         plain = isinstance(value, (str, int, float, np.generic)) or (
             isinstance(value, np.ndarray) and value.dtype.kind in "biuf")
         try:
@@ -132,6 +133,10 @@ class Recorder:
     resume_from : int, optional
         The iteration the run resumes from: the history is continued there (its later rows
         are dropped) and no starting checkpoint is written.
+    forwards_before : int
+        Member forwards behind the starting state (a resumed run: ``N_ens`` per update
+        since iteration 0, as the loop counts them), added to the run's own in the file's
+        ``n_forwards``, which then counts the whole run as an uninterrupted one would.
 
     Examples
     --------
@@ -170,6 +175,7 @@ class Recorder:
         attrs: Mapping[str, Any] | None = None,
         truth: Any = None,
         resume_from: int | None = None,
+        forwards_before: int = 0,
     ) -> None:
         self.path: Path | None = None if path is None else _as_path(path)
         if path is None and (checkpoint is None or isinstance(checkpoint, bool)):
@@ -194,7 +200,8 @@ class Recorder:
         self.resume_from = resume_from
         self._writer: HistoryWriter | None = None
         self._lock: Any = None
-        self._forwards_before = 0  # member forwards of the runs this one continues
+        check_positive_int(forwards_before, "forwards_before", minimum=0)
+        self._forwards_before = int(forwards_before)  # forwards behind the start
         self._started = False
         self._smoother: Any = None
         self._pool: ThreadPoolExecutor | None = None
@@ -239,8 +246,6 @@ class Recorder:
                                  f"{self.truth.numel()}")
             extra["truth"] = self.truth.numpy()  # a numeric attribute, in physical units
         writer = None
-        if self.path is not None and self.resume_from is not None and self.path.exists():
-            self._forwards_before = _forwards_of(self.path)
         if self.path is not None:
             history = self.history
             if history is None and self.resume_from is not None and self.path.exists():
@@ -335,16 +340,6 @@ def _ending(end: Any) -> str:
         return "interrupted"
     message = " ".join(str(err).split())
     return f"failed: {type(err).__name__}: {message}"[:300]
-
-
-def _forwards_of(path: Path) -> int:
-    """The ``n_forwards`` a history file records (0 when it has none or is unreadable:
-    the count is provenance, never a reason to refuse a resume)."""
-    try:
-        with open_read(path) as f:
-            return int(f.attrs.get("n_forwards", 0))
-    except (OSError, ValueError, TypeError):
-        return 0
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
