@@ -347,10 +347,11 @@ def check_space(path: Path, need: int, *, what: str, new: bool = False) -> None:
     want = int(need * 1.05) + METADATA_MARGIN
     free = free_bytes(path, new=new)
     if free is not None and free < want:
+        then = "run again" if new else "resume from this file"
         raise DiskFullError(
             f"{path}: not enough space to write {what}: it needs about "
             f"{_size(want)}, {_size(free)} can be written (disk, quota or file-size limit); "
-            "nothing was written: free space and resume from this file")
+            f"nothing was written: free space and {then}")
 
 
 def _size(n: int) -> str:
