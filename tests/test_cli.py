@@ -363,7 +363,26 @@ USAGE_ERRORS = {  # extra arguments after `run CONFIG --out OUT`: what the messa
     "resume_missing": (["--resume", "missing.ckpt.h5"], "missing.ckpt.h5"),
     "device_meta": (["--device", "meta"], "--device"),
     "device_unknown": (["--device", "abacus"], "abacus"),
+    "max_iterations_negative": (["--max-iterations", "-3"], "--max-iterations"),
+    "workers_0": (["--executor", "dask", "--workers", "0"], "--workers"),
+    "seed_negative": (["--seed", "-1"], "seed"),
+    "seed_huge": (["--seed", str(2**70)], "seed"),
 }
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--seed", "x"], "--seed"), (["--max-iterations", "1.5"], "--max-iterations"),
+    (["--executor", "bogus"], "--executor"), (["--workers", "two"], "--workers"),
+    (["--bogus"], "--bogus")])
+def test_malformed_options_exit_2_naming_the_option(argv, option, tmp_path, capsys):
+    """What argparse refuses: exit 2 and the option named (every option of ``enkal run``
+    is in this table or in USAGE_ERRORS)."""
+    cfg = write(tmp_path, lorenz63())
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(cfg), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("case", sorted(USAGE_ERRORS))
