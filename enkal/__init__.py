@@ -22,7 +22,14 @@ from ._version import __version__  # noqa: F401 - enkal.__version__
 from .adapt import MutualInformation, Saliency, Significance, StructureAdaptation
 from .collapse import CollapseGuard
 from .ensemble import Bounded, ParameterLayout, Positive, Real, gaussian_ensemble
-from .errors import EnkalError, FailedMembersError, ScheduleExhaustedError, StorageError
+from .errors import (
+    DiskFullError,
+    EnkalError,
+    FailedMembersError,
+    FileInUseError,
+    ScheduleExhaustedError,
+    StorageError,
+)
 from .executors import Dask, InProcess, MultiDevice
 from .failures import IgnoreFailed, Raise, ResampleFailed
 from .forward import CallableModel, ForwardModel, evaluate
@@ -58,7 +65,9 @@ __all__ = [
     "CollapseGuard",
     "DataMisfitController",
     "ESMDA",
+    "DiskFullError",
     "EnkalError",
+    "FileInUseError",
     "EnsembleSmoother",
     "FailedMembersError",
     "FixedAnnealing",

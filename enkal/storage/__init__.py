@@ -50,17 +50,20 @@ temporary file in the same directory, flushed, ``fsync``-ed and moved over the t
 
 Appends cannot be atomic that way (copying the history every iteration costs ``O(k)``), so
 the writer opens the file, appends one row and closes it (open-append-close), and keeps it
-closed between iterations. HDF5 keeps the changed metadata in memory until the file is
-closed and writes the new chunks to fresh space at the end of the file first, so a SIGKILL
-while the big arrays are written leaves the previous, consistent file; only a kill inside
-the final metadata flush (a few dozen small writes, tens of microseconds) can leave the last
-row torn. Then :func:`repair` (run by a resuming writer) restores it or drops it: the usual
-tear is a superblock whose end-of-file address was not yet raised. HDF5's
+closed between iterations. Each such change goes through :mod:`~enkal.storage.journal`: the
+bytes a write overwrites are kept (in memory and, first, in an undo log beside the file), so
+a change that fails -- a full disk, a file-size limit, an interrupt -- is undone byte for
+byte, and one a killed process left half done is undone by the next opener. A failure costs
+at most the row being written (:class:`~enkal.errors.DiskFullError`). Ctrl-C waits for the
+row; a second writer of the same file is refused (:class:`~enkal.errors.FileInUseError`).
+:func:`repair` (run by a resuming writer) also mends files of earlier versions, whose kill
+inside HDF5's final metadata flush could leave a stale end-of-file address. HDF5's
 single-writer/multiple-reader (SWMR) mode orders that flush, but it needs the version-3
 superblock, whose "open for writing" flag survives a crash: plain h5py and xarray then
 refuse the file until ``h5clear -s`` is run, whichever moment the kill hit. So enkal writes
-version-0 superblocks (no such flag), no SWMR, and appends with HDF5 file locking off so
-that a reader holding the file open (a notebook watching a run) never blocks the run. A
+version-0 superblocks (no such flag), no SWMR, and writes through its journal (no HDF5
+file lock) so that a reader holding the file open (a notebook watching a run) never blocks
+the run. A
 checkpoint is written after the history row, so the history always reaches at least the
 checkpoint's iteration; a resumed writer (``resume_from=``) cuts the rows beyond it. A
 state row is only trusted when its checksum matches (the ensemble's 64-bit words summed,
