@@ -31,7 +31,7 @@ from .errors import FailedMembersError
 from .observations import Observations
 from .update import embed_transform
 
-__all__ = ["ResampleFailed", "IgnoreFailed", "Raise", "FailurePolicy", "classify_members"]
+__all__ = ["ResampleFailed", "IgnoreFailed", "Raise", "FailurePolicy", "check_policy"]
 
 
 @dataclass(frozen=True)
@@ -137,10 +137,3 @@ class Raise(_Policy):
 def check_policy(policy: object) -> None:
     check_component(policy, FailurePolicy, "failure",
                     "ResampleFailed(), IgnoreFailed() or Raise()")
-
-
-def classify_members(policy: FailurePolicy, predictions: torch.Tensor,
-                     ok: torch.Tensor | None = None, observations=None) -> torch.Tensor:
-    """``policy.classify(predictions, ok, observations)``: the ``(N_ens,)`` bool mask of
-    successful members (see :meth:`ResampleFailed.classify`)."""
-    return policy.classify(predictions, ok, observations)

@@ -30,11 +30,8 @@ Three rules:
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -231,29 +228,6 @@ class DataMisfitController:
 
     def done(self, state: MisfitControllerState) -> bool:
         return state.time >= self.terminate_at
-
-
-AnySchedule = FixedAnnealing | ESMDA | DataMisfitController
-SCHEDULE_STATES = {
-    "FixedAnnealing": AnnealingState,
-    "ESMDA": ESMDAState,
-    "DataMisfitController": MisfitControllerState,
-}
-
-
-def schedule_state_dict(state: Any) -> dict[str, Any]:
-    """A schedule state as ``{"type": name, field: number, ...}`` (what
-    :meth:`~enkal.EnsembleSmoother.state_dict` stores; a dict is taken as one already).
-
-    >>> schedule_state_dict(ESMDAState(iteration=1))
-    {'type': 'ESMDAState', 'iteration': 1}
-    """
-    if isinstance(state, Mapping):
-        return dict(state)
-    if dataclasses.is_dataclass(state) and not isinstance(state, type):
-        return {"type": type(state).__name__, **dataclasses.asdict(state)}
-    raise TypeError(f"schedule: expected a schedule state (dataclass) or its dict, got "
-                    f"{type(state).__name__}")
 
 
 def check_schedule(schedule: object) -> None:
