@@ -33,15 +33,14 @@ from ._types import Sink, SmootherResult, SmootherState
 from .smoother import EnsembleSmoother
 from .storage import (
     HISTORY_FORMAT,
-    History,
     Recorder,
-    check_attributes,
     check_dropped_rows,
     check_resume,
     format_of,
     read_state,
     repair,
 )
+from .storage.recorder import check_arguments
 
 __all__ = ["run"]
 
@@ -157,8 +156,8 @@ def run(
         raise ValueError("run: expected exactly one of prior=, state= or resume= (prior= "
                          f"may come with resume=), got {' and '.join(given) or 'none'}")
     _check_arguments(resume=resume, store=store, history=history, checkpoint=checkpoint,
-                     background_io=background_io, store_attrs=store_attrs, sinks=sinks,
-                     allow_changes=allow_changes)
+                     checkpoint_every=checkpoint_every, background_io=background_io,
+                     store_attrs=store_attrs, sinks=sinks, allow_changes=allow_changes)
     if resume is not None and store is None and format_of(resume) == HISTORY_FORMAT:
         store = resume  # resuming a history continues it
     if checkpoint is True and store is None:
@@ -167,7 +166,6 @@ def run(
     if history is not None and store is None:
         raise ValueError(f"history: only with store= (a history file to keep); got "
                          f"history={history!r} and store=None")
-    check_positive_int(checkpoint_every, "checkpoint_every")
     check_positive_int(max_iterations, "max_iterations")
     forwards_before = 0
     if resume is not None:
@@ -211,7 +209,7 @@ def _resume(smoother: EnsembleSmoother, model: Any, prior: torch.Tensor | None,
 
 
 def _check_arguments(*, resume: Any, store: Any, history: Any, checkpoint: Any,
-                     background_io: Any, store_attrs: Any, sinks: Any,
+                     checkpoint_every: Any, background_io: Any, store_attrs: Any, sinks: Any,
                      allow_changes: Any) -> None:
     """``TypeError``/``ValueError`` naming ``enkal.run``'s own argument (not the recorder's
     name for it) before anything is read or written."""
@@ -219,17 +217,10 @@ def _check_arguments(*, resume: Any, store: Any, history: Any, checkpoint: Any,
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise TypeError(f"{name}: expected a file path (str or os.PathLike) or None, got "
                             f"{type(value).__name__} {value!r}"[:200])
-    if history is not None and not isinstance(history, History):
-        raise TypeError(f"history: expected enkal.storage.History(...) or None, got "
-                        f"{type(history).__name__}")
-    if checkpoint is not None and not isinstance(checkpoint, (bool, str, os.PathLike)):
-        raise TypeError(f"checkpoint: expected a path, a bool or None, got "
-                        f"{type(checkpoint).__name__}")
-    for name, value in (("background_io", background_io), ("allow_changes", allow_changes)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name}: expected a bool, got {type(value).__name__} "
-                            f"{value!r}"[:200])
-    if store_attrs is not None:
-        check_attributes(store_attrs, "store_attrs")
+    check_arguments(history, checkpoint, checkpoint_every, background_io, store_attrs,
+                    background_name="background_io", attrs_name="store_attrs")
+    if not isinstance(allow_changes, bool):
+        raise TypeError(f"allow_changes: expected a bool, got {type(allow_changes).__name__} "
+                        f"{allow_changes!r}"[:200])
     if sinks is None or isinstance(sinks, (str, bytes)) or not hasattr(sinks, "__iter__"):
         raise TypeError(f"sinks: expected an iterable of sinks, got {type(sinks).__name__}")

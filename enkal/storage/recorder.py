@@ -27,7 +27,8 @@ from .journal import process_alive, writer_lock
 from .resume import read_policy
 from .schema import History
 
-__all__ = ["Recorder", "default_checkpoint_path", "check_attributes", "RESERVED_ATTRS"]
+__all__ = ["Recorder", "default_checkpoint_path", "check_arguments", "check_attributes",
+           "RESERVED_ATTRS"]
 
 
 def default_checkpoint_path(store: str | os.PathLike) -> str:
@@ -36,8 +37,11 @@ def default_checkpoint_path(store: str | os.PathLike) -> str:
     return f"{root}.ckpt{ext or '.h5'}"
 
 
-def _check_args(history: Any, checkpoint: Any, checkpoint_every: Any, background: Any,
-                attrs: Any, resume_from: Any) -> None:
+def check_arguments(history: Any, checkpoint: Any, checkpoint_every: Any, background: Any,
+                    attrs: Any, resume_from: Any = None, *, background_name: str = "background",
+                    attrs_name: str = "attrs") -> None:
+    """The checks of :class:`Recorder`'s arguments (``enkal.run`` calls them under its own
+    names for ``background`` and ``attrs``: ``background_io``, ``store_attrs``)."""
     if history is not None and not isinstance(history, History):
         raise TypeError(f"history: expected enkal.storage.History or None, got "
                         f"{type(history).__name__}")
@@ -46,9 +50,10 @@ def _check_args(history: Any, checkpoint: Any, checkpoint_every: Any, background
                         f"{type(checkpoint).__name__}")
     check_positive_int(checkpoint_every, "checkpoint_every")
     if not isinstance(background, bool):
-        raise TypeError(f"background: expected a bool, got {type(background).__name__}")
+        raise TypeError(f"{background_name}: expected a bool, got {type(background).__name__} "
+                        f"{background!r}"[:200])
     if attrs is not None:
-        check_attributes(attrs)
+        check_attributes(attrs, attrs_name)
     if resume_from is not None:
         check_positive_int(resume_from, "resume_from", minimum=0)
 
@@ -183,7 +188,7 @@ class Recorder:
                              f"path, got {checkpoint!r}")
         if path is None and history is not None:
             raise ValueError("history: only with a history path")
-        _check_args(history, checkpoint, checkpoint_every, background, attrs, resume_from)
+        check_arguments(history, checkpoint, checkpoint_every, background, attrs, resume_from)
         self.truth = _truth(truth)
         self.history = history
         #: where the checkpoint goes (None: no checkpoint file)
