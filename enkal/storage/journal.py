@@ -170,7 +170,7 @@ class Journal(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        data = os.pread(self._fd, len(view), self._pos)
+        data = _pread(self._fd, len(view), self._pos)
         n = len(data)
         view[:n] = data
         for offset, held in self._overlay:  # what was written to memory, in order
@@ -189,7 +189,7 @@ class Journal(io.RawIOBase):
             try:
                 if self._pos < self._size:  # keep what the write overwrites
                     end = min(self._pos + len(view), self._size)
-                    self._keep(self._pos, os.pread(self._fd, end - self._pos, self._pos))
+                    self._keep(self._pos, _pread(self._fd, end - self._pos, self._pos))
                 _write_all(self._fd, view, self._pos)
             except OSError as err:
                 if not is_full(err):
@@ -209,7 +209,7 @@ class Journal(io.RawIOBase):
         if self.error is not None:
             return size  # undone anyway
         if size < self._size:
-            self._keep(size, os.pread(self._fd, self._size - size, size))
+            self._keep(size, _pread(self._fd, self._size - size, size))
         os.ftruncate(self._fd, size)
         return size
 
@@ -292,11 +292,27 @@ def transaction(path: Path, *, fsync: bool = False) -> Iterator[h5py.File]:
         journal.close()
 
 
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    """``os.pread`` (with a seek and a read where the platform has none: Windows)."""
+    if hasattr(os, "pread"):
+        return os.pread(fd, n, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # pragma: no cover - not on POSIX
+    return os.read(fd, n)  # pragma: no cover
+
+
+def _pwrite(fd: int, data: Any, offset: int) -> int:
+    """``os.pwrite`` (a seek and a write where the platform has none)."""
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # pragma: no cover - not on POSIX
+    return os.write(fd, data)  # pragma: no cover
+
+
 def _write_all(fd: int, data: Any, offset: int | None) -> None:
     """Write all of ``data`` at ``offset`` (``None``: at the descriptor's position)."""
     view = memoryview(data).cast("B")
     while len(view):
-        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        n = os.write(fd, view) if offset is None else _pwrite(fd, view, offset)
         if n <= 0:  # pragma: no cover - a regular file writes or raises
             raise OSError(errno.EIO, "short write")
         view = view[n:]
