@@ -26,6 +26,7 @@ from .h5 import (
     open_read,
 )
 from .history import History, HistoryWriter
+from .journal import journal_path
 from .schema import HISTORY_FORMAT, _attr_str, _check_format, _loads
 
 
@@ -158,9 +159,13 @@ def open_dataset(path: Any, **kwargs: Any) -> Any:
     if lengths and min(lengths) < max(lengths):
         # an append was killed half-way through its metadata: h5netcdf pads the shorter
         # variables; the complete rows are the common ones
-        warnings.warn(f"{path}: the last row is incomplete (a killed append); it is left "
-                      "out here, and enkal.storage.repair(path) removes it from the file",
-                      RuntimeWarning, stacklevel=2)
+        if journal_path(path).exists():  # a writer is in the middle of a row right now
+            warnings.warn(f"{path}: a row is being written (another process is appending); "
+                          "it is left out here", RuntimeWarning, stacklevel=2)
+        else:
+            warnings.warn(f"{path}: the last row is incomplete (a killed append); it is left "
+                          "out here, and enkal.storage.repair(path) removes it from the file",
+                          RuntimeWarning, stacklevel=2)
         ds = ds.isel(iteration=slice(0, min(lengths)))
     try:
         with _read_errors(path, "an enkal history file"):  # an error names the file
