@@ -23,9 +23,8 @@ from .h5 import (
     _atomic_replace,
     _get_array,
     _put_array,
-    _read_errors,
     _temp_path,
-    open_read,
+    read_enkal,
 )
 from .journal import check_space, full_error, is_full
 from .schema import (
@@ -36,7 +35,6 @@ from .schema import (
     _attr_str,
     _attr_value,
     _check_ensemble,
-    _check_format,
     _check_rng_state,
     _int_attr,
     _json_depth_ok,
@@ -156,12 +154,9 @@ def read_state_dict(path: Any, *, device: torch.device | str | None = None) -> d
     FileNotFoundError, StorageError
     """
     path = _as_path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    with _read_errors(path, "an enkal checkpoint"), \
-            open_read(path) as f:
-        _check_format(f.attrs, path, CHECKPOINT_FORMAT)
+    with read_enkal(path, fmt=CHECKPOINT_FORMAT, missing="checkpoint",
+                    what="an enkal checkpoint") as f:
         a = {k: f.attrs[k] for k in f.attrs}
         e, p = _int_attr(a, "n_members", path), _int_attr(a, "n_parameters", path)
         if e < 0 or p < 0:

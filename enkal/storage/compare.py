@@ -17,7 +17,15 @@ import numpy as np
 
 from .._checks import cpu_numpy
 from ..errors import StorageError
-from .h5 import _as_path, _check_declared_size, _dataset, _read_errors, _unlimited, open_read
+from .h5 import (
+    _as_path,
+    _check_declared_size,
+    _dataset,
+    _read_errors,
+    _unlimited,
+    open_read,
+    read_enkal,
+)
 from .schema import (
     CHECKPOINT_FORMAT,
     HISTORY_FORMAT,
@@ -96,10 +104,8 @@ def run_differences(path: Any, smoother: Any, *, layout: Any = None,
 Difference(name='ensemble_size', recorded='4', current='8', fatal=False)]
     """
     path = _as_path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint or history file")
-    with _read_errors(path, "an enkal checkpoint or history file"), \
-            open_read(path) as f:
+    with read_enkal(path, fmt=None, missing="checkpoint or history file",
+                    what="an enkal checkpoint or history file") as f:
         fmt = _attr_str(f.attrs["enkal_format"]) if "enkal_format" in f.attrs else None
         if fmt == HISTORY_FORMAT:
             recorded = _recorded_history(f, path)

@@ -109,6 +109,19 @@ def open_read(path: Path) -> h5py.File:
         return h5py.File(path, "r", locking=False)
 
 
+@contextlib.contextmanager
+def read_enkal(path: Path, *, fmt: str | None, missing: str, what: str) -> Iterator[h5py.File]:
+    """An existing enkal file opened for reading (:func:`open_read`), its ``enkal_format``
+    checked to be ``fmt`` (``None``: unchecked): ``FileNotFoundError`` ("no such
+    ``missing``") or a :class:`StorageError` ("cannot be read as ``what``") naming it."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such {missing}")
+    with _read_errors(path, what), open_read(path) as f:
+        if fmt is not None:
+            _check_format(f.attrs, path, fmt)
+        yield f
+
+
 def _check_declared_size(ds: h5py.Dataset, name: str, path: Any, *, slack: int = 0,
                          cap: int | None = None) -> None:
     """Refuse a dataset whose declared size (shape x itemsize) exceeds what the file

@@ -16,7 +16,7 @@ import torch
 from .._types import encode_state
 from ..errors import StorageError
 from .checkpoint import _load_state, read_state_dict
-from .h5 import _as_path, _dataset, _read_errors, _unlimited, open_read, repair
+from .h5 import _as_path, _dataset, _read_errors, _unlimited, open_read, read_enkal, repair
 from .history import History
 from .schema import (
     _CPU_RNG_STATE_SIZE,
@@ -75,12 +75,9 @@ def read_history_state(path: Any, *, device: torch.device | str | None = None,
         without generator states), or no usable state row; the message names the file.
     """
     path = _as_path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such enkal history file")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    with _read_errors(path, "an enkal history file"), \
-            open_read(path) as f:
-        _check_format(f.attrs, path, HISTORY_FORMAT)
+    with read_enkal(path, fmt=HISTORY_FORMAT, missing="enkal history file",
+                    what="an enkal history file") as f:
         _check_history_file(f, path)
         v = _state_variables(f, path)
         config = _loads(_attr_str(f.attrs["config"]), "config", path) \
@@ -291,10 +288,8 @@ def format_of(path: Any) -> str | None:
         Not an HDF5 file (or a damaged one).
     """
     path = _as_path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint or history file")
-    with _read_errors(path, "an enkal checkpoint or history file"), \
-            open_read(path) as f:
+    with read_enkal(path, fmt=None, missing="checkpoint or history file",
+                    what="an enkal checkpoint or history file") as f:
         fmt = f.attrs.get("enkal_format")
         return _attr_str(fmt) if fmt is not None else None
 
