@@ -36,6 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ._checks import check_instance
 from .ensemble import ParameterLayout
 from .observations import Observations
 
@@ -299,7 +300,9 @@ class Sink(Protocol):
 
 
 def check_component(obj: object, protocol: type, name: str, expected: str) -> None:
-    """``TypeError`` naming ``name`` unless ``obj`` has the methods of ``protocol``."""
+    """``TypeError`` naming ``name`` unless ``obj`` has the methods of ``protocol`` (a class
+    where an instance belongs, ``schedule=ESMDA``, is refused with a hint)."""
+    check_instance(obj, name)
     methods = [m for m in ("init", "step", "done", "transform", "classify", "embed", "apply",
                            "evaluate", "start", "record", "close")
                if m in protocol.__dict__]

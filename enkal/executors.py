@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import check_positive_float, check_positive_int, cpu_numpy
+from ._checks import check_instance, check_positive_float, check_positive_int, cpu_numpy
 from .devices import _check_devices, run_on_devices
 from .forward import EvaluationReport, ForwardModel, check_inputs, evaluate
 
@@ -501,6 +501,7 @@ def _evaluate_block(blob: bytes, x: np.ndarray, members_per_call: int | None,
 
 
 def check_executor(executor: object) -> None:
+    check_instance(executor, "executor")
     if not callable(getattr(executor, "evaluate", None)):
         raise TypeError(
             "executor: expected InProcess(), MultiDevice(...), Dask(...) or an object with "

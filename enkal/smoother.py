@@ -53,7 +53,6 @@ from ._checks import (
     check_ensemble,
     check_finite,
     check_generator_state,
-    check_instance,
     check_iteration,
     check_members_first,
     check_positive_float,
@@ -141,9 +140,6 @@ class EnsembleSmoother:
             raise TypeError(
                 f"observations: expected enkal.Observations, got {type(observations).__name__}"
             )
-        for name, component in (("schedule", schedule), ("guard", guard),
-                                ("failure", failure), ("adapt", adapt)):
-            check_instance(component, name)
         _check_rule(rule)
         check_schedule(schedule)
         if guard is not None:
@@ -347,7 +343,6 @@ class EnsembleSmoother:
         check_bool(progress, "progress")
         check_bool(inplace, "inplace")
         executor = InProcess() if executor is None else executor
-        check_instance(executor, "executor")
         check_executor(executor)
         callbacks, sinks = _callables(callbacks), _sinks(sinks)
         if state is None:
@@ -480,7 +475,6 @@ def _sinks(sinks: Any) -> list:
         raise TypeError(f"sinks: expected an iterable of sinks, got {type(sinks).__name__}")
     out = list(sinks)
     for sink in out:
-        check_instance(sink, "sinks")
         check_component(sink, Sink, "sinks", "enkal.storage.Recorder(...)")
     return out
 

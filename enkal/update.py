@@ -66,7 +66,6 @@ from ._checks import (
     check_finite,
     check_fraction,
     check_generator,
-    check_instance,
     check_members_first,
     check_positive_float,
     check_positive_int,
@@ -142,7 +141,6 @@ class PerturbedObservations:
 
 
 def _check_rule(rule: object) -> None:
-    check_instance(rule, "rule")
     check_component(rule, UpdateRule, "rule", "SquareRoot() or PerturbedObservations()")
 
 

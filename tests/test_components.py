@@ -440,3 +440,18 @@ def test_the_network_optimizer_resumes_every_component_bit_for_bit(entry, member
     for key in ("ensemble", "mean", "rng_state"):
         assert torch.equal(a[key], b[key]), key
     assert a["schedule"] == b["schedule"]
+
+
+@pytest.mark.parametrize("kind, cls", [("rule", SquareRoot), ("schedule", ESMDA),
+                                       ("failure", Raise), ("guard", CollapseGuard)])
+def test_a_class_where_a_component_belongs_is_refused_by_every_consumer(kind, cls):
+    """``schedule=ESMDA`` (the class) is refused with a hint by the smoother and the network
+    optimizer alike: the check lives in ``check_component``, which both use."""
+    from torch import nn
+
+    with pytest.raises(TypeError, match=rf"{kind}: expected an instance, got the class "
+                                        rf"{cls.__name__}; did you mean {cls.__name__}\(\)"):
+        _smoother(kind, cls)
+    if kind != "guard":  # the optimizer's guard comes with Carry(guard=...)
+        with pytest.raises(TypeError, match=f"did you mean {cls.__name__}"):
+            enkal.EnsembleKalmanOptimizer(nn.Linear(2, 2).double(), **{kind: cls})
