@@ -1,0 +1,271 @@
+"""The architecture suite of issue #15 (enkal.models.nn: cnn, gap_cnn, mlp(layer_norm=),
+LeNet5(activation=, pool=)) and its benchmark script, bench/nn_suite.py.
+
+Weights are compared exactly (``torch.equal``): a network built by the library and one built
+by hand in the same construction order draw the same numbers from the same global seed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from enkal.models.nn import AsImage, LeNet5, cnn, gap_cnn, mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "nn_suite.py"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def n_par(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    pa, pb = list(a.parameters()), list(b.parameters())
+    return len(pa) == len(pb) and all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+
+
+# -- the architectures ----------------------------------------------------------------------
+@pytest.mark.parametrize("build, expected", [
+    (cnn, 6090),
+    (functools.partial(cnn, nn.Tanh, nn.AvgPool2d), 6090),
+    (gap_cnn, 5130),
+    (functools.partial(mlp, [64, 32, 10]), 2410),
+    (functools.partial(mlp, [64, 128, 64, 10], activation=nn.GELU, layer_norm=True), 17610),
+    (LeNet5, 61706),
+    (functools.partial(LeNet5, activation=nn.ReLU, pool=nn.MaxPool2d), 61706),
+    (functools.partial(cnn, image=12, channels=(4, 8), n_classes=3), 40 + 296 + 8 * 9 * 3 + 3),
+    (functools.partial(gap_cnn, image=12, channels=(4, 8), n_classes=3), 40 + 296 + 27),
+])
+def test_parameter_counts(build, expected):
+    assert n_par(build()) == expected
+
+
+@pytest.mark.parametrize("build", [cnn, functools.partial(cnn, nn.Tanh, nn.AvgPool2d), gap_cnn])
+@pytest.mark.parametrize("image", [8, 12])
+def test_conv_nets_take_flat_and_image_inputs(build, image):
+    torch.manual_seed(0)
+    net = build(image=image, n_classes=7)
+    x = torch.randn(5, 1, image, image)
+    out = net(x)
+    assert out.shape == (5, 7)
+    assert torch.equal(net(x.reshape(5, image * image)), out)
+
+
+@pytest.mark.parametrize("shape", [(5, 63), (5, 3, 8, 8), (5, 8, 8), (64,)])
+def test_conv_nets_refuse_other_input_shapes(shape):
+    with pytest.raises(ValueError, match=r"inputs: expected \(B, 64\) or \(B, 1, 8, 8\)"):
+        cnn()(torch.zeros(shape))
+
+
+def test_cnn_initialises_as_a_hand_built_sequential():
+    torch.manual_seed(3)
+    net = cnn()
+    torch.manual_seed(3)
+    ref = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Flatten(), nn.Linear(32 * 2 * 2, 10))
+    assert same_weights(net, ref)
+    assert [n for n, _ in net.named_parameters()] == [
+        "1.weight", "1.bias", "4.weight", "4.bias", "8.weight", "8.bias"]
+    x = torch.randn(6, 1, 8, 8)
+    assert torch.equal(net(x), ref(x))
+
+
+def test_gap_cnn_initialises_as_a_hand_built_sequential():
+    torch.manual_seed(4)
+    net = gap_cnn(nn.Tanh)
+    torch.manual_seed(4)
+    ref = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.Tanh(),
+                        nn.Conv2d(16, 32, 3, padding=1), nn.Tanh(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    assert same_weights(net, ref)
+    x = torch.randn(6, 64)
+    assert torch.equal(net(x), ref(x.reshape(6, 1, 8, 8)))
+
+
+def _old_lenet5() -> dict[str, torch.Tensor]:
+    """LeNet-5 as enkal.models.nn built it before the activation/pool arguments."""
+    features = nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten())
+    classifier = nn.Sequential(
+        nn.Linear(400, 120), nn.Tanh(), nn.Linear(120, 84), nn.Tanh(), nn.Linear(84, 10))
+    return {**{f"features.{n}": p for n, p in features.named_parameters()},
+            **{f"classifier.{n}": p for n, p in classifier.named_parameters()}}
+
+
+def test_lenet5_default_is_unchanged():
+    torch.manual_seed(11)
+    new = dict(LeNet5().named_parameters())
+    torch.manual_seed(11)
+    old = _old_lenet5()
+    assert list(new) == list(old)
+    assert all(torch.equal(new[k], old[k]) for k in old)
+    assert sum(p.numel() for p in new.values()) == 61706
+    kinds = [type(m).__name__ for m in LeNet5().modules()]
+    assert "Tanh" in kinds and "AvgPool2d" in kinds
+    assert "ReLU" not in kinds and "MaxPool2d" not in kinds
+
+
+def test_lenet5_variant_has_the_same_names_and_weights():
+    torch.manual_seed(2)
+    a = LeNet5()
+    torch.manual_seed(2)
+    b = LeNet5(activation=nn.ReLU, pool=nn.MaxPool2d)
+    assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
+    assert same_weights(a, b)
+    kinds = {type(m).__name__ for m in b.modules()}
+    assert {"ReLU", "MaxPool2d"} <= kinds and not {"Tanh", "AvgPool2d"} & kinds
+    assert b(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_mlp_defaults_unchanged():
+    torch.manual_seed(5)
+    net = mlp([64, 32, 10])
+    torch.manual_seed(5)
+    ref = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    assert same_weights(net, ref)
+    assert [n for n, _ in net.named_parameters()] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    torch.manual_seed(5)
+    assert same_weights(mlp([64, 32, 10], layer_norm=False), ref)
+
+
+def test_mlp_layer_norm_sits_before_each_hidden_activation():
+    net = mlp([64, 128, 64, 10], activation=nn.GELU, layer_norm=True)
+    assert [type(m).__name__ for m in net] == [
+        "Linear", "LayerNorm", "GELU", "Linear", "LayerNorm", "GELU", "Linear"]
+    assert net[1].normalized_shape == (128,) and net[4].normalized_shape == (64,)
+    assert net(torch.zeros(2, 64)).shape == (2, 10)
+
+
+def test_factories_are_accepted():
+    net = cnn(functools.partial(nn.LeakyReLU, 0.2))
+    assert isinstance(net[2], nn.LeakyReLU) and net[2].negative_slope == 0.2
+
+
+@pytest.mark.parametrize("build, error, match", [
+    (lambda: cnn(nn.ReLU()), TypeError, r"activation: .*instance.*pass the class"),
+    (lambda: cnn(pool=2), TypeError, r"pool: expected a module class such as nn.MaxPool2d"),
+    (lambda: cnn(nn.functional.relu), TypeError, r"activation: calling relu\(\) failed"),
+    (lambda: LeNet5(pool=lambda k: k), TypeError, r"pool: .*returning int"),
+    (lambda: LeNet5(activation="tanh"), TypeError, r"activation: expected a module class"),
+    (lambda: LeNet5(0), ValueError, r"n_classes: expected an int >= 1"),
+    (lambda: cnn(image=3), ValueError, r"image: expected an int >= 4"),
+    (lambda: cnn(image=8.0), TypeError, r"image: expected an int"),
+    (lambda: gap_cnn(image=0), ValueError, r"image: expected an int >= 1"),
+    (lambda: cnn(channels=(16,)), ValueError, r"channels: expected two ints"),
+    (lambda: gap_cnn(channels=16), TypeError, r"channels: expected two ints"),
+    (lambda: gap_cnn(channels=(16, 0)), ValueError, r"channels: expected an int >= 1"),
+    (lambda: cnn(n_classes=True), TypeError, r"n_classes: expected an int"),
+    (lambda: mlp([64, 10], layer_norm="yes"), TypeError, r"layer_norm: expected True or False"),
+    (lambda: mlp([64, 10], activation=nn.GELU()), TypeError, r"activation: .*instance"),
+    (lambda: AsImage(-1), ValueError, r"image: expected an int >= 1"),
+])
+def test_bad_arguments_are_named(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+# -- the benchmark script: helpers in process -------------------------------------------------
+@pytest.fixture
+def suite(monkeypatch):
+    """bench/nn_suite.py as a module (bench/ is not a package: its scripts import _common)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import nn_suite
+
+    return nn_suite
+
+
+def test_suite_pairs_are_the_issues(suite):
+    counts = {name: suite.n_parameters(name) for name in suite.PAIRS}
+    assert counts == {"digits/cnn-tanh-avg": 6090, "digits/cnn-relu-max": 6090,
+                      "digits/gap-relu": 5130, "digits/mlp-relu": 2410,
+                      "digits/mlp-gelu-ln": 17610, "fashion/lenet5": 61706,
+                      "fashion/lenet-relu-max": 61706}
+
+
+def test_suite_selects_pairs_by_name_or_prefix(suite):
+    assert len(suite.select_pairs(["digits"])) == 5
+    assert suite.select_pairs(["fashion/lenet5"]) == ["fashion/lenet5"]
+    assert suite.select_pairs(["digits/cnn,fashion/lenet5"]) == [
+        "digits/cnn-tanh-avg", "digits/cnn-relu-max", "fashion/lenet5"]
+    with pytest.raises(ValueError, match="--pairs: .*'mnist'"):
+        suite.select_pairs(["mnist"])
+
+
+def test_suite_defaults_key_has_no_run_specific_fields(suite):
+    text = suite.enkal_defaults()
+    assert text.startswith("EnsembleKalmanOptimizer(") and text.endswith(")")
+    assert "N_par" not in text and "N_ens" not in text and "seed=" not in text
+    assert " at 0x" not in text and suite.enkal_defaults() == text
+
+
+def test_suite_runs_file_survives_a_torn_line(suite, tmp_path, capsys):
+    settings = suite.Settings(epochs=1, train_subset=10, test_subset=10, defaults="D")
+    spec = settings.spec("digits/mlp-relu", "enkal", 0, 8)
+    path = tmp_path / "runs.jsonl"
+    path.write_text('{"pair": "digits/mlp-relu", "meth')  # a run killed while writing
+    suite.append_run(path, {**suite.asdict(spec), "accuracy": [0.1, 0.5]})
+    runs = suite.read_runs(path)
+    assert list(runs) == [suite.astuple(spec)]
+    assert "1 unreadable line(s)" in capsys.readouterr().out
+    adamw = settings.spec("digits/mlp-relu", "adamw", 0, 8)
+    assert adamw.ensemble is None and adamw.defaults is None and adamw.subset
+
+
+# -- the benchmark script: a tiny run, twice ------------------------------------------------
+def _run_suite(out: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), "--pairs", "digits/mlp-relu", "--methods", "adamw,enkal",
+           "--seeds", "0", "--epochs", "1", "--train-subset", "128", "--test-subset", "64",
+           "--ensemble", "8", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def _bench_json(stdout: str) -> dict:
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("BENCH_JSON ")
+    return json.loads(last[len("BENCH_JSON "):])
+
+
+def test_suite_smoke_run_then_cached(tmp_path):
+    first = _run_suite(tmp_path)
+    rec = _bench_json(first.stdout)
+    assert rec["bench"] == "nn_suite" and rec["trained"] == 2 and rec["cached"] == 0
+    assert rec["threads"] == 1 and rec["failed"] == 0
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in runs) == ["adamw", "enkal"]
+    assert all(len(r["accuracy"]) == 2 and r["subset"] and r["n_train"] == 128 for r in runs)
+    assert (tmp_path / "nn_suite.png").stat().st_size > 0
+    report = (tmp_path / "nn_suite.md").read_text()
+    assert "[SUBSET]" in report and "| digits/mlp-relu | 2410 | enkal (E=8) |" in report
+
+    second = _run_suite(tmp_path)
+    again = _bench_json(second.stdout)
+    assert again["trained"] == 0 and again["cached"] == 2
+    assert second.stdout.count("cached  digits/mlp-relu") == 2
+    assert not [line for line in second.stdout.splitlines() if line.startswith("trained ")]
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+    assert again["results"]["digits/mlp-relu"]["methods"]["enkal"]["final"] == \
+        rec["results"]["digits/mlp-relu"]["methods"]["enkal"]["final"]
