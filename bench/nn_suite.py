@@ -45,6 +45,10 @@ seeds; a verdict is printed only for that configuration, otherwise ``n/a`` with 
 until the median final accuracy reaches AdamW's median final, and reports the smallest such
 ``E`` ("not reached up to E_max" otherwise; larger ``E`` are not run once one reaches).
 
+Cost on one thread (an estimate from the step times of ``docs/nn.md`` and ``--quick``): a
+Fashion-MNIST run of enkal or hybrid is 705 steps of ~1.2 s, ~15 min, so the two fashion
+pairs take ~3 h for 3 seeds; the five digits pairs ~15 min together.
+
 Results are kept run by run: each finished run (pair, method, seed, ``E``, epochs, batch,
 training / test set sizes and, for enkal and hybrid, the defaults' ``repr``) is appended as
 one JSON line to ``OUT/runs.jsonl`` (flushed and fsynced), and a later invocation with the
@@ -309,45 +313,61 @@ def make_step(method: str, net: nn.Module, ensemble: int | None,
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
 
 
-def train(spec: Spec) -> dict:
+class Progress:
+    """A line at most every ``PROGRESS_EVERY_S`` seconds while a run trains (a Fashion-MNIST
+    epoch of enkal takes many minutes on one thread)."""
+
+    def __init__(self, spec: Spec, steps_per_epoch: int) -> None:
+        self.spec, self.steps_per_epoch = spec, steps_per_epoch
+        self.last = time.perf_counter()
+
+    def __call__(self, epoch: int, steps_done: int, train_s: float, acc: float | None) -> None:
+        if time.perf_counter() - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = time.perf_counter()
+        where = (f"epoch {epoch} done: test acc {acc:.4f}" if acc is not None
+                 else f"epoch {epoch}, step {steps_done}/{self.steps_per_epoch}")
+        print(f"  {self.spec.label()}: {where}, train {train_s:.1f} s", flush=True)
+
+
+def train(spec: Spec, commit: str | None) -> dict:
     """Train one network with one method; the record appended to ``runs.jsonl``."""
     xtr, ytr, xte, yte = load(PAIRS[spec.pair].dataset, spec.n_train, spec.n_test)
+    if (xtr.shape[0], xte.shape[0]) != (spec.n_train, spec.n_test):
+        raise RuntimeError(f"{spec.pair}: the data has {xtr.shape[0]} training / "
+                           f"{xte.shape[0]} test images, the suite expected {spec.n_train} / "
+                           f"{spec.n_test} (DATASETS is out of date)")
     torch.manual_seed(spec.seed)
     net = PAIRS[spec.pair].build()
     step = make_step(spec.method, net, spec.ensemble, spec.seed)
     order = torch.Generator().manual_seed(1000 + spec.seed)
+    progress = Progress(spec, math.ceil(spec.n_train / spec.batch))
     acc, wall, step_times = [accuracy(net, xte, yte)], [0.0], []
-    last_print = time.perf_counter()
     for epoch in range(1, spec.epochs + 1):
-        perm = torch.randperm(xtr.shape[0], generator=order)
-        for i in range(0, xtr.shape[0], spec.batch):
+        perm = torch.randperm(spec.n_train, generator=order)
+        for k, i in enumerate(range(0, spec.n_train, spec.batch), start=1):
             idx = perm[i:i + spec.batch]
             x, y = xtr[idx], ytr[idx]
             t = time.perf_counter()
             step(x, y)
             step_times.append(time.perf_counter() - t)
+            progress(epoch, k, sum(step_times), None)
         wall.append(sum(step_times))
         acc.append(accuracy(net, xte, yte))
-        if time.perf_counter() - last_print > PROGRESS_EVERY_S and epoch < spec.epochs:
-            last_print = time.perf_counter()
-            print(f"  {spec.label()} epoch {epoch}: test acc {acc[-1]:.4f}, "
-                  f"train {wall[-1]:.1f} s", flush=True)
+        progress(epoch, 0, wall[-1], acc[-1])
     return {**asdict(spec), "subset": spec.subset, "n_par": n_parameters(spec.pair),
             "accuracy": acc, "wall_s": wall, "steps": len(step_times),
             "step_s_median": statistics.median(step_times), **environment(),
-            "enkal_commit": COMMIT, "load_average": os.getloadavg()[0],
+            "enkal_commit": commit, "load_average": os.getloadavg()[0],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-COMMIT: str | None = None  # set by main()
 
 
 class Store:
     """The runs of ``OUT/runs.jsonl``: returns a run from there, or trains and appends it
     (unless ``report_only``), counting what it did."""
 
-    def __init__(self, path: Path, *, report_only: bool) -> None:
-        self.path, self.report_only = path, report_only
+    def __init__(self, path: Path, *, report_only: bool, commit: str | None) -> None:
+        self.path, self.report_only, self.commit = path, report_only, commit
         self.runs = read_runs(path)
         self.counts = {"trained": 0, "cached": 0, "missing": 0, "failed": 0}
         self.missing: dict[tuple, list[int]] = {}  # (pair, method, E) -> seeds
@@ -375,7 +395,7 @@ class Store:
 
     def _train(self, spec: Spec, key: tuple) -> dict | None:
         try:
-            rec = train(spec)
+            rec = train(spec, self.commit)
         except Exception as err:  # one failed run must not stop hours of others
             print(f"FAILED  {spec.label()}: {type(err).__name__}: {err}", flush=True)
             traceback.print_exc(limit=3)
@@ -579,7 +599,7 @@ def reach_table(rows: list[dict], args: argparse.Namespace) -> list[str]:
 def machine_lines(store: Store) -> list[str]:
     """The reporting process's machine and, counted, those the reported runs were made on."""
     env = environment()
-    lines = [f"- this process: enkal {env['enkal']} (commit {COMMIT}), torch {env['torch']}, "
+    lines = [f"- this process: enkal {env['enkal']} (commit {store.commit}), torch {env['torch']}, "
              f"python {env['python']}, {env['threads']} thread(s), {env['machine']}; load "
              f"average {os.getloadavg()[0]:.1f}"]
     made: dict[str, int] = {}
@@ -683,8 +703,10 @@ def _plot_method(ax, method: str, runs: list[dict]):
 
 def figure_title(settings: Settings, args: argparse.Namespace, pairs: Iterable[str]) -> str:
     subset = [p for p in pairs if settings.spec(p, "adamw", 0, 0).subset]
-    return (f"AdamW vs enkal defaults (E={args.ensemble}) vs hybrid: test accuracy, median "
-            f"and range over seeds {', '.join(map(str, args.seeds))}"
+    seeds = ", ".join(map(str, args.seeds))
+    over = (f"median and range over seeds {seeds}" if len(args.seeds) > 1
+            else f"seed {seeds} (one run per method)")
+    return (f"AdamW vs enkal defaults (E={args.ensemble}) vs hybrid: test accuracy, {over}"
             + (" [SUBSET]" if subset else ""))
 
 
@@ -763,15 +785,14 @@ def _finish_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    global COMMIT
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    COMMIT = enkal_commit()
+    commit = enkal_commit()
     settings = Settings(epochs=args.epochs, train_subset=args.train_subset,
                         test_subset=args.test_subset, defaults=enkal_defaults())
-    print(f"# enkal {enkal.__version__} (commit {COMMIT}), torch {torch.__version__}, "
+    print(f"# enkal {enkal.__version__} (commit {commit}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), cpu; load average {os.getloadavg()[0]:.1f}; "
           f"out {args.out}/", flush=True)
     print(f"# enkal defaults: {settings.defaults}", flush=True)
@@ -779,7 +800,7 @@ def main(argv: list[str] | None = None) -> dict:
           + (f"; reach {args.reach}" if args.reach else "")
           + ("; report only" if args.report_only else ""), flush=True)
     t0 = time.perf_counter()
-    store = Store(args.out / RUNS_FILE, report_only=args.report_only)
+    store = Store(args.out / RUNS_FILE, report_only=args.report_only, commit=commit)
     results = run_main(store, settings, args)
     reach = run_reach(store, settings, args) if args.reach else None
     summary = summarize(results)
@@ -789,9 +810,11 @@ def main(argv: list[str] | None = None) -> dict:
     figure = args.out / FIGURE_FILE
     drawn = plot(figure, summary, results, title=figure_title(settings, args, summary),
                  ensemble=args.ensemble)
+    if not drawn:
+        figure.unlink(missing_ok=True)  # not an older selection's figure next to this report
     print("\n" + text + f"\nreport {args.out / REPORT_FILE}; figure "
           f"{figure if drawn else '(none: no runs)'}", flush=True)
-    record = {"bench": "nn_suite", **environment(), "enkal_commit": COMMIT,
+    record = {"bench": "nn_suite", **environment(), "enkal_commit": commit,
               "quick": args.quick, "report_only": args.report_only, "pairs": args.pairs,
               "methods": args.methods, "seeds": args.seeds, "ensemble": args.ensemble,
               "defaults": settings.defaults, "out": str(args.out), **store.counts,
