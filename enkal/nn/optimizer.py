@@ -317,7 +317,7 @@ class EnsembleKalmanOptimizer:
             outputs = self.net.predict(fwd, inputs)              # (E, B, n_out)
             y = task.targets(targets, outputs.shape[1], outputs.shape[2]).to(outputs.device)
             preds = task.predictions(outputs)                     # (E, N_obs)
-            obs = Observations(y, noise_std=self.noise)
+            obs = Observations(y, noise_std=task.noise_std(preds, self.noise))
             a = analyse(x, preds, obs, rule=self.rule, schedule=self.schedule,
                         schedule_states=self._schedule_states, failure=self.failure,
                         generator=self._generator, guard=None if redraw else self.guard,

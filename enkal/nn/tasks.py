@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .._checks import check_positive_float
+
 __all__ = ["Regression", "Classification"]
 
 
@@ -42,19 +44,62 @@ class Regression:
             )
         return targets.detach().reshape(-1).to(torch.float64)
 
+    def noise_std(self, predictions: torch.Tensor, noise: float) -> float:
+        """The observations' noise standard deviation: ``noise`` for every output."""
+        return noise
+
 
 @dataclass(frozen=True)
 class Classification:
-    """Class probabilities against one-hot labels.
+    r"""Class probabilities against one-hot labels.
+
+    With ``weighting="multinomial"`` (the default) the observation noise of class ``k`` of a
+    sample is ``noise * sqrt(pbar_k + floor)``, ``pbar`` the members' mean probabilities:
+    the variance of a one-hot draw from ``pbar`` (``diag(pbar) - pbar pbar^T``, whose
+    pseudo-inverse acts as ``diag(1 / pbar)`` on the zero-sum anomalies and innovations of
+    probabilities). The update is then a Gauss-Newton step on the cross-entropy in the
+    ensemble's subspace (see ``docs/nn.md``): a confidently wrong class (small ``pbar``, label
+    1) weighs much more than with ``weighting="uniform"`` (every output the same noise: least
+    squares on probabilities, whose pull vanishes where the softmax saturates).
 
     Parameters
     ----------
     probabilities : bool
         Predictions are ``softmax(outputs)`` (default; measured better than logits), else
-        the raw outputs.
+        the raw outputs (``weighting`` must then be ``"uniform"``).
+    weighting : {"multinomial", "uniform"}
+        Per-output noise from the mean probabilities (default) or one noise level.
+    floor : float
+        Added to ``pbar`` in the multinomial noise (default ``1e-3``): bounds the weight of
+        a class the ensemble gives no probability.
     """
 
     probabilities: bool = True
+    weighting: str = "multinomial"
+    floor: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("multinomial", "uniform"):
+            raise ValueError(f"Classification.weighting: expected 'multinomial' or "
+                             f"'uniform', got {self.weighting!r}")
+        if self.weighting == "multinomial" and not self.probabilities:
+            raise ValueError("Classification.weighting: 'multinomial' needs probabilities="
+                             "True (the noise is that of class probabilities); use "
+                             "weighting='uniform' with raw outputs")
+        check_positive_float(self.floor, "Classification.floor")
+
+    def noise_std(self, predictions: torch.Tensor, noise: float) -> torch.Tensor | float:
+        """The observations' noise standard deviation for predictions ``(N_ens, N_obs)``:
+        ``noise * sqrt(pbar + floor)`` per output (``(N_obs,)``, float64) with the
+        multinomial weighting, else ``noise``."""
+        if self.weighting == "uniform":
+            return noise
+        p = predictions.detach().to(torch.float64)
+        ok = torch.isfinite(p).all(dim=1)  # failed members are the failure policy's business
+        if not bool(ok.any()):
+            return noise
+        pbar = p[ok].mean(dim=0)
+        return noise * torch.sqrt(pbar.clamp_min(0) + self.floor)
 
     def predictions(self, outputs: torch.Tensor) -> torch.Tensor:
         """``(N_ens, B, C) -> (N_ens, B * C)``: softmax over classes, flattened by sample."""
