@@ -447,10 +447,16 @@ def test_relative_noise_auto_gamma_follows_the_coverage():
     assert noise.gamma_at(460, 64, 2410) == pytest.approx(3 * g0, rel=1e-12)
     assert noise.gamma_at(230, 64, 2410) == pytest.approx(3 ** 0.5 * g0, rel=1e-12)
     assert noise.gamma_at(10_000, 64, 2410) == pytest.approx(3 * g0, rel=1e-12)
-    # low coverage (LeNet-5): the floor, growing to final_gamma
+    # low coverage (LeNet-5, c = 705 * 63 / 61706 = 0.72): the floor, growing to
+    # final_gamma * c / final_coverage = 10.8 (not to 30: that stalled, issue #15)
     lenet = RelativeNoise(steps=705)
+    c = 705 * 63 / 61706
     assert lenet.initial_gamma(64, 61706) == 3.0
-    assert lenet.gamma_at(705, 64, 61706) == pytest.approx(30.0, rel=1e-12)
+    assert lenet.gamma_at(705, 64, 61706) == pytest.approx(30.0 * c / 2.0, rel=1e-12)
+    assert RelativeNoise(steps=705, final_coverage=None).gamma_at(705, 64, 61706) == \
+        pytest.approx(30.0, rel=1e-12)
+    # the default (steps=500): 3 growing to max(3 * 3, 30 * 0.51 / 2) = 9
+    assert RelativeNoise().final(64, 61706) == pytest.approx(9.0, rel=1e-12)
     # an explicit gamma ignores the shape; final_gamma=None leaves only `growth`
     fixed = RelativeNoise(gamma=2.0, growth=1.0, final_gamma=None, steps=10)
     assert fixed.gamma_at(0) == fixed.gamma_at(50) == 2.0
