@@ -485,7 +485,7 @@ def test_redraw_spread_is_kaiming_per_layer():
     for b in model.layout.blocks:
         assert bool((std[b.slice] == 0.1 * (2 / fans[b.name]) ** 0.5).all())
     # the drawn ensemble: centred on the model's parameters with that spread per layer
-    opt = EnsembleKalmanOptimizer(net, ensemble_size=4000, seed=0)
+    opt = EnsembleKalmanOptimizer(net, ensemble_size=4000, seed=0, members=Redraw(0.1))
     theta = model.flatten()
     for b in model.layout.blocks:
         cols = opt.ensemble[:, b.slice]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from enkal import EnsembleKalmanOptimizer, Observations
-from enkal.nn import Classification, RelativeNoise, RelativeNoiseState
+from enkal.nn import Classification, NeuralModel, Redraw, RelativeNoise, RelativeNoiseState
 
 
 def test_multinomial_noise_is_the_pseudo_inverse_on_zero_sum_vectors():
@@ -119,3 +119,53 @@ def test_short_digits_run_learns_faster_with_the_multinomial_weighting():
             accs.append(float((net(data.test_inputs).argmax(1) == data.test_labels)
                               .float().mean()))
     assert sorted(accs)[1] >= 0.84, accs
+
+
+class _Times(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return self.factor * x
+
+
+def test_input_scaled_redraw_divides_each_weight_by_its_inputs_rms():
+    # Redraw(scale="inputs"): weight std = spread * sqrt(2 / fan_in) / RMS(layer input) of
+    # the mean network on the batch; biases keep spread * sqrt(2 / fan_in).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), _Times(0.01), nn.Linear(6, 3))
+    model = NeuralModel(net)
+    x = 3.0 * torch.randn(32, 4)
+    with torch.no_grad():
+        h = 0.01 * torch.tanh(net[0](x))
+    scales = model.input_scales(model.flatten(), x)
+    assert scales == pytest.approx({"0.weight": float(x.square().mean().sqrt()),
+                                    "3.weight": float(h.square().mean().sqrt())}, rel=1e-5)
+    std = Redraw(spread=0.05).std(model, x, model.flatten())
+    want = {"0.weight": 0.05 * (2 / 4) ** 0.5 / scales["0.weight"],
+            "0.bias": 0.05 * (2 / 4) ** 0.5,
+            "3.weight": 0.05 * (2 / 6) ** 0.5 / scales["3.weight"],
+            "3.bias": 0.05 * (2 / 6) ** 0.5}
+    for b in model.layout.blocks:
+        torch.testing.assert_close(std[b.slice], torch.full((b.size,), want[b.name]))
+    # the Kaiming shape without a batch, and for scale="kaiming"
+    for s in (Redraw(0.05).std(model), Redraw(0.05, scale="kaiming").std(model, x,
+                                                                        model.flatten())):
+        assert float(s[model.layout.blocks[2].slice][0]) == pytest.approx(0.05 * (1 / 3) ** 0.5)
+    with pytest.raises(ValueError, match="Redraw.scale"):
+        Redraw(scale="fan_in")
+    with pytest.raises(ValueError, match="vector"):
+        model.input_scales(torch.zeros(3), x)
+
+
+def test_each_step_draws_with_the_scales_of_its_own_batch():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    opt = EnsembleKalmanOptimizer(net, ensemble_size=8, seed=0)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    mean = opt.mean
+    opt.step(x, y)
+    torch.testing.assert_close(opt._redraw_std, Redraw().std(opt.net, x, mean))
+    # the members of that step deviate from the mean by that std (8 members: loose)
+    assert opt.ensemble.shape == (8, opt.net.n_parameters)

@@ -124,32 +124,67 @@ def kaiming_std(module: nn.Module, names: Sequence[str]) -> dict[str, float]:
 class Redraw:
     """Redraw the ensemble around the current mean before every step (the default).
 
-    Each step draws ``X = m + spread * sigma_l * Z`` (``Z`` standard normal, ``sigma_l`` the
-    Kaiming std :func:`kaiming_std` of the parameter's layer, biases included), computes one
-    transform ``W`` from the members' predictions, and keeps only the new mean
-    ``m+ = (1^T W / N_ens) X``. The update is then a damped Gauss-Newton step in a fresh
-    random ``(N_ens - 1)``-dimensional subspace every step (see ``docs/nn.md``).
+    Each step draws ``X = m + std * Z`` (``Z`` standard normal), computes one transform ``W``
+    from the members' predictions, and keeps only the new mean ``m+ = (1^T W / N_ens) X``.
+    The update is then a damped Gauss-Newton step in a fresh random ``(N_ens - 1)``-
+    dimensional subspace every step (see ``docs/nn.md``). In the linear regime the step does
+    not depend on the size of ``std`` (the relative noise rescales with it), only on its
+    shape across parameters; its size sets how far from linear the members are.
+
+    ``std`` per parameter:
+
+    * ``scale="inputs"`` (the default): a weight matrix of a linear or convolution layer
+      (``<module>.weight``, at least two dimensions) gets ``spread * sigma_l / r_l``, with
+      ``sigma_l = sqrt(2 / fan_in)`` (:func:`kaiming_std`) and ``r_l`` the RMS of the
+      layer's input on the step's batch, the mean network running it (one extra forward
+      of the mean; ``NeuralModel.input_scales``; ``r_l`` floored at ``min_scale``): every
+      layer's pre-activations are perturbed by about ``spread * sqrt(2)``, in the
+      activations' own units, whatever the scale of its inputs (a head after global average
+      pooling, whose small inputs would leave its weights unexplored). Other parameters
+      (biases, LayerNorm scales) get ``spread * sigma_l``.
+    * ``scale="kaiming"``: ``spread * sigma_l`` for every parameter (the default before
+      issue #15, with ``spread=0.1``).
 
     Parameters
     ----------
     spread : float
-        Exploration scale in units of the Kaiming std (default 0.1; 0.3 and 1.0 measured
-        worse on digits).
+        Exploration scale in units of the Kaiming std (default 0.03: smaller spreads keep
+        ReLU switches and max-pool selections of the members closer to the mean's; 0.1
+        changed 7-18% of them on a ReLU CNN, ``docs/nn.md`` 1.4).
+    scale : {"inputs", "kaiming"}
+        How the spread is shaped across layers.
+    min_scale : float
+        Floor of ``r_l`` (default ``1e-3``).
     """
 
-    spread: float = 0.1
+    spread: float = 0.03
+    scale: str = "inputs"
+    min_scale: float = 1e-3
 
     def __post_init__(self) -> None:
         check_positive_float(self.spread, "Redraw.spread")
+        if self.scale not in ("inputs", "kaiming"):
+            raise ValueError(f"Redraw.scale: expected 'inputs' or 'kaiming', got "
+                             f"{self.scale!r}")
+        check_positive_float(self.min_scale, "Redraw.min_scale")
 
-    def std(self, net: NeuralModel) -> torch.Tensor:
-        """Per-parameter redraw std ``spread * sigma_l``, ``(N_par,)`` on the model's device."""
+    def std(self, net: NeuralModel, inputs: torch.Tensor | None = None,
+            mean: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-parameter redraw std, ``(N_par,)`` on the model's device. With
+        ``scale="inputs"``, ``inputs`` (a batch) and ``mean`` (``(N_par,)``) give the layers'
+        input scales; without them the Kaiming shape is used (before the first step)."""
         if not isinstance(net, NeuralModel):
             raise TypeError(f"net: expected a NeuralModel, got {type(net).__name__}")
         sig = kaiming_std(net.module, [b.name for b in net.layout.blocks])
+        scales: dict[str, float] = {}
+        if self.scale == "inputs" and inputs is not None and mean is not None:
+            scales = net.input_scales(mean, inputs)
         std = torch.empty(net.n_parameters, dtype=net.dtype, device=net.device)
         for b in net.layout.blocks:
-            std[b.slice] = self.spread * sig[b.name]
+            r = scales.get(b.name)
+            s = self.spread * sig[b.name]
+            std[b.slice] = s if r is None or not math.isfinite(r) else \
+                s / max(r, self.min_scale)
         return std
 
 

@@ -296,6 +296,48 @@ class NeuralModel:
             return results[spans[0]]
         return torch.cat([results[s] for s in spans])
 
+    def input_scales(self, vector: torch.Tensor, inputs: torch.Tensor) -> dict[str, float]:
+        """Root mean square of the input each weight tensor multiplies, for one network.
+
+        For every trainable parameter of at least two dimensions named ``<module>.weight``
+        (linear and convolution layers), the RMS over all entries of the first input of
+        ``<module>`` when the network with parameters ``vector`` ``(N_par,)`` runs on
+        ``inputs`` (one forward on ``device``, nothing written to the module). A weight
+        whose module is not called, or is not called with a floating tensor, is left out.
+        """
+        self._check_inputs(inputs)
+        if not isinstance(vector, torch.Tensor) or vector.shape != (self.n_parameters,):
+            raise ValueError(f"vector: expected a tensor of shape ({self.n_parameters},) = "
+                             f"(N_par,), got {getattr(vector, 'shape', type(vector).__name__)}")
+        module = self._replica(0)
+        owners = {b.name[:-len(".weight")]: b.name for b in self._layout.blocks
+                  if b.name.endswith(".weight") and len(b.shape) >= 2}
+        found: dict[str, torch.Tensor] = {}
+
+        def hook(key: str):
+            def record(_mod: nn.Module, args: tuple) -> None:
+                if key not in found and args and isinstance(args[0], torch.Tensor) and \
+                        args[0].is_floating_point():
+                    found[key] = args[0].detach().to(torch.float64).square().mean()
+            return record
+
+        named = dict(module.named_modules())
+        handles = [named[o].register_forward_pre_hook(hook(w)) for o, w in owners.items()
+                   if o in named]
+        x = inputs.to(self.devices[0])
+        x = x.to(self.dtype) if x.is_floating_point() else x
+        try:
+            with torch.no_grad():
+                self._call(module, vector[None].to(self.devices[0], self.dtype), x, "loop")
+        finally:
+            for h in handles:
+                h.remove()
+        if not found:
+            return {}
+        keys = list(found)
+        values = torch.stack([found[k] for k in keys]).sqrt().tolist()  # one sync
+        return dict(zip(keys, values, strict=True))
+
     def output_size(self, inputs: torch.Tensor) -> int:
         """``n_out``: the length of one sample's (flattened) output."""
         self._check_inputs(inputs)
