@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: the closing ``BENCH_JSON`` line and its file.
+"""Helpers shared by the benchmark scripts: the closing ``BENCH_JSON`` line and its file, and
+the test accuracy of a classifier (:func:`accuracy`).
 
 Every script in ``bench/`` ends its output with one line ``BENCH_JSON {...}`` (compact JSON,
 floats rounded) so that results can be collected by grepping logs; ``--json FILE`` also
@@ -15,7 +16,7 @@ import tempfile
 
 import torch
 
-__all__ = ["environment", "emit", "rounded"]
+__all__ = ["environment", "emit", "rounded", "accuracy"]
 
 
 def environment() -> dict:
@@ -51,3 +52,13 @@ def emit(record: dict, json_path: str | os.PathLike | None = None) -> None:
             os.unlink(tmp)
             raise
     print("BENCH_JSON " + json.dumps(rounded(record), separators=(",", ":")), flush=True)
+
+
+@torch.no_grad()
+def accuracy(net, x: torch.Tensor, y: torch.Tensor, batch: int = 2500) -> float:
+    """Test accuracy of ``net`` as plain user code computes it, ``net(x).argmax(1) == y``,
+    in batches (the ensemble optimizers write their mean into ``net``)."""
+    correct = 0
+    for i in range(0, x.shape[0], batch):
+        correct += int((net(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+    return correct / x.shape[0]

@@ -95,7 +95,7 @@ from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
 
 import torch
-from _common import emit, environment
+from _common import accuracy, emit, environment
 from torch import nn
 
 import enkal
@@ -283,13 +283,6 @@ def load(dataset: str, n_train: int, n_test: int) -> Data:
     return xtr, ytr, xte, yte
 
 
-@torch.no_grad()
-def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2500) -> float:
-    """Plain user code: the model as it is (it holds the ensemble mean)."""
-    correct = 0
-    for i in range(0, x.shape[0], batch):
-        correct += int((net(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
-    return correct / x.shape[0]
 
 
 # -- one training run -----------------------------------------------------------------------

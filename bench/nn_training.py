@@ -72,7 +72,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import emit, environment
+from _common import accuracy, emit, environment
 from torch import nn
 
 import enkal
@@ -118,13 +118,6 @@ def make_net(problem: str, sizes: list[int] | None, seed: int) -> nn.Module:
     return mlp(sizes) if problem == "digits" else LeNet5()
 
 
-@torch.no_grad()
-def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2500) -> float:
-    """Plain user code: the model as it is (it holds the ensemble mean)."""
-    correct = 0
-    for i in range(0, x.shape[0], batch):
-        correct += int((net(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
-    return correct / x.shape[0]
 
 
 def variance_snapshot_epochs(epochs: int) -> list[int]:

@@ -38,9 +38,9 @@ class EnsembleKalmanOptimizer:
     that evaluates ``model`` needs no change. Ensemble Kalman inversion as a training method
     [Kovachki2019]; the seed paper's learning [Trautner2020].
 
-    The default is the researched recipe (``docs/nn.md``): ``members=Redraw(0.1)`` (every
-    step a fresh ensemble around the mean, Kaiming-relative spread; only the new mean is
-    kept), ``rule=SquareRoot()``, ``schedule=RelativeNoise()`` (noise relative to the
+    The default is the researched recipe (``docs/nn.md``): ``members=Redraw()`` (every
+    step a fresh ensemble around the mean, each weight's spread Kaiming-relative and divided
+    by the RMS of its layer's input; only the new mean is kept), ``rule=SquareRoot()``, ``schedule=RelativeNoise()`` (noise relative to the
     predictions' spread, growing: a step-size decay; its size from the coverage of a run
     of ``steps=500`` updates: a short run gains from ``RelativeNoise(steps=...)``), and for
     class labels ``Classification()`` (probabilities with multinomial noise: a
@@ -73,7 +73,8 @@ class EnsembleKalmanOptimizer:
         initial=1.0, floor=0.1)`` is the seed paper's absolute annealing (with a floor);
         ``FixedAnnealing(factor=1.0, initial=r, floor=r)`` keeps ``rho = r``.
     members : Redraw or Carry
-        What happens to the ensemble between steps. Default ``Redraw(spread=0.1)``;
+        What happens to the ensemble between steps. Default ``Redraw()`` (``spread=0.03``,
+        ``scale="inputs"``);
         ``Carry(guard=CollapseGuard(1e-4, 1e-3))`` is classical EKI with collapse redraws.
     task : Classification, Regression or None
         How outputs and targets become predictions, observations and their noise; ``None``
