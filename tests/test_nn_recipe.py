@@ -98,13 +98,9 @@ def test_low_coverage_runs_keep_a_large_step():
         RelativeNoise(final_coverage=0.0)
 
 
-def test_short_digits_run_learns_faster_with_the_new_defaults():
-    # The README's run (digits MLP 64-32-10, E = 64, batch 64, 2 epochs = 46 updates, told
-    # its length). Seeds 0-2, CPU: the defaults of issue #15 (multinomial weighting,
-    # input-scaled redraw with spread 0.03) 0.900 / 0.892 / 0.875 (median 321 of 360 test
-    # images); the previous ones (uniform weighting, Redraw(0.1, scale="kaiming")) 0.878 /
-    # 0.822 / 0.808 (296): the threshold 0.855 (308 images) sits about 13 images from each.
-    from enkal.models.nn import mlp
+def _digits_accuracies(build, *, ensemble: int, epochs: int, shuffle: bool, **kw) -> list:
+    """Test accuracy after training ``build()`` on digits (batch 64) with the optimizer's
+    defaults (and ``kw``), seeds 0-2; shuffled batches as bench/nn_suite.py draws them."""
     from enkal.problems.datasets import load_digits
 
     data = load_digits()
@@ -112,15 +108,29 @@ def test_short_digits_run_learns_faster_with_the_new_defaults():
     accs = []
     for seed in range(3):
         torch.manual_seed(seed)
-        net = mlp([64, 32, 10])
-        opt = EnsembleKalmanOptimizer(net, ensemble_size=64, seed=seed,
-                                      schedule=RelativeNoise(steps=2 * -(-len(x) // 64)))
-        for _ in range(2):
+        net = build()
+        opt = EnsembleKalmanOptimizer(net, ensemble_size=ensemble, seed=seed, **kw)
+        g = torch.Generator().manual_seed(1000 + seed)
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=g) if shuffle else torch.arange(len(x))
             for i in range(0, len(x), 64):
-                opt.step(x[i:i + 64], y[i:i + 64])
+                opt.step(x[order[i:i + 64]], y[order[i:i + 64]])
         with torch.no_grad():
             accs.append(float((net(data.test_inputs).argmax(1) == data.test_labels)
                               .float().mean()))
+    return accs
+
+
+def test_short_digits_run_learns_faster_with_the_new_defaults():
+    # The README's run (digits MLP 64-32-10, E = 64, batch 64, 2 epochs = 46 updates, told
+    # its length). Seeds 0-2, CPU: the defaults of issue #15 (multinomial weighting,
+    # input-scaled redraw with spread 0.03) 0.900 / 0.892 / 0.875 (median 321 of 360 test
+    # images); the previous ones (uniform weighting, Redraw(0.1, scale="kaiming")) 0.878 /
+    # 0.822 / 0.808 (296): the threshold 0.855 (308 images) sits about 13 images from each.
+    from enkal.models.nn import mlp
+
+    accs = _digits_accuracies(lambda: mlp([64, 32, 10]), ensemble=64, epochs=2,
+                              shuffle=False, schedule=RelativeNoise(steps=46))
     assert sorted(accs)[1] >= 0.855, accs
 
 
@@ -183,21 +193,6 @@ def test_the_relu_cnn_pair_learns_with_the_defaults():
     # final_coverage=None) 0.825 / 0.733 / 0.800 (288): the threshold 0.825 (297 images)
     # sits 8-9 images from each. About 10 s on one thread.
     from enkal.models.nn import cnn
-    from enkal.problems.datasets import load_digits
 
-    data = load_digits()
-    x, y = data.train_inputs, data.train_labels
-    accs = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        net = cnn()
-        opt = EnsembleKalmanOptimizer(net, ensemble_size=32, seed=seed)
-        g = torch.Generator().manual_seed(1000 + seed)
-        for _ in range(4):
-            perm = torch.randperm(len(x), generator=g)
-            for i in range(0, len(x), 64):
-                opt.step(x[perm[i:i + 64]], y[perm[i:i + 64]])
-        with torch.no_grad():
-            accs.append(float((net(data.test_inputs).argmax(1) == data.test_labels)
-                              .float().mean()))
+    accs = _digits_accuracies(cnn, ensemble=32, epochs=4, shuffle=True)
     assert sorted(accs)[1] >= 0.825, accs
