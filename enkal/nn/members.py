@@ -169,13 +169,17 @@ class Redraw:
         check_positive_float(self.min_scale, "Redraw.min_scale")
 
     def std(self, net: NeuralModel, inputs: torch.Tensor | None = None,
-            mean: torch.Tensor | None = None) -> torch.Tensor:
+            mean: torch.Tensor | None = None, *,
+            kaiming: dict[str, float] | None = None) -> torch.Tensor:
         """Per-parameter redraw std, ``(N_par,)`` on the model's device. With
         ``scale="inputs"``, ``inputs`` (a batch) and ``mean`` (``(N_par,)``) give the layers'
-        input scales; without them the Kaiming shape is used (before the first step)."""
+        input scales; without them the Kaiming shape is used (before the first step).
+        ``kaiming``: :func:`kaiming_std` of the network's blocks, if already computed (it
+        depends on the shapes only; the optimizer computes it once)."""
         if not isinstance(net, NeuralModel):
             raise TypeError(f"net: expected a NeuralModel, got {type(net).__name__}")
-        sig = kaiming_std(net.module, [b.name for b in net.layout.blocks])
+        sig = kaiming_std(net.module, [b.name for b in net.layout.blocks]) \
+            if kaiming is None else kaiming
         scales: dict[str, float] = {}
         if self.scale == "inputs" and inputs is not None and mean is not None:
             scales = net.input_scales(mean, inputs)
