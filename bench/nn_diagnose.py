@@ -149,10 +149,13 @@ def report(rec: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", nargs="+", default=list(DEFAULT_PAIRS))
-    ap.add_argument("--ensemble", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=5, help="training before 'trained'")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pairs", nargs="+", default=list(DEFAULT_PAIRS),
+                    help="digits pairs of bench/nn_suite.py (default: all five)")
+    ap.add_argument("--ensemble", type=int, default=64, help="N_ens (default 64)")
+    ap.add_argument("--epochs", type=int, default=5, help="epochs of training with the defaults before the 'trained' "
+                    "measurements (default 5)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1; 0: torch's default)")
     args = ap.parse_args(argv)
     bad = [p for p in args.pairs if p not in PAIRS or not p.startswith("digits/")]
     if bad:

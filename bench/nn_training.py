@@ -118,8 +118,6 @@ def make_net(problem: str, sizes: list[int] | None, seed: int) -> nn.Module:
     return mlp(sizes) if problem == "digits" else LeNet5()
 
 
-
-
 def variance_snapshot_epochs(epochs: int) -> list[int]:
     return sorted({0, 1, max(1, epochs // 4), max(1, epochs // 2), epochs})
 
