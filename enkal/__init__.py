@@ -14,8 +14,9 @@ The public API (a contract: docs and external checks use these names):
 * structure adaptation: :class:`StructureAdaptation` with :class:`MutualInformation` or
   :class:`Significance` or :class:`Saliency`; :func:`mutual_information`, :func:`prune_mask`,
   :func:`remove_dead_units`
+* priors in physical units: :func:`constrained_gaussian`, :func:`prior_ensemble`
 * storage: :func:`save`, :func:`open`, :func:`to_xarray`, :class:`History`
-  (``docs/schema.md``)
+  (``docs/schema.md``); :func:`to_inference_data` (ArviZ)
 """
 
 from ._version import __version__  # noqa: F401 - enkal.__version__
@@ -33,6 +34,7 @@ from .errors import (
 from .executors import Dask, InProcess, MultiDevice
 from .failures import IgnoreFailed, Raise, ResampleFailed
 from .forward import CallableModel, ForwardModel, evaluate
+from .inference import to_inference_data
 from .information import mutual_information, prune_mask, remove_dead_units
 from .nn import (
     Carry,
@@ -46,6 +48,7 @@ from .nn import (
     Sections,
 )
 from .observations import Observations
+from .priors import PriorBlock, constrained_gaussian, prior_ensemble
 from .runner import run
 from .schedule import ESMDA, DataMisfitController, FixedAnnealing
 from .smoother import EnsembleSmoother, SmootherResult, SmootherState, StepInfo
@@ -99,6 +102,10 @@ __all__ = [
     "run",
     "save",
     "to_xarray",
+    "to_inference_data",
+    "constrained_gaussian",
+    "prior_ensemble",
+    "PriorBlock",
     # neural networks (docs/nn.md)
     "Classification",
     "EnsembleKalmanOptimizer",

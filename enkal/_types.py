@@ -136,7 +136,11 @@ class SmootherResult:
     smoother : EnsembleSmoother
         The configuration that produced it.
     predictions : Tensor or None
-        The predictions of the last forward (of the ensemble before the last update).
+        The predictions of the last forward of the loop (of the ensemble before the last
+        update: what the last update assimilated).
+    predictive : Tensor or None
+        The predictions of the final ensemble, ``G(physical)`` ``(N_ens, N_obs)``: the
+        posterior predictive (``run(..., predictive=True)``; NaN rows for failed members).
     stopped_by : str
         ``"schedule"``, ``"max_iterations"``, ``"tolerance"`` or ``"callback"``.
     """
@@ -148,6 +152,7 @@ class SmootherResult:
     smoother: Any
     predictions: torch.Tensor | None = None
     stopped_by: str = ""
+    predictive: torch.Tensor | None = None
 
     @property
     def parameters(self) -> torch.Tensor:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ._checks import check_ensemble, check_positive_int
+from ._checks import check_bool, check_ensemble, check_positive_int
 from ._types import Sink, SmootherResult, SmootherState
 from .smoother import EnsembleSmoother
 from .storage import (
@@ -42,7 +42,10 @@ from .storage import (
 )
 from .storage.recorder import check_arguments
 
-__all__ = ["run"]
+__all__ = ["run", "PREDICTIVE_MAX_OUTPUTS"]
+
+#: :func:`run` stores the posterior predictive by default up to this many observations
+PREDICTIVE_MAX_OUTPUTS = 10_000
 
 
 def run(
@@ -62,6 +65,7 @@ def run(
     sinks: Iterable[Sink] = (),
     max_iterations: int = 100,
     allow_changes: bool = False,
+    predictive: bool | None = None,
     **loop: Any,
 ) -> SmootherResult:
     """Run ``smoother`` on ``model``, streaming the run to an HDF5 file, or resuming one.
@@ -139,6 +143,11 @@ def run(
         another schedule...), or although ``max_iterations`` drops rows the history holds
         beyond it; a ``RuntimeWarning`` names what differs (or the rows dropped). Another
         parameter layout or number of observations is refused regardless.
+    predictive : bool, optional
+        Evaluate the final ensemble once more after the run (``N_ens`` forwards): the
+        posterior predictive, ``result.predictive``, stored at the final row of ``store``
+        (``predictions``, stored bit 2) unless ``History(predictive=False)``. Default: on
+        when there are at most :data:`PREDICTIVE_MAX_OUTPUTS` (10,000) observations.
     **loop
         The rest of :meth:`EnsembleSmoother.run`'s arguments (``tolerance``, ``executor``,
         ``callbacks``, ``progress``, ``inplace``).
@@ -167,6 +176,9 @@ def run(
         raise ValueError(f"history: only with store= (a history file to keep); got "
                          f"history={history!r} and store=None")
     check_positive_int(max_iterations, "max_iterations")
+    if predictive is None:
+        predictive = smoother.observations.size <= PREDICTIVE_MAX_OUTPUTS
+    check_bool(predictive, "predictive")
     forwards_before = 0
     if resume is not None:
         state = _resume(smoother, model, prior, resume, store=store, attrs=store_attrs,
@@ -183,7 +195,7 @@ def run(
             resume_from=state.iteration if resume is not None else None,
             forwards_before=forwards_before))
     return smoother.run(model, state=state, sinks=[*recorders, *sinks],
-                        max_iterations=max_iterations, **loop)
+                        max_iterations=max_iterations, predictive=predictive, **loop)
 
 
 def _resume(smoother: EnsembleSmoother, model: Any, prior: torch.Tensor | None,

@@ -78,6 +78,7 @@ from .executors import InProcess, check_executor
 from .failures import FailurePolicy, ResampleFailed, check_policy
 from .forward import ForwardModel
 from .observations import Observations
+from .priors import check_prior_scale
 from .schedule import DataMisfitController, check_schedule
 from .update import SquareRoot, UpdateRule, _check_rule
 
@@ -291,6 +292,7 @@ class EnsembleSmoother:
         sinks: Iterable[Sink] = (),
         progress: bool = False,
         inplace: bool = False,
+        predictive: bool = False,
         **runner_only: Any,
     ) -> SmootherResult:
         """Iterate forward and update until the schedule is done or a limit is reached.
@@ -324,6 +326,10 @@ class EnsembleSmoother:
             Update the ensemble in place (after the first update, which never writes to the
             caller's prior), through an ``(N_ens, chunk_size)`` buffer: the memory-bounded
             path for huge ``N_par``. By default two ensemble buffers alternate (faster).
+        predictive : bool
+            Evaluate the final ensemble once more after the run: ``result.predictive``,
+            the posterior predictive (its ``N_ens`` forwards are not in ``n_forwards``, so
+            resumed runs add up), also to sinks with a ``predictive(state, predictions)``.
 
         Every argument is checked before the first forward, naming it: ``TypeError`` for a
         wrong type (``tolerance="x"``, ``progress=1``, ``callbacks=None``, a class for
@@ -342,6 +348,7 @@ class EnsembleSmoother:
         check_positive_float(tolerance, "tolerance", allow_zero=True, allow_none=True)
         check_bool(progress, "progress")
         check_bool(inplace, "inplace")
+        check_bool(predictive, "predictive")
         executor = InProcess() if executor is None else executor
         check_executor(executor)
         callbacks, sinks = _callables(callbacks), _sinks(sinks)
@@ -358,10 +365,12 @@ class EnsembleSmoother:
                 f"prior: expected {model.layout.size} columns (the model's N_par), got shape "
                 f"{tuple(state.parameters.shape)}"
             )
+        if state.iteration == 0:
+            check_prior_scale(model.layout, state.parameters)
         if progress:
             sinks.append(_ProgressLine())
         return _Loop(self, model, executor, callbacks, sinks, max_iterations=max_iterations,
-                     tolerance=tolerance, inplace=inplace).run(state)
+                     tolerance=tolerance, inplace=inplace, predictive=predictive).run(state)
 
     def _check_model(self, model: Any) -> None:
         if not isinstance(model, ForwardModel):
@@ -484,7 +493,7 @@ class _Loop:
 
     def __init__(self, smoother: EnsembleSmoother, model: ForwardModel, executor: Any,
                  callbacks: list, sinks: list, *, max_iterations: int,
-                 tolerance: float | None, inplace: bool) -> None:
+                 tolerance: float | None, inplace: bool, predictive: bool = False) -> None:
         self.smoother = smoother
         self.model = model
         self.executor = executor
@@ -493,6 +502,8 @@ class _Loop:
         self.max_iterations = max_iterations
         self.tolerance = tolerance
         self.inplace = inplace
+        self.predictive = predictive
+        self.final_predictions: torch.Tensor | None = None
         self.log: dict[str, list] = {}
         self.n_forwards = 0
         self.predictions: torch.Tensor | None = None
@@ -508,6 +519,8 @@ class _Loop:
                 sink.start(start)
                 started.append(sink)
             state = self._iterate(state)
+            if self.predictive:
+                self._predict(state, started)
         except BaseException as err:
             error = err
             raise
@@ -516,7 +529,20 @@ class _Loop:
                                        n_forwards=self.n_forwards, error=error))
         return SmootherResult(state=state, layout=self.model.layout, history=self.log,
                               n_forwards=self.n_forwards, smoother=self.smoother,
-                              predictions=self.predictions, stopped_by=self.stopped_by)
+                              predictions=self.predictions, stopped_by=self.stopped_by,
+                              predictive=self.final_predictions)
+
+    def _predict(self, state: SmootherState, sinks: list) -> None:
+        """The posterior predictive: one forward of the final ensemble, to the sinks."""
+        preds, ok = self.executor.evaluate(self.model,
+                                           self.model.layout.to_physical(state.parameters))
+        preds = preds.clone()
+        preds[~ok] = float("nan")  # a failed member has no prediction
+        self.final_predictions = preds
+        for sink in sinks:
+            hook = getattr(sink, "predictive", None)
+            if callable(hook):
+                hook(state, preds)
 
     def _iterate(self, state: SmootherState) -> SmootherState:
         smoother, layout = self.smoother, self.model.layout

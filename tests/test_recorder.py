@@ -138,8 +138,9 @@ def test_recorder_writes_the_files_of_run(case, background, tmp_path, monkeypatc
     if isinstance(own, str):
         run_kw = {**run_kw, "checkpoint": f"run/{own}"}
         rec_kw = {**rec_kw, "checkpoint": f"rec/{own}"}
+    # predictive=False: the Recorder driven by hand below gets no posterior predictive
     result = enkal.run(smoother, model, _prior(), store="run/h.h5", background_io=background,
-                       **run_kw)
+                       predictive=False, **run_kw)
     state = _drive(smoother, model, Recorder("rec/h.h5", background=background, **rec_kw),
                    smoother.init(_prior()), max_iterations=limit)
     assert torch.equal(state.parameters, result.parameters)
@@ -204,7 +205,7 @@ def test_recorder_with_masks_from_structure_adaptation(background, tmp_path):
     model = _model()
     policy = History(every=2, predictions=True)
     enkal.run(smoother, model, _prior(), store=tmp_path / "run.h5", history=policy,
-              background_io=background)
+              background_io=background, predictive=False)  # (as the Recorder below)
     _drive(smoother, model, Recorder(tmp_path / "rec.h5", history=policy,
                                      background=background), smoother.init(_prior()))
     with h5py.File(tmp_path / "rec.h5") as f:
@@ -221,13 +222,15 @@ def test_recorder_continues_a_history_as_run_resume_does(policy, tmp_path):
     # with a policy: the first run's last row holds no state, so it resumes from row 3
     kw = {} if policy is None else {"history": History(every=3, final=False,
                                                        predictions=True)}
-    enkal.run(smoother, model, _prior(), store=tmp_path / "run.h5", max_iterations=4, **kw)
+    enkal.run(smoother, model, _prior(), store=tmp_path / "run.h5", max_iterations=4,
+              predictive=False, **kw)
     shutil.copy(tmp_path / "run.h5", tmp_path / "rec.h5")
     shutil.copy(tmp_path / "run.ckpt.h5", tmp_path / "rec.ckpt.h5")
     # with a policy the last row holds no state: its recomputation is announced
     with (pytest.warns(RuntimeWarning, match="dropping and recomputing row 4")
           if policy is not None else contextlib.nullcontext()):
-        enkal.run(smoother, model, resume=tmp_path / "run.h5", history=policy)
+        enkal.run(smoother, model, resume=tmp_path / "run.h5", history=policy,
+                  predictive=False)
     state = storage.read_state(tmp_path / "rec.h5", smoother, store=tmp_path / "rec.h5")
     assert state.iteration == (4 if policy is None else 3)
     # enkal.run counts the forwards behind the resumed state too (N_ens per update)

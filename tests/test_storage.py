@@ -190,11 +190,11 @@ def test_history_every_n_with_predictions(tmp_path):
 def test_history_final_only(tmp_path):
     smoother, model = _smoother(), _model()
     path = tmp_path / "h.h5"
-    writer = _writer(path, smoother, model, storage.History(every=None))
+    writer = _writer(path, smoother, model, storage.History(every=None, predictive=False))
     state = _loop(writer, smoother, model, smoother.init(_prior()), 5)
     with storage.open(path) as ds:
         assert ds.stored.values.tolist() == [0, 0, 0, 0, 0, 4 | 1]
-        assert "predictions" not in ds
+        assert "predictions" not in ds  # neither the rows' nor the posterior predictive
         assert torch.equal(torch.from_numpy(ds.parameters.values[-1]), state.parameters)
         assert ds.attrs["complete"] == 0  # not closed: an interrupted or running run
 

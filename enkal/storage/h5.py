@@ -24,6 +24,7 @@ from .schema import (
     _INT_MISSING,
     _ROW_CHUNK,
     _STATE_VARIABLES,
+    _STORED_MASK,
     _STORED_PARAMETERS,
     _STORED_PREDICTIONS,
     _STORED_STATE,
@@ -175,10 +176,23 @@ def _create_structure(nc: h5netcdf.File, *, layout: Any, observations: Any,
     v = nc.create_variable("parameters", ("iteration", "member", "parameter"), dtype,
                            chunks=(1, _member_block(e, p * itemsize, chunk_bytes), p),
                            fillvalue=np.nan, **filters)
-    v.attrs["long_name"] = "ensemble X in the unconstrained space"
+    physical = not layout.is_unconstrained
+    v.attrs["long_name"] = "ensemble X in the unconstrained space (what the smoother updates)"
     v.attrs["space"] = "unconstrained"
-    v.attrs["comment"] = ("physical values: ParameterLayout.from_dict(json.loads("
-                          "attrs['layout'])).to_physical(X); NaN where stored bit 1 is 0")
+    v.attrs["comment"] = (
+        "physical values (the model's parameters): variable parameters_physical; NaN where "
+        "stored bit 1 is 0" if physical else
+        "every constraint is the identity: these are also the physical values; NaN where "
+        "stored bit 1 is 0")
+    if physical:
+        v = nc.create_variable("parameters_physical", ("iteration", "member", "parameter"),
+                               dtype, chunks=(1, _member_block(e, p * itemsize, chunk_bytes), p),
+                               fillvalue=np.nan, **filters)
+        v.attrs["long_name"] = "ensemble in physical units (the model's parameter values)"
+        v.attrs["space"] = "physical"
+        v.attrs["comment"] = ("the layout's constraints applied to parameters (exp for "
+                              "Positive, low + (high - low) sigmoid for Bounded); NaN where "
+                              "stored bit 1 is 0")
     if predictions:
         v = nc.create_variable("predictions", ("iteration", "member", "output"), dtype,
                                chunks=(1, _member_block(e, m * itemsize, chunk_bytes), m),
@@ -186,9 +200,10 @@ def _create_structure(nc: h5netcdf.File, *, layout: Any, observations: Any,
         v.attrs["long_name"] = "predictions G(phi) of the ensemble of the same iteration"
         v.attrs["comment"] = "NaN where stored bit 2 is 0"
     v = nc.create_variable("stored", ("iteration",), "i1", chunks=(_ROW_CHUNK,))
-    v.attrs["long_name"] = "what the row holds"
-    v.attrs["flag_masks"] = np.array([_STORED_PARAMETERS, _STORED_PREDICTIONS], np.int8)
-    v.attrs["flag_meanings"] = "parameters predictions"
+    v.attrs["long_name"] = "what the row holds (a sum of flags)"
+    v.attrs["flag_masks"] = np.array([_STORED_PARAMETERS, _STORED_PREDICTIONS, _STORED_STATE,
+                                      _STORED_MASK], np.int8)
+    v.attrs["flag_meanings"] = "parameters predictions state state_mask"
     for name, kind in kinds.items():
         _create_diagnostic(nc, name, kind, 0)
     nc.create_variable("observations", ("output",), "f8",
@@ -300,26 +315,23 @@ def _write_row(f: h5py.File, row: int, iteration: int, flags: int, params: np.nd
                values: Mapping[str, Any], kinds: Mapping[str, str],
                prev_predictions: np.ndarray | None, prev_flags: int,
                mask: np.ndarray | None, unlimited: Sequence[str],
-               state: _StateRow | None = None) -> None:
+               state: _StateRow | None = None, physical: np.ndarray | None = None) -> None:
     """Extend every ``iteration`` variable by one row and fill it (one open file);
-    ``state`` for a row that holds the whole smoother state."""
+    ``state`` for a row that holds the whole smoother state, ``physical`` the row's
+    ``parameters_physical`` (files that have that variable)."""
     ds = {name: h5py.h5d.open(f.id, name.encode()) for name in unlimited}
     for did in ds.values():
         did.set_extent((row + 1,) + did.shape[1:])
     # the big arrays first: they go to fresh space; metadata is written when f closes
     if params is not None:
         _put_ensemble(ds["parameters"], row, params)
+    if physical is not None:
+        _put_ensemble(ds["parameters_physical"], row, physical)
     if prev_predictions is not None and row > 0:
         _put_ensemble(ds["predictions"], row - 1, prev_predictions)
         _put(ds["stored"], row - 1, prev_flags | _STORED_PREDICTIONS)
     if state is not None:
-        _put(ds["rng_state"], row, state.rng)
-        _put(ds["schedule_state"], row, state.schedule)
-        if state.mask is not None:
-            _put(ds["state_mask"], row, state.mask)
-        if state.adapt is not None:
-            _put(ds["adapt_state"], row, state.adapt)
-        _put(ds["state_checksum"], row, np.uint64(state.checksum))
+        _put_state(ds, row, state)
     _put(ds["iteration"], row, iteration)
     _put(ds["stored"], row, flags)
     for name, kind in kinds.items():
@@ -329,6 +341,23 @@ def _write_row(f: h5py.File, row: int, iteration: int, flags: int, params: np.nd
         _put(ds[name], row, v)
     if mask is not None:
         f["mask"][...] = mask
+
+
+def _put_predictions(f: h5py.File, row: int, predictions: np.ndarray, flags: int) -> None:
+    """The predictions of an existing row, and its ``stored`` flags."""
+    _put_ensemble(h5py.h5d.open(f.id, b"predictions"), row, predictions)
+    _put(h5py.h5d.open(f.id, b"stored"), row, flags)
+
+
+def _put_state(ds: Mapping[str, Any], row: int, state: _StateRow) -> None:
+    """The state variables of a row that holds the whole smoother state."""
+    _put(ds["rng_state"], row, state.rng)
+    _put(ds["schedule_state"], row, state.schedule)
+    if state.mask is not None:
+        _put(ds["state_mask"], row, state.mask)
+    if state.adapt is not None:
+        _put(ds["adapt_state"], row, state.adapt)
+    _put(ds["state_checksum"], row, np.uint64(state.checksum))
 
 
 def _cut_history(f: h5py.File, path: Path, *, layout: Any, n_obs: int,
@@ -487,3 +516,16 @@ def _dataset(f: h5py.File, name: str, path: Path, *, what: str = "variable") -> 
     if not isinstance(link, h5py.HardLink) or not isinstance(f[name], h5py.Dataset):
         raise StorageError(f"{path}: {name!r} is not a dataset of the file itself")
     return f[name]
+
+
+def _row_bytes(params: np.ndarray | None, predictions: np.ndarray | None,
+               state: _StateRow | None, physical: np.ndarray | None = None) -> int:
+    """Bytes one row adds to the file, about (its arrays and state; metadata is the margin
+    of :func:`~enkal.storage.journal.check_space`)."""
+    n = 0 if params is None else params.nbytes
+    n += 0 if predictions is None else predictions.nbytes
+    n += 0 if physical is None else physical.nbytes
+    if state is not None:
+        n += state.rng.nbytes + len(state.schedule) + len(state.adapt or "")
+        n += 0 if state.mask is None else state.mask.nbytes
+    return n

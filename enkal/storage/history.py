@@ -25,6 +25,8 @@ from .h5 import (
     _create_state_variables,
     _create_structure,
     _cut_history,
+    _put_predictions,
+    _row_bytes,
     _StateRow,
     _temp_path,
     _unlimited,
@@ -36,6 +38,7 @@ from .schema import (
     _RESERVED,
     _STORED_MASK,
     _STORED_PARAMETERS,
+    _STORED_PREDICTIONS,
     _STORED_STATE,
     FORMAT_VERSION,
     HISTORY_FORMAT,
@@ -170,6 +173,8 @@ class HistoryWriter:
         self._mask: np.ndarray | None = None
         self._unlimited: list[str] = []
         self._predictions = history.predictions  # the file keeps predictions
+        # the file keeps parameters_physical (a constraint is not the identity)
+        self._physical = not layout.is_unconstrained
         self._rng_size: int | None = None  # bytes of rng_state; None: no state variables yet
         self._state_mask = False  # the file has a state_mask variable
         self._adapt_state = False  # the file has an adapt_state variable
@@ -284,6 +289,9 @@ class HistoryWriter:
         mask_np = full_mask if changed else None
         small = self._state_items(rng_state, schedule, adapt)
         params_np = cpu_numpy(parameters) if keep and parameters is not None else None
+        phys_np = None
+        if params_np is not None and parameters is not None and self._physical:
+            phys_np = cpu_numpy(self.layout.to_physical(parameters))
         state = None
         if params_np is not None and parameters is not None and small is not None:
             rng_np, sched_json, adapt_json = small
@@ -296,14 +304,42 @@ class HistoryWriter:
         if not self._created:
             assert parameters is not None  # the first row carries the ensemble (checked)
             self._create(parameters.shape[0], parameters.dtype, kinds, first=(
-                iteration, flags, params_np, values, mask_np, state))
+                iteration, flags, params_np, values, mask_np, state, phys_np))
         else:
             self._append_row(iteration, flags, params_np, values, kinds, pred_np, mask_np,
-                             state)
+                             state, phys_np)
         if mask_np is not None:
             self._mask = mask_np
         self._rows += 1
         self._last = iteration
+        self._last_flags = flags
+
+    def append_predictive(self, iteration: int, predictions: torch.Tensor) -> None:
+        """Store the predictions of the ensemble of the last row (``iteration``), i.e.
+        ``G(parameters(iteration))``: the posterior predictive of a final row. Nothing is
+        written when the file keeps no predictions (an older file, ``History(predictive=
+        False)``) or the row holds no ensemble."""
+        if self._closed:
+            raise ValueError("HistoryWriter: append_predictive after close()")
+        if not self._created or iteration != self._last:
+            raise ValueError(f"iteration: expected the last row's iteration {self._last}, "
+                             f"got {iteration!r}")
+        _check_ensemble(predictions, "predictions", columns=self.observations.size,
+                        rows=self._n_members)
+        if "predictions" not in self._unlimited or not self._last_flags & _STORED_PARAMETERS:
+            return
+        pred_np = cpu_numpy(predictions)
+        what = f"the predictive of iteration {iteration}"
+        if self.path is not None:
+            check_space(self.path, pred_np.nbytes, what=what)
+        flags = self._last_flags | _STORED_PREDICTIONS
+        try:
+            with deferred_interrupts(), self._h5("r+") as f:
+                _put_predictions(f, self._rows - 1, pred_np, flags)
+        except Exception as err:
+            if self.path is not None and is_full(err):
+                raise full_error(self.path, what, err) from err
+            raise
         self._last_flags = flags
 
     def keeps_row(self, iteration: int, *, final: bool = False) -> tuple[bool, bool]:
@@ -386,14 +422,14 @@ class HistoryWriter:
     def _append_row(self, iteration: int, flags: int, params_np: np.ndarray | None,
                     values: dict[str, Any], kinds: dict[str, str],
                     pred_np: np.ndarray | None, mask_np: np.ndarray | None,
-                    state: _StateRow | None) -> None:
+                    state: _StateRow | None, phys_np: np.ndarray | None = None) -> None:
         """Extend an existing file by one row (new diagnostics and state variables first).
 
         A row is written whole or not at all: a failing write (a full disk, an interrupt)
         is undone (:mod:`enkal.storage.journal`), and Ctrl-C waits for the row."""
         what = f"the row of iteration {iteration}"
         if self.path is not None:
-            check_space(self.path, _row_bytes(params_np, pred_np, state), what=what)
+            check_space(self.path, _row_bytes(params_np, pred_np, state, phys_np), what=what)
         try:
             with deferred_interrupts():
                 new = {k: v for k, v in kinds.items() if k not in self._diagnostics}
@@ -404,7 +440,7 @@ class HistoryWriter:
                         self._ensure_state_variables(f, state)
                     _write_row(f, self._rows, iteration, flags, params_np, values,
                                self._diagnostics, pred_np, self._last_flags, mask_np,
-                               self._unlimited, state)
+                               self._unlimited, state, phys_np)
         except Exception as err:
             if self.path is not None and is_full(err):
                 raise full_error(self.path, what, err) from err
@@ -419,7 +455,14 @@ class HistoryWriter:
         return transaction(self.path, fsync=self.fsync)
 
     def _global_attrs(self) -> dict[str, Any]:
+        from .._version import __version__
+
         attrs: dict[str, Any] = {
+            # CF-style discovery attributes (CF-1.10 section 2.6), read by generic tools
+            "Conventions": "CF-1.10",
+            "title": "enkal ensemble Kalman inversion history",
+            "source": f"enkal {__version__}",
+            "references": "the enkal documentation, docs/schema.md (this file's layout)",
             "enkal_format": HISTORY_FORMAT,
             "enkal_format_version": FORMAT_VERSION,
             **_versions(),
@@ -448,7 +491,7 @@ class HistoryWriter:
         tmp = None if self.path is None else _temp_path(self.path)
         target = self._target if tmp is None else tmp
         if self.path is not None and first is not None:
-            check_space(self.path, _row_bytes(first[2], None, first[5]),
+            check_space(self.path, _row_bytes(first[2], None, first[5], first[6]),
                         what="the first row of a new history", new=True)
         try:
             if tmp is None:
@@ -459,20 +502,21 @@ class HistoryWriter:
                                   output_names=self.output_names, n_members=self._n_members,
                                   dtype=self._dtype, filters=self.history._filters(),
                                   chunk_bytes=self.history.chunk_bytes,
-                                  predictions=self.history.predictions, kinds=kinds,
+                                  predictions=self.history.predictions or
+                                  self.history.predictive, kinds=kinds,
                                   attrs=self._global_attrs())
             self._diagnostics = dict(kinds)
-            self._unlimited = ["iteration", "parameters", "stored", *kinds]
-            if self.history.predictions:
-                self._unlimited.append("predictions")
+            self._unlimited = ["iteration", "parameters", "stored", *kinds] + \
+                ["predictions"] * (self.history.predictions or self.history.predictive) + \
+                ["parameters_physical"] * self._physical
             if first is not None:
-                iteration, flags, params_np, values, mask_np, state = first
+                iteration, flags, params_np, values, mask_np, state, phys_np = first
                 with (h5py.File(tmp, "r+", locking=False) if tmp is not None
                       else self._h5("r+")) as f:
                     if state is not None:
                         self._ensure_state_variables(f, state)
                     _write_row(f, 0, iteration, flags, params_np, values, self._diagnostics,
-                               None, 0, mask_np, self._unlimited, state)
+                               None, 0, mask_np, self._unlimited, state, phys_np)
             if tmp is not None and self.path is not None:
                 _atomic_replace(tmp, self.path, fsync=True)
         except BaseException as err:
@@ -532,7 +576,10 @@ class HistoryWriter:
                 self._last = int(its[keep - 1]) if keep else None
                 self._last_flags = int(f["stored"][keep - 1]) if keep else 0
                 self._mask = f["mask"][:].astype(np.int8)
-                self._predictions = "predictions" in f  # the file's choice stands
+                # the file's choice stands (a file with the posterior predictive only has
+                # the variable too)
+                self._predictions = "predictions" in f and self.history.predictions
+                self._physical = "parameters_physical" in f  # (older files have none)
                 self._rng_size = int(f["rng_state"].shape[1]) if "rng_state" in f else None
                 self._state_mask = "state_mask" in f
                 self._adapt_state = "adapt_state" in f
@@ -551,14 +598,3 @@ class HistoryWriter:
             ) from err
         self._created = True
 
-
-def _row_bytes(params: np.ndarray | None, predictions: np.ndarray | None,
-               state: _StateRow | None) -> int:
-    """Bytes one row adds to the file, about (its arrays and state; metadata is the margin
-    of :func:`~enkal.storage.journal.check_space`)."""
-    n = 0 if params is None else params.nbytes
-    n += 0 if predictions is None else predictions.nbytes
-    if state is not None:
-        n += state.rng.nbytes + len(state.schedule) + len(state.adapt or "")
-        n += 0 if state.mask is None else state.mask.nbytes
-    return n

@@ -292,6 +292,13 @@ class Recorder:
         preds = predictions.detach().clone() if keep_y and predictions is not None else None
         self._pending = self._pool.submit(self._write, snap, info, preds, final, checkpoint)
 
+    def predictive(self, state: Any, predictions: torch.Tensor) -> None:
+        """The posterior predictive (predictions of the final ensemble ``state``), stored at
+        its row when the history keeps predictions (``History.predictive``)."""
+        self._wait()
+        if self._writer is not None and self._writer.last_iteration == state.iteration:
+            self._writer.append_predictive(state.iteration, predictions)
+
     def close(self, end: Any) -> None:
         """Wait for the write in flight and close the history (an
         :class:`enkal._types.RunEnd`): ``stopped_by`` says how the run ended

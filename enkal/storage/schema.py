@@ -30,6 +30,7 @@ FORMAT_VERSION = 1
 #: variables of the schema; diagnostics may not take these names
 _RESERVED = frozenset({
     "iteration", "member", "parameter", "output", "output2", "parameters", "predictions",
+    "parameters_physical",
     "stored", "observations", "noise_std", "noise_chol", "mask",
     "rng_byte", "rng_state", "schedule_state", "state_mask", "state_checksum", "adapt_state",
 })
@@ -295,6 +296,10 @@ class History:
     predictions : bool
         Also keep the predictions ``(N_ens, N_obs)`` of each kept ensemble; with ``final``,
         the last forward evaluation (of the ensemble before the final update) is kept too.
+    predictive : bool
+        Keep the posterior predictive, the predictions of the final ensemble, at the final
+        row when the run computes it (:func:`enkal.run` does for up to 10,000 outputs);
+        the file then has a ``predictions`` variable even when ``predictions`` is False.
     compression : None, "gzip" or "lzf"
         HDF5 filter for the ensemble arrays (with byte shuffling). Off by default: ensembles
         are noise-like floats that compress poorly (see ``bench/storage.py``).
@@ -314,6 +319,7 @@ class History:
     every: int | None = 1
     final: bool = True
     predictions: bool = False
+    predictive: bool = True
     compression: str | None = None
     compression_level: int = 1
     chunk_bytes: int = 4 << 20
@@ -322,7 +328,7 @@ class History:
         if self.every is not None and (isinstance(self.every, bool) or
                                        not isinstance(self.every, int) or self.every < 1):
             raise ValueError(f"History.every: expected an int >= 1 or None, got {self.every!r}")
-        for name in ("final", "predictions"):
+        for name in ("final", "predictions", "predictive"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"History.{name}: expected a bool, got {getattr(self, name)!r}")
         if self.compression not in (None, "gzip", "lzf"):

@@ -59,6 +59,8 @@ def _write_result(writer: HistoryWriter, result: Any) -> None:
     if k not in its:
         writer.append(k, x, None, predictions=pred, mask=state.mask, final=True,
                       rng_state=state.rng_state, schedule=state.schedule, adapt=state.adapt)
+    if getattr(result, "predictive", None) is not None:
+        writer.append_predictive(k, result.predictive)
 
 
 def _result_writer(target: Any, result: Any, compression: str | None) -> HistoryWriter:
@@ -67,6 +69,7 @@ def _result_writer(target: Any, result: Any, compression: str | None) -> History
         target, layout=result.layout, observations=smoother.observations,
         config=smoother.config(), seed=smoother.seed,
         history=History(every=None, final=True, predictions=result.predictions is not None,
+                        predictive=getattr(result, "predictive", None) is not None,
                         compression=compression),
         attrs={"stopped_by": result.stopped_by, "n_forwards": int(result.n_forwards)},
     )
@@ -199,11 +202,12 @@ def _check_history_file(f: h5py.File, path: Path) -> None:
 def _validate_dataset(ds: Any, path: Path) -> None:
     dims = {"parameters": ("iteration", "member", "parameter"),
             "predictions": ("iteration", "member", "output"),
+            "parameters_physical": ("iteration", "member", "parameter"),
             "observations": ("output",), "noise_std": ("output",), "mask": ("parameter",),
             "stored": ("iteration",)}
     for name, want in dims.items():
         if name not in ds.variables:
-            if name == "predictions":
+            if name in ("predictions", "parameters_physical"):  # (optional)
                 continue
             raise StorageError(f"{path}: variable {name!r} missing")
         if ds[name].dims != want:
@@ -242,15 +246,22 @@ def _read_layout(ds: Any, path: Any) -> ParameterLayout:
 
 
 def physical(ds: Any) -> Any:
-    """``ds.parameters`` mapped to physical units (``ParameterLayout.to_physical``).
+    """``ds.parameters`` in physical units: the stored ``parameters_physical`` when the file
+    has it (history files whose layout has a constraint, written since the file
+    gained the variable), else
+    ``ParameterLayout.to_physical`` of ``parameters``.
 
     Loads the selected rows: select first (``physical(ds.isel(iteration=[-1]))``).
 
     Returns
     -------
     xarray.DataArray
-        Same dims and coordinates as ``ds.parameters``.
+        Same dims and coordinates as ``ds.parameters``, named ``physical``.
     """
+    if "parameters_physical" in ds.variables:
+        out = ds["parameters_physical"].load().copy()
+        out.attrs = {**ds["parameters"].attrs, "space": "physical"}
+        return out.rename("physical")
     layout = read_layout(ds)
     da = ds["parameters"]
     x = torch.from_numpy(np.ascontiguousarray(da.values))
