@@ -10,7 +10,8 @@ meaningless (members are not a Markov chain): use ``az.summary(idata, kind="stat
 Groups:
 
 * ``posterior``: the final ensemble (the last row of the history that holds one);
-* ``prior``: the ensemble of iteration 0, when stored;
+* ``prior``: the ensemble of iteration 0, when the history stored it (a file of
+  :func:`enkal.run`; not a :class:`~enkal.SmootherResult`, which keeps the final state only);
 * ``observed_data``: ``y (output)``, the observations, with ``noise_std``;
 * ``posterior_predictive``: ``y (chain, draw, output)``, the predictions of the posterior
   members (``result.predictive``; stored by :func:`enkal.run` by default, see
