@@ -536,11 +536,9 @@ class _Loop:
         """The posterior predictive: one forward of the final ensemble, to the sinks."""
         preds, ok = self.executor.evaluate(self.model,
                                            self.model.layout.to_physical(state.parameters))
-        preds = preds.clone()
-        preds[~ok] = float("nan")  # a failed member has no prediction
-        self.final_predictions = preds
-        for sink in sinks:
-            hook = getattr(sink, "predictive", None)
+        # a failed member has no prediction
+        self.final_predictions = preds = torch.where(ok[:, None], preds, float("nan"))
+        for hook in [getattr(sink, "predictive", None) for sink in sinks]:
             if callable(hook):
                 hook(state, preds)
 
