@@ -17,7 +17,7 @@ fit matches the noise):
 
 ``misfit of mean``
     the misfit of the ensemble-mean prediction, ``StepInfo.mean_misfit``;
-``avg member misfit``
+``avg member``
     the members' own misfits averaged over the successful members, ``StepInfo.misfit``
     (the larger of the two: the mean prediction averages the members' errors out);
 ``alpha``, ``spread``, ``failed``
@@ -130,6 +130,7 @@ class Progress:
     # -- the text ------------------------------------------------------------------------------
     @staticmethod
     def describe(info: StepInfo) -> str:
-        """One update's diagnostics: ``misfit of mean 1.02, avg member misfit 2.1, ...``."""
-        return (f"misfit of mean {info.mean_misfit:.4g}, avg member misfit {info.misfit:.4g}, "
-                f"alpha {info.alpha:.3g}, spread {info.spread:.3g}, failed {info.n_failed}")
+        """One update's diagnostics, short enough for a bar on an 80-column terminal:
+        ``misfit of mean 1.02, avg member 2.1, alpha 4, spread 0.049, failed 0``."""
+        return (f"misfit of mean {info.mean_misfit:.3g}, avg member {info.misfit:.3g}, "
+                f"alpha {info.alpha:.3g}, spread {info.spread:.2g}, failed {info.n_failed}")
