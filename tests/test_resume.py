@@ -275,7 +275,8 @@ def slow_run(tmp_path, monkeypatch):
 
 def test_resume_without_out_continues_the_resumed_file(slow_run, capsys):
     before = Path("slow.h5").read_bytes()
-    assert _run(slow_run, "--resume", "other.h5", "--seed", 3) == 0
+    # (without --quiet, which keeps warnings only: the first line is logged at INFO)
+    assert main(["run", str(slow_run), "--resume", "other.h5", "--seed", "3"]) == 0
     assert Path("slow.h5").read_bytes() == before  # the default output: untouched
     assert _iterations(Path("other.h5")) == list(range(13))
     assert _attrs(Path("other.h5"))["seed"] == 3
