@@ -42,9 +42,9 @@ from test_security import Exhausted, bounded
 import enkal
 from enkal import storage
 from enkal.cli import main
-from enkal.progress import Progress
 from enkal.config import load_toml
 from enkal.problems import estimation
+from enkal.progress import Progress
 
 try:
     import tomllib
