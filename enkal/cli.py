@@ -21,9 +21,9 @@ line (``enkal run: note: ...``). What the library logs (``logging.getLogger("enk
 the run's first line, a Dask cluster's start and dashboard) prints one line per message on
 stderr (``--quiet``: warnings only; ``-v``: debug lines too); the progress of ``run`` is
 :class:`enkal.progress.Progress` (a tqdm bar on a terminal, one line per update otherwise),
-its total the schedule's planned updates. The problem a configuration describes is built by the plugin
-its ``problem`` key names (default ``estimation``), found through the ``enkal.problems``
-entry points.
+its total the schedule's planned updates. The problem a configuration describes is built
+by the plugin its ``problem`` key names (default ``estimation``), found through the
+``enkal.problems`` entry points.
 
 ``--resume FILE`` continues the run FILE recorded: without ``--out``, the output is FILE
 itself when it is a history, or, for a checkpoint ``X.ckpt.h5``, the history ``X.h5`` beside
@@ -94,7 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                         "drop FILE's rows beyond --max-iterations (a note says what)")
     r.add_argument("--executor", choices=["inprocess", "dask"],
                    help="where forwards run (overrides [executor])")
-    r.add_argument("--workers", type=int, help="local Dask workers (with --executor dask)")
+    r.add_argument("--workers", type=int,
+                   help="local Dask workers (with --executor dask; started before the first "
+                        "update, within 60 s, and reported with the dashboard's address)")
     r.add_argument("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (with "
                                        "--executor dask; connected before anything is "
                                        "written, waiting at most 5 s)")
