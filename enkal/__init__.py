@@ -19,6 +19,8 @@ The public API (a contract: docs and external checks use these names):
   (``docs/schema.md``); :func:`to_inference_data` (ArviZ)
 """
 
+import logging as _logging
+
 from ._version import __version__  # noqa: F401 - enkal.__version__
 from .adapt import MutualInformation, Saliency, Significance, StructureAdaptation
 from .collapse import CollapseGuard
@@ -61,6 +63,10 @@ from .update import (
     assimilate,
     ensemble_transform,
 )
+
+# the library's loggers (enkal.cli, enkal.executors, ...) only get a NullHandler: where their
+# lines go is the application's choice (``enkal run`` prints them on stderr)
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "Bounded",

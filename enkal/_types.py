@@ -442,3 +442,26 @@ def _fits(value: Any, hint: Any) -> bool:
         return isinstance(value, hint)
     except TypeError:  # a class that refuses isinstance (a non-runtime Protocol, ...)
         return True
+
+
+def check_sinks(sinks: Any) -> list:
+    """``sinks`` as a list, each checked to be a :class:`Sink` (``TypeError`` naming it)."""
+    if isinstance(sinks, (str, bytes)) or not hasattr(sinks, "__iter__"):
+        raise TypeError(f"sinks: expected an iterable of sinks, got {type(sinks).__name__}")
+    out = list(sinks)
+    for sink in out:
+        check_component(sink, Sink, "sinks", "enkal.storage.Recorder(...)")
+    return out
+
+
+def close_sinks(sinks: list, end: RunEnd) -> None:
+    """Close every sink, in order, even when one fails; re-raise the first failure."""
+    first: BaseException | None = None
+    for sink in sinks:
+        try:
+            sink.close(end)
+        except BaseException as err:  # noqa: BLE001 - closed the others first
+            first = first or err
+    if first is not None and end.error is None:
+        raise first
+

@@ -5,9 +5,11 @@
     enkal [--debug] run CONFIG.toml [--out FILE] [--seed N] [--device D]
                           [--max-iterations N] [--resume FILE] [--allow-changes]
                           [--executor {inprocess,dask}] [--workers N]
-                          [--scheduler ADDRESS] [--quiet]
+                          [--scheduler ADDRESS] [--quiet | -v]
     enkal [--debug] info FILE
     enkal [--debug] plot FILE -o PNG
+
+``python -m enkal ...`` is the same command.
 
 Configuration errors (unknown or missing keys, bad values) and unusable command-line
 arguments (a missing ``--resume`` file, an ``--out`` in no directory, an unavailable
@@ -15,9 +17,13 @@ arguments (a missing ``--resume`` file, an ``--out`` in no directory, an unavail
 status 2, before anything is written; a run that fails exits with status 1, also with one
 line (out of memory, a disk error, an unreachable Dask scheduler, an internal error).
 ``--debug`` (before or after the command) shows the traceback instead. Warnings print as one
-line (``enkal run: note: ...``). The problem a configuration describes is built by the plugin
-its ``problem`` key names (default ``estimation``), found through the ``enkal.problems``
-entry points.
+line (``enkal run: note: ...``). What the library logs (``logging.getLogger("enkal")``:
+the run's first line, a Dask cluster's start and dashboard) prints one line per message on
+stderr (``--quiet``: warnings only; ``-v``: debug lines too); the progress of ``run`` is
+:class:`enkal.progress.Progress` (a tqdm bar on a terminal, one line per update otherwise),
+its total the schedule's planned updates. The problem a configuration describes is built
+by the plugin its ``problem`` key names (default ``estimation``), found through the
+``enkal.problems`` entry points.
 
 ``--resume FILE`` continues the run FILE recorded: without ``--out``, the output is FILE
 itself when it is a history, or, for a checkpoint ``X.ckpt.h5``, the history ``X.h5`` beside
@@ -29,52 +35,26 @@ note), and so is a ``--max-iterations`` below rows the file holds.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import math
 import os
 import sys
-import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs shipped
 
 from ._version import __version__
 from .config import load_toml
 from .errors import EnkalError
+from .progress import Progress
 
 __all__ = ["main"]
 
-
-class ProgressBar:
-    """A dependency-free progress bar (a callback for :meth:`EnsembleSmoother.run`).
-
-    On a terminal it redraws one line; otherwise (logs, CI) it prints a line per iteration.
-    """
-
-    def __init__(self, total: int, *, stream=None, width: int = 24) -> None:
-        self.total = max(int(total), 1)
-        self.stream = stream if stream is not None else sys.stderr
-        self.width = width
-        self.t0 = time.perf_counter()
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-
-    def __call__(self, state, info) -> None:
-        frac = min(info.iteration / self.total, 1.0)
-        filled = int(round(frac * self.width))
-        bar = "#" * filled + "." * (self.width - filled)
-        line = (f"[{bar}] {info.iteration}/{self.total} misfit {info.mean_misfit:.4g} "
-                f"alpha {info.alpha:.3g} spread {info.spread:.3g} failed {info.n_failed} "
-                f"{time.perf_counter() - self.t0:.1f}s")
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if info.done else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+_log = logging.getLogger(__name__)
 
 
 _DEBUG_HELP = "show the traceback of a failure instead of one line"
@@ -114,11 +94,18 @@ def _parser() -> argparse.ArgumentParser:
                         "drop FILE's rows beyond --max-iterations (a note says what)")
     r.add_argument("--executor", choices=["inprocess", "dask"],
                    help="where forwards run (overrides [executor])")
-    r.add_argument("--workers", type=int, help="local Dask workers (with --executor dask)")
+    r.add_argument("--workers", type=int,
+                   help="local Dask workers (with --executor dask; started before the first "
+                        "update, within 60 s, and reported with the dashboard's address)")
     r.add_argument("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (with "
                                        "--executor dask; connected before anything is "
                                        "written, waiting at most 5 s)")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    talk = r.add_mutually_exclusive_group()
+    talk.add_argument("--quiet", action="store_true",
+                      help="no progress bar and no log lines but warnings (not the first "
+                           "line, nor Dask's start)")
+    talk.add_argument("-v", "--verbose", action="store_true",
+                      help="log debug lines too (each update's forward and update times)")
 
     i = sub.add_parser("info", help="summarise a result file", parents=[common])
     i.add_argument("file")
@@ -130,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class _Banner:
-    """A sink printing the run's first line once it starts (after a resume's checks, so a
+    """A sink logging the run's first line once it starts (after a resume's checks, so a
     refusal is the only line): the ensemble and the data it runs on."""
 
     def __init__(self, name: str, out: str, resume: str | None) -> None:
@@ -140,9 +127,9 @@ class _Banner:
         n_ens, n_par = run.state.parameters.shape
         resuming = f" (resuming {self.resume} at iteration {run.state.iteration})" \
             if self.resume else ""
-        print(f"enkal {__version__}: {self.name}, {n_ens} members, {n_par} parameters, "
-              f"{run.smoother.observations.size} observations -> {self.out}{resuming}",
-              file=sys.stderr, flush=True)
+        _log.info("enkal %s: %s, %d members, %d parameters, %d observations -> %s%s",
+                  __version__, self.name, n_ens, n_par, run.smoother.observations.size,
+                  self.out, resuming)
 
     def record(self, state: Any, info: Any, predictions: Any, *, final: bool) -> None:
         pass
@@ -252,20 +239,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     exp = plugin.build(config, seed=args.seed, device=args.device)
     executor = _executor(args, exp.executor)
     max_it = args.max_iterations or exp.max_iterations
-    bar = None if args.quiet else ProgressBar(max_it)
+    sinks: list[Any] = [_Banner(exp.name, out, args.resume)]
+    if not args.quiet:  # the total: the schedule's planned updates, at most max_it
+        sinks.append(Progress(max_iterations=max_it))
     try:
         if callable(getattr(executor, "connect", None)):
             executor.connect()  # an unreachable scheduler fails here, before any file
         result = run(
             exp.smoother, exp.model, exp.prior, resume=args.resume,
             allow_changes=args.allow_changes, max_iterations=max_it, executor=executor,
-            callbacks=[bar] if bar else (), store=out, history=History(),
-            store_attrs=_provenance(config, exp.name), truth=exp.truth,
-            sinks=[_Banner(exp.name, out, args.resume)],
+            store=out, history=History(), store_attrs=_provenance(config, exp.name),
+            truth=exp.truth, sinks=sinks,
         )
     finally:
-        if bar is not None:
-            bar.close()
         if hasattr(executor, "close"):
             executor.close()
     _print_summary(result.summary(), exp.truth)
@@ -290,17 +276,24 @@ def _provenance(config: dict, name: str) -> dict:
 
 
 def _print_summary(summary: dict, truth: torch.Tensor | None) -> None:
+    """The posterior table; with a twin experiment's truth, whether each truth lies in its
+    5-95% interval (``inside``) or not (``OUTSIDE``, in capitals to stand out)."""
     head = f"{'parameter':<14} {'mean':>11} {'std':>10} {'5%':>11} {'95%':>11}"
     if truth is not None:
-        head += f" {'truth':>11} {'in 90%':>7}"
+        head += f" {'truth':>11} {'in 5-95%':>8}"
     print(head)
     for j, (name, row) in enumerate(summary.items()):
         line = (f"{name:<14} {row['mean']:11.5g} {row['std']:10.4g} {row['q05']:11.5g} "
                 f"{row['q95']:11.5g}")
         if truth is not None:
             t = float(truth[j])
-            line += f" {t:11.5g} {'yes' if row['q05'] <= t <= row['q95'] else 'no':>7}"
+            line += f" {t:11.5g} {truth_verdict(t, row['q05'], row['q95']):>8}"
         print(line)
+
+
+def truth_verdict(truth: float, low: float, high: float) -> str:
+    """``"inside"`` when ``low <= truth <= high``, else ``"OUTSIDE"`` (a NaN bound too)."""
+    return "inside" if low <= truth <= high else "OUTSIDE"
 
 
 def _truth(ds):
@@ -448,9 +441,56 @@ def _notes(command: str) -> Any:
         text = " ".join(str(message).split())
         kind = "note" if issubclass(category, RuntimeWarning) else \
             f"warning: {category.__name__}"
-        print(f"enkal {command}: {kind}: {text}", file=sys.stderr, flush=True)
+        _write(f"enkal {command}: {kind}: {text}")
 
     return show
+
+
+def _write(line: str) -> None:
+    """One line on the current ``sys.stderr``, through ``tqdm.write``: a progress bar drawn
+    there is cleared first and redrawn below the line."""
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
+class _LogLines(logging.Handler):
+    """The command line's handler of the ``enkal`` loggers: one line per record on
+    stderr; INFO and DEBUG as the message, warnings and errors as
+    ``enkal run: warning: ...``."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = " ".join(record.getMessage().split())
+            if record.levelno >= logging.WARNING:
+                text = f"enkal {self.command}: {record.levelname.lower()}: {text}"
+            _write(text)
+        except Exception:  # noqa: BLE001 - logging's own convention
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
+    """While a command runs, the ``enkal`` logger writes to stderr (:class:`_LogLines`) at
+    INFO, WARNING with ``--quiet``, DEBUG with ``--verbose``; restored afterwards (the
+    library itself adds only a ``NullHandler``)."""
+    logger = logging.getLogger("enkal")
+    level = logging.WARNING if getattr(args, "quiet", False) else \
+        logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+    handler = _LogLines(args.command)
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False  # an application's root handler would print each line twice
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 _MEMORY_HINT = ("fewer members ([smoother] ensemble_size), a smaller [smoother] chunk_size, "
@@ -466,7 +506,7 @@ def _memory_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"run": cmd_run, "info": cmd_info, "plot": cmd_plot}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _logging_to_stderr(args):
         warnings.simplefilter("default")
         warnings.showwarning = _notes(args.command)
         if args.debug:

@@ -41,9 +41,11 @@ How :class:`Dask` runs one ``evaluate``
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import pickle
 import threading
+import time
 import uuid
 import warnings
 from dataclasses import KW_ONLY, dataclass, field
@@ -57,6 +59,8 @@ from .devices import _check_devices, run_on_devices
 from .forward import EvaluationReport, ForwardModel, check_inputs, evaluate
 
 __all__ = ["InProcess", "MultiDevice", "Dask", "check_executor", "run_on_devices"]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,52 @@ def _check_address(address: str) -> None:
                          f"'tcp://host:8786', got {address!r} ({err})") from None
 
 
+def _start_local_cluster(n_workers: int, timeout: float) -> tuple[Any, Any]:
+    """A LocalCluster of ``n_workers`` one-thread worker processes and its client, once all
+    its workers are up; ``TimeoutError`` (the cluster shut down) when they are not within
+    ``timeout`` seconds. (The scheduler starts without workers and the client connects to
+    its address: ``LocalCluster(n_workers=n)``, and a client made from the cluster object,
+    wait for the workers with no limit.)"""
+    distributed = _require_distributed()
+    cluster = distributed.LocalCluster(n_workers=0, threads_per_worker=1, processes=True)
+    client = None
+    try:
+        cluster.scale(n_workers)
+        client = distributed.Client(cluster.scheduler_address, set_as_default=False)
+        try:
+            client.wait_for_workers(n_workers, timeout=timeout)
+        except TimeoutError:
+            up = len(client.nthreads())
+            raise TimeoutError(
+                f"Dask: {up} of {n_workers} local workers started within start_timeout="
+                f"{timeout:g} s; a busy machine needs a larger Dask(start_timeout=...), "
+                "else check that a worker process can start (python -c 'import enkal')"
+            ) from None
+    except BaseException:
+        if client is not None:
+            client.close()
+        try:  # a worker still starting holds close() up: bounded, the rest at exit
+            cluster.close(timeout=_CLOSE_TIMEOUT)
+        except TimeoutError:
+            pass
+        raise
+    return client, cluster
+
+
+#: seconds a failed start waits for its LocalCluster to shut down
+_CLOSE_TIMEOUT = 10.0
+
+
+def _dashboard(client: Any) -> str:
+    """``", dashboard http://..."`` for a scheduler that serves one (it needs bokeh), else
+    ``", no dashboard (pip install bokeh)"``."""
+    try:
+        link = client.dashboard_link
+    except (AttributeError, KeyError, OSError):  # a remote scheduler without a dashboard
+        link = None
+    return f", dashboard {link}" if link else ", no dashboard (pip install bokeh)"
+
+
 class _Session:
     """The live, mutable side of a :class:`Dask` executor: the client (and the cluster)
     it opened itself. Kept out of the dataclass's fields, equality and ``repr``."""
@@ -209,7 +259,14 @@ class Dask:
     * ``address=`` a scheduler address (``"tcp://host:8786"``): enkal connects a client and
       closes it in :meth:`close`;
     * neither: enkal starts a :class:`distributed.LocalCluster` of ``n_workers`` (default 2)
-      worker *processes* with one thread each, and shuts it down in :meth:`close`.
+      worker *processes* with one thread each, waits at most ``start_timeout`` seconds for
+      them, and shuts it down in :meth:`close`.
+
+    Opening the connection is logged (logger ``enkal.executors``, level INFO; ``enkal run``
+    prints it) with the time it took and the dashboard's address, e.g. ``Dask: local
+    cluster with 2 workers started in 5.8 s, dashboard http://127.0.0.1:8787/status``.
+    :meth:`EnsembleSmoother.run <enkal.EnsembleSmoother.run>` connects before the run's
+    first update, so the cluster's start is not timed as that update.
 
     Use it as a context manager (``with Dask(n_workers=4) as ex: ...``) or call
     :meth:`close`; after ``close`` a new cluster is opened on next use.
@@ -242,6 +299,10 @@ class Dask:
         Seconds to wait for the scheduler at ``address`` (default 5): an unreachable one
         fails :meth:`connect` with an ``OSError`` this soon. The address itself is checked
         when the executor is made (``ValueError``: ``"tcp://host:port"`` and the like).
+    start_timeout : float
+        Seconds to wait for the workers of the LocalCluster that enkal starts (default
+        60): workers that are not all up by then fail :meth:`connect` with a
+        ``TimeoutError`` saying how many started, and the cluster is shut down.
 
     Notes
     -----
@@ -275,6 +336,7 @@ class Dask:
     max_abs: float | None = None
     retries: int = 1
     connect_timeout: float = 5.0
+    start_timeout: float = 60.0
     _session: _Session = field(default_factory=_Session, init=False, repr=False,
                                compare=False)
 
@@ -308,6 +370,7 @@ class Dask:
         _deprecated_max_abs(self)
         check_positive_int(self.retries, "Dask.retries", minimum=0)
         check_positive_float(self.connect_timeout, "Dask.connect_timeout")
+        check_positive_float(self.start_timeout, "Dask.start_timeout")
 
     # -- the connection --------------------------------------------------------------------
     def connect(self):
@@ -318,19 +381,19 @@ class Dask:
         s = self._session
         with s.lock:
             if s.client is None:
-                distributed = _require_distributed()
+                t0 = time.perf_counter()
                 if self.address is not None:
-                    s.client = distributed.Client(self.address, set_as_default=False,
-                                                  timeout=self.connect_timeout)
+                    s.client = _require_distributed().Client(
+                        self.address, set_as_default=False, timeout=self.connect_timeout)
+                    _log.info("Dask: connected to %s (%d workers) in %.1f s%s", self.address,
+                              len(s.client.nthreads()),
+                              time.perf_counter() - t0, _dashboard(s.client))
                 else:
-                    s.cluster = distributed.LocalCluster(
-                        n_workers=self.n_workers or 2, threads_per_worker=1, processes=True)
-                    try:
-                        s.client = distributed.Client(s.cluster, set_as_default=False)
-                    except BaseException:
-                        s.cluster.close()
-                        s.cluster = None
-                        raise
+                    n = self.n_workers or 2
+                    s.client, s.cluster = _start_local_cluster(n, self.start_timeout)
+                    _log.info("Dask: local cluster with %d worker%s started in %.1f s%s", n,
+                              "s" if n > 1 else "", time.perf_counter() - t0,
+                              _dashboard(s.client))
             return s.client
 
     def close(self) -> None:

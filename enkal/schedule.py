@@ -7,6 +7,11 @@ configuration objects with pure methods; their state is a small frozen dataclass
 * ``init() -> state``
 * ``step(state, *, parameters, predictions, observations) -> (alpha, state, info)``
 * ``done(state) -> bool``: no further update is planned.
+* optionally ``planned_updates``: how many updates the schedule makes from ``init()`` before
+  it is done, when that is known in advance (an ``int``; ``math.inf`` for a schedule that is
+  never done on its own; ``None`` when the data decide). Progress displays read it through
+  :func:`planned_updates`, which gives ``None`` for a schedule without the attribute, so a
+  user's schedule needs nothing.
 
 Three rules:
 
@@ -46,6 +51,7 @@ __all__ = [
     "DataMisfitController",
     "Schedule",
     "max_parameter_variance",
+    "planned_updates",
 ]
 
 
@@ -94,6 +100,11 @@ class FixedAnnealing:
                 f"FixedAnnealing.floor: expected floor <= initial ({self.initial}), "
                 f"got {self.floor}"
             )
+
+    @property
+    def planned_updates(self) -> float:
+        """``math.inf``: never done on its own (a run ends at its ``max_iterations``)."""
+        return math.inf
 
     def init(self) -> AnnealingState:
         return AnnealingState(rho=float(self.initial))
@@ -165,6 +176,11 @@ class ESMDA:
         total = sum(1.0 / x for x in a)
         return cls(alphas=tuple(x * total for x in a))
 
+    @property
+    def planned_updates(self) -> int:
+        """The number of assimilation steps, ``len(alphas)``: done after that many."""
+        return len(self.alphas)
+
     def init(self) -> ESMDAState:
         return ESMDAState()
 
@@ -203,6 +219,11 @@ class DataMisfitController:
     def __post_init__(self) -> None:
         check_positive_float(self.terminate_at, "DataMisfitController.terminate_at")
 
+    @property
+    def planned_updates(self) -> None:
+        """``None``: the data decide when the algorithm time reaches ``terminate_at``."""
+        return None
+
     def init(self) -> MisfitControllerState:
         return MisfitControllerState()
 
@@ -228,6 +249,30 @@ class DataMisfitController:
 
     def done(self, state: MisfitControllerState) -> bool:
         return state.time >= self.terminate_at
+
+
+def planned_updates(schedule: object, max_iterations: int | None = None) -> int | None:
+    """The updates a run with ``schedule`` is planned to make, when known in advance.
+
+    Reads the schedule's optional ``planned_updates`` attribute (``None`` when it has none:
+    any object with the :class:`Schedule` methods plugs in). With ``max_iterations``, the
+    run's own bound caps it: ``min(max_iterations, planned)``, so a schedule that is never
+    done on its own (``math.inf``, :class:`FixedAnnealing`) plans ``max_iterations``. An
+    attribute that is neither ``None``, ``math.inf`` nor an int ``>= 0`` counts as unknown.
+
+    >>> planned_updates(ESMDA.constant(4), max_iterations=20)
+    4
+    >>> planned_updates(FixedAnnealing(), max_iterations=20)
+    20
+    >>> planned_updates(DataMisfitController(), max_iterations=20) is None
+    True
+    """
+    planned = getattr(schedule, "planned_updates", None)
+    if planned == math.inf:
+        return max_iterations
+    if isinstance(planned, bool) or not isinstance(planned, int) or planned < 0:
+        return None
+    return planned if max_iterations is None else min(planned, max_iterations)
 
 
 def check_schedule(schedule: object) -> None:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import sys
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -68,6 +68,8 @@ from ._types import (
     SmootherState,
     StepInfo,
     check_component,
+    check_sinks,
+    close_sinks,
     decode_state,
     encode_state,
 )
@@ -79,10 +81,13 @@ from .failures import FailurePolicy, ResampleFailed, check_policy
 from .forward import ForwardModel
 from .observations import Observations
 from .priors import check_prior_scale
+from .progress import Progress
 from .schedule import DataMisfitController, check_schedule
 from .update import SquareRoot, UpdateRule, _check_rule
 
 __all__ = ["EnsembleSmoother", "SmootherState", "StepInfo", "SmootherResult"]
+
+_log = logging.getLogger(__name__)
 
 #: arguments of the one-call runner, :func:`enkal.run`, that ``EnsembleSmoother.run`` refuses
 _RUNNER_ONLY = ("store", "history", "checkpoint", "checkpoint_every", "background_io",
@@ -311,7 +316,9 @@ class EnsembleSmoother:
             Stop when the ensemble-mean misfit changes by less than this fraction.
         executor : InProcess, MultiDevice, Dask or an Executor, optional
             Where the forwards run (default ``InProcess()``: this process, all members in
-            one call; ``InProcess(members_per_call=k)`` bounds the model's memory).
+            one call; ``InProcess(members_per_call=k)`` bounds the model's memory). An
+            executor with a ``connect()`` method (``Dask``: its cluster or scheduler) is
+            connected before the sinks start, so its start is not timed as an update.
         callbacks : iterable of callables
             ``cb(state, info)`` after each update; a callback returning ``True`` stops.
             The smoother reuses parameter buffers: a callback that keeps
@@ -321,7 +328,9 @@ class EnsembleSmoother:
             ``close``; see :class:`enkal._types.Sink`): :class:`enkal.storage.Recorder`
             streams it to an HDF5 history file. ``close`` is called however the run ends.
         progress : bool
-            Print one line per iteration to stderr.
+            Show the run's progress on stderr (:class:`enkal.progress.Progress`, the
+            ``enkal run`` display): a tqdm bar with the time left on a terminal, one line
+            per update otherwise.
         inplace : bool
             Update the ensemble in place (after the first update, which never writes to the
             caller's prior), through an ``(N_ens, chunk_size)`` buffer: the memory-bounded
@@ -351,7 +360,7 @@ class EnsembleSmoother:
         check_bool(predictive, "predictive")
         executor = InProcess() if executor is None else executor
         check_executor(executor)
-        callbacks, sinks = _callables(callbacks), _sinks(sinks)
+        callbacks, sinks = _callables(callbacks), check_sinks(sinks)
         if state is None:
             if prior is None:
                 raise ValueError("run: expected exactly one of prior= or state=, got neither")
@@ -368,7 +377,7 @@ class EnsembleSmoother:
         if state.iteration == 0:
             check_prior_scale(model.layout, state.parameters)
         if progress:
-            sinks.append(_ProgressLine())
+            sinks.append(Progress(max_iterations=max_iterations))
         return _Loop(self, model, executor, callbacks, sinks, max_iterations=max_iterations,
                      tolerance=tolerance, inplace=inplace, predictive=predictive).run(state)
 
@@ -479,15 +488,6 @@ def _callables(callbacks: Any) -> list:
     return out
 
 
-def _sinks(sinks: Any) -> list:
-    if isinstance(sinks, (str, bytes)) or not hasattr(sinks, "__iter__"):
-        raise TypeError(f"sinks: expected an iterable of sinks, got {type(sinks).__name__}")
-    out = list(sinks)
-    for sink in out:
-        check_component(sink, Sink, "sinks", "enkal.storage.Recorder(...)")
-    return out
-
-
 class _Loop:
     """One run of :meth:`EnsembleSmoother.run`: forward, step, callbacks, sinks."""
 
@@ -513,6 +513,11 @@ class _Loop:
         started: list[Sink] = []
         error: BaseException | None = None
         try:
+            # an executor with a connection (Dask) opens it now, before the sinks start:
+            # a cluster's start is reported on its own, not timed as the first update's
+            connect = getattr(self.executor, "connect", None)
+            if callable(connect):
+                connect()
             start = RunStart(smoother=self.smoother, layout=self.model.layout,
                              output_names=self.model.output_names, state=state)
             for sink in self.sinks:
@@ -525,7 +530,7 @@ class _Loop:
             error = err
             raise
         finally:
-            _close_all(started, RunEnd(stopped_by=self.stopped_by,
+            close_sinks(started, RunEnd(stopped_by=self.stopped_by,
                                        n_forwards=self.n_forwards, error=error))
         return SmootherResult(state=state, layout=self.model.layout, history=self.log,
                               n_forwards=self.n_forwards, smoother=self.smoother,
@@ -553,13 +558,17 @@ class _Loop:
                 return state
             if state.iteration >= self.max_iterations:
                 return state
+            t0 = time.perf_counter()
             phys = layout.to_physical(state.parameters)
             self.predictions, ok = self.executor.evaluate(self.model, phys)
+            t1 = time.perf_counter()
             self.n_forwards += phys.shape[0]
             previous = state.parameters
             if self.inplace and previous is not initial:
                 spare = previous  # chunked in-place update: an E x chunk buffer only
             state, info = smoother.step(state, self.predictions, ok=ok, out=spare)
+            _log.debug("update %d: %d forwards in %.3g s, update in %.3g s", info.iteration,
+                       phys.shape[0], t1 - t0, time.perf_counter() - t1)
             # ping-pong between two buffers once the caller's tensor is not involved
             spare = previous if previous is not initial and not self.inplace else None
             for k, v in info.as_dict().items():
@@ -578,30 +587,3 @@ class _Loop:
                 self.stopped_by = stop
                 return state
 
-
-def _close_all(sinks: list, end: RunEnd) -> None:
-    """Close every sink, in order, even when one fails; re-raise the first failure."""
-    first: BaseException | None = None
-    for sink in sinks:
-        try:
-            sink.close(end)
-        except BaseException as err:  # noqa: BLE001 - closed the others first
-            first = first or err
-    if first is not None and end.error is None:
-        raise first
-
-
-class _ProgressLine:
-    """``run(progress=True)``: one line per update on stderr (a :class:`Sink`)."""
-
-    def start(self, run: RunStart) -> None:
-        self.t0 = time.perf_counter()
-
-    def record(self, state, info, predictions, *, final: bool) -> None:
-        print(f"iteration {info.iteration:4d}  alpha {info.alpha:10.4g}  "
-              f"misfit {info.mean_misfit:10.4g}  spread {info.spread:9.3g}  "
-              f"failed {info.n_failed}  {time.perf_counter() - self.t0:7.1f}s",
-              file=sys.stderr, flush=True)
-
-    def close(self, end: RunEnd) -> None:
-        pass

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -40,9 +41,10 @@ from test_security import Exhausted, bounded
 
 import enkal
 from enkal import storage
-from enkal.cli import ProgressBar, main
+from enkal.cli import main
 from enkal.config import load_toml
 from enkal.problems import estimation
+from enkal.progress import Progress
 
 try:
     import tomllib
@@ -151,7 +153,7 @@ def test_run_writes_the_schema_and_prints_the_summary(runs):
     rows = [line.split()[0] for line in stdout.splitlines()]
     assert rows[0] == "parameter" and rows[1:4] == NAMES
     assert "2 updates" in stdout and str(path) in stdout
-    assert "[" not in stderr  # --quiet: no progress bar
+    assert stderr == ""  # --quiet: no progress, no first line
 
 
 def test_seed_changes_the_run_and_the_same_seed_repeats_it(runs):
@@ -164,30 +166,69 @@ def test_seed_changes_the_run_and_the_same_seed_repeats_it(runs):
             assert np.array_equal(da[name].values, db[name].values, equal_nan=True), name
 
 
-def test_progress_bar_prints_a_line_per_iteration(tmp_path, capsys):
-    cfg = write(tmp_path, lorenz63())
-    assert main(["run", str(cfg), "--out", str(tmp_path / "p.h5"), "--max-iterations", "2"]) == 0
+def test_progress_prints_a_line_per_update_with_the_schedules_total(tmp_path, capsys):
+    """Not a terminal: one plain line per update. The total is ES-MDA's 2 steps, not the
+    configuration's max_iterations (20): the old bar counted to 20 and stopped at 2."""
+    cfg = lorenz63()
+    assert cfg["smoother"]["max_iterations"] == 20
+    path = write(tmp_path, cfg)
+    assert main(["run", str(path), "--out", str(tmp_path / "p.h5")]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err  # stderr is not a terminal here: plain lines
-    bars = [line for line in err.splitlines() if line.startswith("[")]
-    assert len(bars) == 2, err
-    for k, line in enumerate(bars, start=1):
-        assert f" {k}/2 misfit " in line and " alpha " in line and " failed 0 " in line
+    lines = err.splitlines()
+    assert lines[0].startswith(f"enkal {enkal.__version__}: lorenz63, 20 members")  # logged
+    updates = [line for line in lines if line.startswith("update ")]
+    assert len(updates) == 2, err
+    with xr.open_dataset(tmp_path / "p.h5", engine="h5netcdf") as ds:
+        mean_misfit, misfit = ds.mean_misfit.values[1:], ds.misfit.values[1:]
+    for k, line in enumerate(updates, start=1):
+        assert line.startswith(f"update {k}/2 [") and " failed 0" in line, line
+        # the misfit of the mean prediction and the members' average, each named as it is
+        assert f"misfit of mean {mean_misfit[k - 1]:.3g}, avg member {misfit[k - 1]:.3g}, " \
+            in line, line
 
 
-def test_progress_bar_redraws_one_line_on_a_terminal():
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
+def test_quiet_prints_only_warnings_and_verbose_the_debug_lines(tmp_path, capsys):
+    path = write(tmp_path, lorenz63())
+    assert main(["run", str(path), "--out", str(tmp_path / "q.h5"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""  # no first line, no progress
+    assert main(["run", str(path), "--out", str(tmp_path / "v.h5"), "-v"]) == 0
+    err = capsys.readouterr().err
+    debug = [line for line in err.splitlines() if " forwards in " in line]
+    assert [line.split(":")[0] for line in debug] == ["update 1", "update 2"], err
+    with pytest.raises(SystemExit) as exit_:  # one or the other: argparse's usage error
+        main(["run", str(path), "--quiet", "-v"])
+    assert exit_.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
 
-    stream = Terminal()
-    bar = ProgressBar(2, stream=stream)
-    for k in (1, 2):
-        bar(None, enkal.StepInfo(iteration=k, alpha=2.0, misfit=1.0, mean_misfit=1.0,
-                                 spread=0.1, n_failed=0, n_resampled=0, done=k == 2))
-    bar.close()
-    text = stream.getvalue()
-    assert text.count("\r") == 2 and text.count("\n") == 2 and "2/2" in text
+
+def test_the_cli_and_run_progress_share_one_implementation(tmp_path, capsys, monkeypatch):
+    started = []
+    original = Progress.start
+
+    def spy(self, run):
+        started.append(type(self))
+        original(self, run)
+
+    monkeypatch.setattr(Progress, "start", spy)
+    path = write(tmp_path, lorenz63())
+    assert main(["run", str(path), "--out", str(tmp_path / "p.h5")]) == 0
+    exp = estimation.plugin.build(load_toml(path))
+    exp.smoother.run(exp.model, exp.prior, progress=True)
+    assert started == [Progress, Progress]
+    assert not hasattr(enkal.cli, "ProgressBar")
+    capsys.readouterr()
+
+
+def test_the_logger_is_the_clis_only_while_it_runs(tmp_path, capsys):
+    """Library use: the "enkal" logger has a NullHandler only; the command line adds its
+    stderr handler for the command's duration and removes it after, also on a failure."""
+    logger = logging.getLogger("enkal")
+    before = list(logger.handlers)
+    assert [type(h) for h in before] == [logging.NullHandler]
+    assert main(["info", str(tmp_path / "missing.h5")]) == 2
+    assert logger.handlers == before and logger.propagate
+    capsys.readouterr()
 
 
 def test_info_prints_the_parameter_table(runs, capsys):
@@ -199,6 +240,39 @@ def test_info_prints_the_parameter_table(runs, capsys):
     head = next(i for i, line in enumerate(lines) if line.startswith("parameter "))
     assert [line.split()[0] for line in lines[head + 1:head + 4]] == NAMES
     assert "truth" in lines[head]  # a twin experiment: the truth is stored
+    # each truth: inside or OUTSIDE its 5-95% interval, as the row's own numbers say
+    assert lines[head].split()[-2:] == ["in", "5-95%"]
+    for line in lines[head + 1:head + 4]:
+        q05, q95, truth, verdict = line.split()[3:7]
+        assert verdict == ("inside" if float(q05) <= float(truth) <= float(q95)
+                           else "OUTSIDE"), line
+
+
+def test_the_summary_says_when_a_truth_is_outside(capsys):
+    """The issue's case: sigma 8.64 [7.86, 9.89] against a truth of 10 is OUTSIDE."""
+    rows = {"sigma": {"mean": 8.64, "std": 0.62, "q05": 7.86, "q95": 9.89},
+            "rho": {"mean": 28.16, "std": 0.2, "q05": 27.83, "q95": 28.5},
+            "edge": {"mean": 1.0, "std": 0.1, "q05": 0.9, "q95": 1.1}}
+    enkal.cli._print_summary(rows, torch.tensor([10.0, 28.0, 1.1], dtype=torch.float64))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[-1] for line in lines] == ["5-95%", "OUTSIDE", "inside", "inside"]
+    enkal.cli._print_summary(rows, None)  # no truth: no verdict
+    assert "inside" not in capsys.readouterr().out
+
+
+def test_python_dash_m_enkal_is_the_command(tmp_path):
+    """``python -m enkal`` runs enkal.cli.main, with its exit statuses."""
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "enkal", *argv], capture_output=True,
+                              text=True, timeout=120)
+
+    p = run("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"enkal {enkal.__version__}", p
+    p = run("info", str(tmp_path / "missing.h5"))
+    assert p.returncode == 2 and p.stderr.startswith("enkal info: error: "), p
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = run("bogus")
+    assert p.returncode == 2 and "invalid choice" in p.stderr, p
 
 
 def test_plot_writes_a_png(runs, tmp_path, capsys):
@@ -216,7 +290,7 @@ def test_a_real_process_exits_0_and_shows_progress(tmp_path):
                         "--max-iterations", "2"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr
-    assert len([line for line in p.stderr.splitlines() if line.startswith("[")]) == 2
+    assert len([line for line in p.stderr.splitlines() if line.startswith("update ")]) == 2
     assert "sigma" in p.stdout and out.exists()
 
 

@@ -25,7 +25,20 @@ def test_demo_converges_and_writes_its_output(tmp_path, capsys):
             assert row["relative_error"] < guess_error[name], (method, name, row)
         assert (tmp_path / f"lorenz63_{method}.h5").exists() or \
             (tmp_path / f"lorenz63_{method}.pt").exists()
-    assert "rho" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rho" in out
+    # each truth is said to be inside or OUTSIDE its 5-95% interval, as the numbers say
+    sections = out.split("\nannealing:")
+    for method, text in zip(("esmda", "annealing"), sections, strict=True):
+        for name, row in report[method]["summary"].items():
+            inside = row["q05"] <= row["truth"] <= row["q95"]
+            assert row["truth_inside"] is inside
+            line = next(x for x in text.splitlines() if x.split()[:1] == [name])
+            assert line.split()[-1] == ("inside" if inside else "OUTSIDE"), line
+    # the case, seed 0: ES-MDA's sigma 8.64 [7.86, 9.89] misses the truth 10
+    sigma = report["esmda"]["summary"]["sigma"]
+    assert round(sigma["mean"], 2) == 8.64 and not sigma["truth_inside"]
+    assert "truth outside the 5-95% interval: sigma" in sections[0]
 
 
 def test_demo_model_is_vectorised_lorenz63():

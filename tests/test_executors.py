@@ -8,7 +8,9 @@ cloudpickle, so the workers need not import the test directory.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -251,6 +253,53 @@ def test_owned_cluster_is_started_and_closed():
     assert ex._session.client is None and client.status in ("closed", "closing")
     ref = smoother.run(model, prior, executor=InProcess())
     assert torch.equal(got.state.parameters, ref.state.parameters)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
+def test_the_cluster_start_is_reported_before_the_first_update(caplog):
+    """The start of the LocalCluster is logged on its own, with its time and dashboard, and
+    done before the sinks start: a progress display does not time it as update 1."""
+    obs, prior = _problem(8)
+    smoother = EnsembleSmoother(obs, schedule=ESMDA(alphas=(2.0, 2.0)), seed=1)
+    seen = []
+
+    class Spy:
+        def start(self, run):
+            seen.append(("start", ex._session.client is not None))
+
+        def record(self, state, info, predictions, *, final):
+            seen.append(("record", info.iteration))
+
+        def close(self, end):
+            pass
+
+    ex = Dask(n_workers=1)
+    with caplog.at_level(logging.INFO, logger="enkal.executors"):
+        try:
+            smoother.run(_model(_dask_models.smooth), prior, executor=ex, sinks=[Spy()])
+        finally:
+            ex.close()
+    assert seen == [("start", True), ("record", 1), ("record", 2)]
+    lines = [r.getMessage() for r in caplog.records if r.name == "enkal.executors"]
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"Dask: local cluster with 1 worker started in \d+\.\d s, "
+                        r"(dashboard http://\S+|no dashboard \(pip install bokeh\))",
+                        lines[0]), lines
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
+def test_a_local_cluster_that_does_not_start_in_time_fails_clearly():
+    ex = Dask(n_workers=1, start_timeout=0.01)  # a worker process takes ~1 s to start
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"0 of 1 local workers started within "
+                                           r"start_timeout=0.01 s.*Dask\(start_timeout"):
+        ex.connect()
+    assert time.monotonic() - t0 < 30  # the failed cluster is shut down within 10 s
+    assert ex._session.client is None and ex._session.cluster is None
+    with pytest.raises(ValueError, match="Dask.start_timeout"):
+        Dask(start_timeout=0)
 
 
 @pytest.mark.parametrize("make", [lambda: InProcess(max_abs=10.0),

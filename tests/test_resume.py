@@ -275,7 +275,8 @@ def slow_run(tmp_path, monkeypatch):
 
 def test_resume_without_out_continues_the_resumed_file(slow_run, capsys):
     before = Path("slow.h5").read_bytes()
-    assert _run(slow_run, "--resume", "other.h5", "--seed", 3) == 0
+    # (without --quiet, which keeps warnings only: the first line is logged at INFO)
+    assert main(["run", str(slow_run), "--resume", "other.h5", "--seed", "3"]) == 0
     assert Path("slow.h5").read_bytes() == before  # the default output: untouched
     assert _iterations(Path("other.h5")) == list(range(13))
     assert _attrs(Path("other.h5"))["seed"] == 3
@@ -320,7 +321,8 @@ def test_the_cli_refuses_a_resume_of_another_run_in_one_line(case, tmp_path, cap
                                     "with", words, "--allow-changes")
     assert out.read_bytes() == before, line
     if case == "ensemble_size":  # the file's 20 members go on
-        assert _run(second, "--resume", out, "--max-iterations", 3, "--allow-changes") == 0
+        assert main(["run", str(second), "--resume", str(out), "--max-iterations", "3",
+                     "--allow-changes"]) == 0  # not --quiet: the first line is INFO
         err = capsys.readouterr().err
         assert f"enkal run: note: resume {out}: the file was written with {words}" in err
         assert f"20 members, 3 parameters, 15 observations -> {out} (resuming {out} at " \
