@@ -33,13 +33,16 @@ _DIAGNOSTICS = ("misfit", "mean_misfit", "spread", "alpha")
 
 
 def _new_figure(**kwargs: Any) -> Any:
-    """A constrained-layout ``Figure`` (not registered with pyplot)."""
+    """A constrained-layout ``Figure`` on an Agg canvas (not registered with pyplot)."""
     try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError('enkal.plot needs matplotlib, which is not installed: pip install '
                           '"enkal[plot]"') from err
-    return Figure(layout="constrained", **kwargs)
+    fig = Figure(layout="constrained", **kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _style(ax: Any, title: str = "", xlabel: str = "", ylabel: str = "") -> None:
@@ -276,26 +279,26 @@ def _legend_handles(run: _Run, prior: bool = True) -> tuple[list[Any], list[str]
 
 
 # -- summary ------------------------------------------------------------------------------------
-_PANELS = (("data misfit / N_obs", (("misfit", "members' mean"),
-                                    ("mean_misfit", "ensemble mean")), "before"),
-           ("parameter spread (unconstrained RMS std)", (("spread", "spread"),), "before"),
-           ("noise inflation alpha", (("alpha", "alpha"),), "update"))
+_PANELS = (("data misfit", (("misfit", "members' mean"), ("mean_misfit", "ensemble mean")),
+            "before", "misfit / N_obs"),
+           ("parameter spread", (("spread", "spread"),), "before", "RMS std, unconstrained"),
+           ("noise inflation", (("alpha", "alpha"),), "update", "alpha"))
 
 
-def _diagnostic_panels(run: _Run) -> list[tuple[str, list[tuple[str, str]], str]]:
-    """(title, [(variable, label)], x meaning) of the diagnostics present with data."""
+def _diagnostic_panels(run: _Run) -> list[tuple[str, list[tuple[str, str]], str, str]]:
+    """(title, [(variable, label)], x meaning, y label) of the diagnostics present."""
     out = []
-    for title, variables, x_is in _PANELS:
+    for title, variables, x_is, ylabel in _PANELS:
         have = [(v, lab) for v, lab in variables
                 if v in run.diagnostics and np.isfinite(run.diagnostics[v]).any()]
         if have:
-            out.append((title, have, x_is))
+            out.append((title, have, x_is, ylabel))
     return out
 
 
 def _draw_diagnostics(sub: Any, run: _Run, panels: list) -> None:
     axes = sub.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (title, variables, x_is) in zip(axes, panels, strict=True):
+    for ax, (title, variables, x_is, ylabel) in zip(axes, panels, strict=True):
         for v, label in variables:
             y = run.diagnostics[v]
             ok = np.isfinite(y)
@@ -305,9 +308,9 @@ def _draw_diagnostics(sub: Any, run: _Run, panels: list) -> None:
         ys = np.concatenate([run.diagnostics[v] for v, _ in variables])
         if np.nanmin(ys) > 0 and np.nanmax(ys) > 10 * np.nanmin(ys):
             ax.set_yscale("log")
-        _style(ax, title, "ensemble (0 = prior)" if x_is == "before" else "update")
+        _style(ax, title, "ensemble (0 = prior)" if x_is == "before" else "update", ylabel)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        if title.startswith("data misfit"):
+        if title == "data misfit":
             ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
             ax.legend(fontsize=7, title="misfit of", title_fontsize=7)
 
@@ -554,7 +557,8 @@ def predictive(source: Any, *, model: Any = None, max_panels: int = 12,
 
     The predictions are the last ones ``source`` stored (a run keeps those of the ensemble
     before its last update, with ``History(predictions=True)``; the title says which), or
-    those of ``model`` (a ``ForwardModel``) run here on the final ensemble. Without either,
+    those of ``model`` (a ``ForwardModel``, whose ``output_names`` then name the outputs)
+    run here on the final ensemble. Without either,
     a ``ValueError`` says how to store them. Returns a ``matplotlib.figure.Figure``.
     """
     check_positive_int(max_panels, "max_panels")
@@ -562,7 +566,7 @@ def predictive(source: Any, *, model: Any = None, max_panels: int = 12,
     pred, which = _final_predictions(run, model)
     if pred.shape[0] < 2:
         raise ValueError(f"{run.label}: fewer than 2 members with finite predictions")
-    series = _series(run.output_names)
+    series = _series(getattr(model, "output_names", None) or run.output_names)
     shown = series[:max_panels]
     ncols = min(3, len(shown))
     nrows = math.ceil(len(shown) / ncols)
