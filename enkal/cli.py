@@ -7,7 +7,7 @@
                           [--executor {inprocess,dask}] [--workers N]
                           [--scheduler ADDRESS] [--quiet]
     enkal [--debug] info FILE
-    enkal [--debug] plot FILE -o PNG
+    enkal [--debug] plot FILE [-o PNG] [--kind {summary,pair,predictive,all}]
 
 Configuration errors (unknown or missing keys, bad values) and unusable command-line
 arguments (a missing ``--resume`` file, an ``--out`` in no directory, an unavailable
@@ -29,7 +29,6 @@ note), and so is a ``--max-iterations`` below rows the file holds.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -123,9 +122,22 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="summarise a result file", parents=[common])
     i.add_argument("file")
 
-    pl = sub.add_parser("plot", help="plot a result file to PNG", parents=[common])
-    pl.add_argument("file")
-    pl.add_argument("-o", "--output", required=True, help="PNG path")
+    pl = sub.add_parser(
+        "plot", help="plot a result file to PNG", parents=[common],
+        description="Draw a history file's figures (enkal.plot, physical units) to PNG: "
+                    "summary (misfit, spread and alpha per iteration; prior and posterior "
+                    "marginals), pair (corner plot of the posterior members), predictive "
+                    "(the data with the posterior-predictive band; needs predictions stored "
+                    "in the file).")
+    pl.add_argument("file", help="an enkal history file (the --out of enkal run)")
+    pl.add_argument("-o", "--output", metavar="PNG",
+                    help="the PNG to write (default: FILE without .h5, with .png); with "
+                         "--kind all, PNG without .png is the stem of STEM.summary.png, "
+                         "STEM.pair.png and STEM.predictive.png")
+    pl.add_argument("--kind", choices=[*_PLOT_KINDS, "all"], default="summary",
+                    help="which figure (default summary); all writes each of them, "
+                         "skipping predictive with a note when the file holds no "
+                         "predictions")
     return p
 
 
@@ -356,87 +368,52 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _legend(ax, **kwargs) -> None:
-    """A legend only where something is labelled (a file without diagnostics has none)."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(**kwargs)
+_PLOT_KINDS = ("summary", "pair", "predictive")
+
+
+def _plot_outputs(args: argparse.Namespace) -> dict[str, str]:
+    """The PNG each figure of ``enkal plot`` goes to (checked before anything is read)."""
+    out = args.output
+    if out is None:
+        out = (args.file[:-3] if args.file.endswith(".h5") else args.file) + ".png"
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent) or os.path.isdir(out):
+        raise ValueError(f"-o {out}: expected a file name in an existing directory")
+    if os.path.abspath(out) == os.path.abspath(args.file):
+        raise ValueError(f"-o {out}: is the history file itself")
+    if args.kind != "all":
+        return {args.kind: out}
+    stem = out[:-4] if out.endswith(".png") else out
+    return {kind: f"{stem}.{kind}.png" for kind in _PLOT_KINDS}
+
+
+def _save_figure(fig: Any, path: str) -> None:
+    """``fig`` to ``path`` atomically (a temporary PNG beside it, then ``os.replace``)."""
+    tmp = path + ".tmp.png"
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    parent = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(parent) or os.path.isdir(args.output):
-        raise ValueError(f"-o {args.output}: expected a file name in an existing directory")
-    try:
-        import matplotlib
+    from . import plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError('enkal plot needs matplotlib: pip install "enkal[plot]"') from None
-    import numpy as np
-
-    from .storage import open_dataset, physical
-
-    with open_dataset(args.file) as ds:
-        names = [str(n) for n in ds.parameter.values]
-        it = ds.iteration.values
-        phys = physical(ds)
-        stored = [k for k in range(len(it)) if not bool(phys.isel(iteration=k).isnull().all())]
-        if not stored:
-            raise ValueError(f"{args.file}: no ensemble stored, nothing to plot")
-        shown = names[:9]
-        n_marg = len(shown)
-        ncols = 3
-        nrows = 2 + math.ceil(n_marg / ncols)
-        fig = plt.figure(figsize=(4 * ncols, 3 * nrows), constrained_layout=True)
-        ax = fig.add_subplot(nrows, 2, 1)
-        for v, label in (("mean_misfit", "misfit of the mean"), ("misfit", "mean misfit")):
-            if v in ds:
-                ax.semilogy(it, ds[v].values, marker="o", label=label)
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("misfit / N_obs")
-        _legend(ax)
-        ax2 = fig.add_subplot(nrows, 2, 2)
-        if "alpha" in ds:
-            ax2.semilogy(it, ds["alpha"].values, marker="o", label="alpha (noise inflation)")
-        if "spread" in ds:
-            ax2.semilogy(it, ds["spread"].values, marker="s", label="parameter spread")
-        ax2.set_xlabel("iteration")
-        _legend(ax2)
-        first, last = stored[0], stored[-1]
-        truth = _truth(ds)
-        for j, name in enumerate(shown):
-            a = fig.add_subplot(nrows, ncols, 2 * ncols + j + 1) if nrows > 2 else None
-            if a is None:
-                break
-            prior = phys.isel(iteration=first, parameter=j).values
-            post = phys.isel(iteration=last, parameter=j).values
-            bins = np.histogram_bin_edges(np.concatenate([prior, post]), bins=30).tolist()
-            a.hist(prior, bins=bins, alpha=0.4, label=f"iteration {int(it[first])}")
-            a.hist(post, bins=bins, alpha=0.7, label=f"iteration {int(it[last])}")
-            if truth is not None:
-                a.axvline(float(truth[j]), color="k", lw=1.5, label="truth")
-            a.set_title(name)
-            if j == 0:
-                a.legend(fontsize=7)
-        ax3 = fig.add_subplot(nrows, 2, 3)
-        variances = ds.parameters.isel(iteration=last).var("member", ddof=1).values
-        ax3.hist(np.log10(np.maximum(variances, 1e-300)), bins=40)
-        ax3.set_xlabel("log10 parameter variance (unconstrained), final ensemble")
-        ax4 = fig.add_subplot(nrows, 2, 4)
-        for k in stored[:: max(1, len(stored) // 5)]:
-            v = ds.parameters.isel(iteration=k).var("member", ddof=1).values
-            ax4.hist(np.log10(np.maximum(v, 1e-300)), bins=40, histtype="step",
-                     label=f"iteration {int(it[k])}")
-        ax4.set_xlabel("log10 parameter variance per iteration")
-        _legend(ax4, fontsize=7)
-        fig.suptitle(os.path.basename(args.file))
-        tmp = args.output + ".tmp.png"
-        fig.savefig(tmp, dpi=90)
-        plt.close(fig)
-        os.replace(tmp, args.output)
-    print(f"wrote {args.output}")
+    for kind, path in _plot_outputs(args).items():
+        try:
+            fig = getattr(plot, kind)(args.file)
+        except ImportError as err:
+            raise ValueError(str(err)) from None
+        except ValueError as err:
+            if args.kind != "all" or kind != "predictive":
+                raise
+            print(f"enkal plot: note: no {path}: {' '.join(str(err).split())}",
+                  file=sys.stderr)
+            continue
+        _save_figure(fig, path)
+        print(f"wrote {path}")
     return 0
 
 
