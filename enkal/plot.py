@@ -109,8 +109,7 @@ def _rows_holding(ds: Any, bit: int) -> list[int]:
     if "stored" not in ds:
         raise ValueError("source: the Dataset has no 'stored' variable; expected an enkal "
                          "history (enkal.open(path))")
-    flags = np.asarray(ds["stored"].values).astype(np.int64)
-    return [k for k in range(flags.size) if flags[k] & bit]
+    return np.flatnonzero(np.asarray(ds["stored"].values).astype(np.int64) & bit).tolist()
 
 
 def _file_truth(ds: Any) -> np.ndarray | None:
@@ -133,8 +132,7 @@ def _prior_physical(prior: Any, ds: Any) -> np.ndarray:
 
 def _read(source: Any, *, prior: Any = None, truth: Any = None,
           predictions: bool = False) -> _Run:
-    """Read what the figures need: the first and last stored ensembles, the diagnostics, the
-    data and (``predictions``) the last stored predictions."""
+    """The first and last stored ensembles, diagnostics, data and last predictions."""
     with _dataset(source) as (ds, label):
         rows = _rows_holding(ds, 1)
         if not rows:
@@ -192,8 +190,7 @@ def _chosen(n_shown: int, n_total: int) -> str:
 
 # -- histograms ---------------------------------------------------------------------------------
 def _edges(x: np.ndarray) -> np.ndarray | None:
-    """numpy's ``"auto"`` bin edges of ``x`` (the larger of Sturges and Freedman-Diaconis),
-    at most 50 bins; ``None`` when all values are equal."""
+    """numpy's ``"auto"`` bin edges of ``x`` (at most 50 bins), ``None`` if all are equal."""
     x = x[np.isfinite(x)]
     if x.size == 0 or np.ptp(x) == 0:
         return None
@@ -202,8 +199,7 @@ def _edges(x: np.ndarray) -> np.ndarray | None:
 
 
 def _stairs(ax: Any, x: np.ndarray, *, prior: bool) -> None:
-    """A histogram of ``x`` with its own bins, scaled to peak 1 (a filled grey prior or a
-    blue posterior outline); a line when all values are equal."""
+    """A histogram of ``x`` on its own bins, scaled to peak 1 (grey prior, blue posterior)."""
     edges, x = _edges(x), x[np.isfinite(x)]
     colour, gid = (_PRIOR, "prior") if prior else (_POST, "posterior")
     if edges is None:
@@ -248,20 +244,20 @@ def _narrow(post: np.ndarray, pri: np.ndarray) -> bool:
 
 
 def _zoom(ax: Any, post: np.ndarray, truth: float | None) -> None:
-    """An inset on the posterior's own range (and the truth when it is near), placed on the
-    side of the panel away from the posterior."""
+    """An inset on the posterior's range (and a near truth), on the side away from it."""
     lo, hi = _range(post)
     if truth is not None and lo - 3 * (hi - lo) <= truth <= hi + 3 * (hi - lo):
         lo, hi = _range(post, np.array([truth]))
     left = np.nanmedian(post) > np.mean(ax.get_xlim())
-    inset = ax.inset_axes([0.03 if left else 0.55, 0.42, 0.42, 0.5])
+    inset = ax.inset_axes([0.03 if left else 0.55, 0.36, 0.42, 0.44])
     _stairs(inset, post, prior=False)
     if truth is not None:
         inset.axvline(truth, color=_TRUTH, ls="--", lw=1.0)
     inset.set_xlim(lo, hi)
     inset.set_ylim(0, 1.1)
     inset.set_yticks([])
-    _style(inset, "posterior, zoomed")
+    _style(inset)
+    inset.set_title("posterior, zoomed", fontsize=7, pad=2)
     inset.xaxis.get_major_locator().set_params(nbins=3)
 
 

@@ -83,6 +83,12 @@ def _assert_nothing_overlaps(fig):
     bad = [(i, j, _overlap(a, b)) for (i, a), (j, b) in combinations(enumerate(boxes), 2)
            if _overlap(a, b) > 1.0]
     assert not bad, [(fig.axes[i].get_title(), fig.axes[j].get_title(), s) for i, j, s in bad]
+    for ax in fig.axes:  # an inset (with its title and ticks) stays inside its panel
+        outer = ax.get_window_extent(r)
+        for inset in ax.child_axes:
+            b = inset.get_tightbbox(r)
+            assert b.x0 >= outer.x0 - 1 and b.x1 <= outer.x1 + 1 and b.y0 >= outer.y0 - 1 \
+                and b.y1 <= outer.y1 + 1, ax.get_title()
     texts = [(kind, t.get_window_extent(r)) for kind, t in _texts(fig)]
     assert texts, "expected a suptitle and a legend"
     for kind, box in texts:
