@@ -7,7 +7,7 @@
                           [--executor {inprocess,dask}] [--workers N]
                           [--scheduler ADDRESS] [--quiet | -v]
     enkal [--debug] info FILE
-    enkal [--debug] plot FILE -o PNG
+    enkal [--debug] plot FILE [-o PNG] [--kind {summary,pair,predictive,all}]
 
 ``python -m enkal ...`` is the same command.
 
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import sys
 import warnings
@@ -110,9 +109,22 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="summarise a result file", parents=[common])
     i.add_argument("file")
 
-    pl = sub.add_parser("plot", help="plot a result file to PNG", parents=[common])
-    pl.add_argument("file")
-    pl.add_argument("-o", "--output", required=True, help="PNG path")
+    pl = sub.add_parser(
+        "plot", help="plot a result file to PNG", parents=[common],
+        description="Draw a history file's figures (enkal.plot, physical units) to PNG: "
+                    "summary (misfit, spread and alpha per iteration; prior and posterior "
+                    "marginals), pair (corner plot of the posterior members), predictive "
+                    "(the data with the posterior-predictive band; needs predictions stored "
+                    "in the file).")
+    pl.add_argument("file", help="an enkal history file (the --out of enkal run)")
+    pl.add_argument("-o", "--output", metavar="PNG",
+                    help="the PNG to write (default: FILE without .h5, with .png); with "
+                         "--kind all, PNG without .png is the stem of STEM.summary.png, "
+                         "STEM.pair.png and STEM.predictive.png")
+    pl.add_argument("--kind", choices=[*_PLOT_KINDS, "all"], default="summary",
+                    help="which figure (default summary); all writes each of them, "
+                         "skipping predictive with a note when the file holds no "
+                         "predictions")
     return p
 
 
@@ -152,16 +164,19 @@ def _check_run_args(args: argparse.Namespace) -> None:
     if args.allow_changes and args.resume is None:
         raise ValueError("--allow-changes: only with --resume")
     if args.out is not None:
-        if os.path.isdir(args.out):
-            raise ValueError(f"--out {args.out}: is a directory, expected a file name")
-        parent = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(parent):
-            raise ValueError(f"--out {args.out}: directory {parent} does not exist")
-        if os.path.exists(args.out) and os.path.exists(args.config) and \
-                os.path.samefile(args.out, args.config):
-            raise ValueError(f"--out {args.out}: is the configuration file itself")
+        _check_out(args.out, args.config)
     if args.device is not None:
         _check_device(args.device)
+
+
+def _check_out(out: str, config: str) -> None:
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a directory, expected a file name")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out}: directory {parent} does not exist")
+    if os.path.exists(out) and os.path.exists(config) and os.path.samefile(out, config):
+        raise ValueError(f"--out {out}: is the configuration file itself")
 
 
 def _check_device(name: str) -> None:
@@ -349,87 +364,52 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _legend(ax, **kwargs) -> None:
-    """A legend only where something is labelled (a file without diagnostics has none)."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(**kwargs)
+_PLOT_KINDS = ("summary", "pair", "predictive")
+
+
+def _plot_outputs(args: argparse.Namespace) -> dict[str, str]:
+    """The PNG each figure of ``enkal plot`` goes to (checked before anything is read)."""
+    out = args.output
+    if out is None:
+        out = (args.file[:-3] if args.file.endswith(".h5") else args.file) + ".png"
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent) or os.path.isdir(out):
+        raise ValueError(f"-o {out}: expected a file name in an existing directory")
+    if os.path.abspath(out) == os.path.abspath(args.file):
+        raise ValueError(f"-o {out}: is the history file itself")
+    if args.kind != "all":
+        return {args.kind: out}
+    stem = out[:-4] if out.endswith(".png") else out
+    return {kind: f"{stem}.{kind}.png" for kind in _PLOT_KINDS}
+
+
+def _save_figure(fig: Any, path: str) -> None:
+    """``fig`` to ``path`` atomically (a temporary PNG beside it, then ``os.replace``)."""
+    tmp = path + ".tmp.png"
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    parent = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(parent) or os.path.isdir(args.output):
-        raise ValueError(f"-o {args.output}: expected a file name in an existing directory")
-    try:
-        import matplotlib
+    from . import plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError('enkal plot needs matplotlib: pip install "enkal[plot]"') from None
-    import numpy as np
-
-    from .storage import open_dataset, physical
-
-    with open_dataset(args.file) as ds:
-        names = [str(n) for n in ds.parameter.values]
-        it = ds.iteration.values
-        phys = physical(ds)
-        stored = [k for k in range(len(it)) if not bool(phys.isel(iteration=k).isnull().all())]
-        if not stored:
-            raise ValueError(f"{args.file}: no ensemble stored, nothing to plot")
-        shown = names[:9]
-        n_marg = len(shown)
-        ncols = 3
-        nrows = 2 + math.ceil(n_marg / ncols)
-        fig = plt.figure(figsize=(4 * ncols, 3 * nrows), constrained_layout=True)
-        ax = fig.add_subplot(nrows, 2, 1)
-        for v, label in (("mean_misfit", "misfit of the mean"), ("misfit", "mean misfit")):
-            if v in ds:
-                ax.semilogy(it, ds[v].values, marker="o", label=label)
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("misfit / N_obs")
-        _legend(ax)
-        ax2 = fig.add_subplot(nrows, 2, 2)
-        if "alpha" in ds:
-            ax2.semilogy(it, ds["alpha"].values, marker="o", label="alpha (noise inflation)")
-        if "spread" in ds:
-            ax2.semilogy(it, ds["spread"].values, marker="s", label="parameter spread")
-        ax2.set_xlabel("iteration")
-        _legend(ax2)
-        first, last = stored[0], stored[-1]
-        truth = _truth(ds)
-        for j, name in enumerate(shown):
-            a = fig.add_subplot(nrows, ncols, 2 * ncols + j + 1) if nrows > 2 else None
-            if a is None:
-                break
-            prior = phys.isel(iteration=first, parameter=j).values
-            post = phys.isel(iteration=last, parameter=j).values
-            bins = np.histogram_bin_edges(np.concatenate([prior, post]), bins=30).tolist()
-            a.hist(prior, bins=bins, alpha=0.4, label=f"iteration {int(it[first])}")
-            a.hist(post, bins=bins, alpha=0.7, label=f"iteration {int(it[last])}")
-            if truth is not None:
-                a.axvline(float(truth[j]), color="k", lw=1.5, label="truth")
-            a.set_title(name)
-            if j == 0:
-                a.legend(fontsize=7)
-        ax3 = fig.add_subplot(nrows, 2, 3)
-        variances = ds.parameters.isel(iteration=last).var("member", ddof=1).values
-        ax3.hist(np.log10(np.maximum(variances, 1e-300)), bins=40)
-        ax3.set_xlabel("log10 parameter variance (unconstrained), final ensemble")
-        ax4 = fig.add_subplot(nrows, 2, 4)
-        for k in stored[:: max(1, len(stored) // 5)]:
-            v = ds.parameters.isel(iteration=k).var("member", ddof=1).values
-            ax4.hist(np.log10(np.maximum(v, 1e-300)), bins=40, histtype="step",
-                     label=f"iteration {int(it[k])}")
-        ax4.set_xlabel("log10 parameter variance per iteration")
-        _legend(ax4, fontsize=7)
-        fig.suptitle(os.path.basename(args.file))
-        tmp = args.output + ".tmp.png"
-        fig.savefig(tmp, dpi=90)
-        plt.close(fig)
-        os.replace(tmp, args.output)
-    print(f"wrote {args.output}")
+    for kind, path in _plot_outputs(args).items():
+        try:
+            fig = getattr(plot, kind)(args.file)
+        except ImportError as err:
+            raise ValueError(str(err)) from None
+        except ValueError as err:
+            if args.kind != "all" or kind != "predictive":
+                raise
+            print(f"enkal plot: note: no {path}: {' '.join(str(err).split())}",
+                  file=sys.stderr)
+            continue
+        _save_figure(fig, path)
+        print(f"wrote {path}")
     return 0
 
 
@@ -514,37 +494,37 @@ def main(argv: list[str] | None = None) -> int:
         return _one_line(commands[args.command], args)
 
 
-def _one_line(command: Any, args: argparse.Namespace) -> int:  # noqa: C901 - one except each
+def _one_line(command: Any, args: argparse.Namespace) -> int:
     """Run ``command``; every failure is one line on stderr and an exit status."""
     try:
         return command(args)
-    except _memory_errors() as err:
-        what = type(err).__name__ + (f": {_about(args, err)}" if str(err) else "")
-        print(f"enkal {args.command}: out of memory ({what}); try {_MEMORY_HINT}",
-              file=sys.stderr)
-        return 1
-    except (ValueError, TypeError) as err:
-        print(f"enkal {args.command}: error: {_about(args, err)}", file=sys.stderr)
-        return 2
-    except EnkalError as err:
-        print(f"enkal {args.command}: {type(err).__name__}: {_about(args, err)}",
-              file=sys.stderr)
-        return 1
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
-        # a path on the command line that cannot be used: a usage error, one line
-        print(f"enkal {args.command}: error: {_about(args, err)}", file=sys.stderr)
-        return 2
-    except OSError as err:  # disk full, I/O error while running
-        print(f"enkal {args.command}: {type(err).__name__}: {_about(args, err)}",
-              file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"enkal {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - a bug or a library's error: still one line
-        print(f"enkal {args.command}: internal error: {type(err).__name__}: "
-              f"{_about(args, err)} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
+        line, status = _failure(args, err)
+        print(f"enkal {args.command}: {line}", file=sys.stderr)
+        return status
+
+
+def _failure(args: argparse.Namespace, err: Exception) -> tuple[str, int]:
+    """The line and exit status of a failed command: 2 for usage errors (bad values, a path
+    on the command line that cannot be used), 1 for a run that failed."""
+    about = _about(args, err)
+    if isinstance(err, _memory_errors()):
+        what = type(err).__name__ + (f": {about}" if str(err) else "")
+        return f"out of memory ({what}); try {_MEMORY_HINT}", 1
+    if isinstance(err, (ValueError, TypeError)):
+        return f"error: {about}", 2
+    if isinstance(err, EnkalError):
+        return f"{type(err).__name__}: {about}", 1
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                        PermissionError)):
+        return f"error: {about}", 2
+    if isinstance(err, OSError):  # disk full, I/O error while running
+        return f"{type(err).__name__}: {about}", 1
+    return (f"internal error: {type(err).__name__}: {about} (run with --debug for the "
+            "traceback)"), 1
 
 
 def _about(args: argparse.Namespace, err: BaseException) -> str:

@@ -275,11 +275,54 @@ def test_python_dash_m_enkal_is_the_command(tmp_path):
     assert p.returncode == 2 and "invalid choice" in p.stderr, p
 
 
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot_writes_a_png(runs, tmp_path, capsys):
     png = tmp_path / "run.png"
     assert main(["plot", str(runs["a"][0]), "-o", str(png)]) == 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.read_bytes()[:8] == PNG
     assert not list(tmp_path.glob("*.tmp.png"))
+    assert capsys.readouterr().out.strip() == f"wrote {png}"
+
+
+def test_plot_defaults_to_the_file_name_and_writes_every_kind(runs, tmp_path, capsys):
+    import shutil
+
+    h5 = tmp_path / "r.h5"
+    shutil.copy(runs["a"][0], h5)
+    assert main(["plot", str(h5)]) == 0  # -o defaults to FILE without .h5, with .png
+    assert (tmp_path / "r.png").read_bytes()[:8] == PNG
+    assert main(["plot", str(h5), "--kind", "pair", "-o", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:8] == PNG
+    capsys.readouterr()
+    assert main(["plot", str(h5), "--kind", "all", "-o", str(tmp_path / "all.png")]) == 0
+    out, err = capsys.readouterr()
+    for kind in ("summary", "pair"):
+        assert (tmp_path / f"all.{kind}.png").read_bytes()[:8] == PNG
+        assert f"wrote {tmp_path / f'all.{kind}.png'}" in out
+    with enkal.open(h5) as ds:
+        has_predictions = "predictions" in ds
+    # predictive: written when the run kept predictions, else skipped with a one-line note
+    assert (tmp_path / "all.predictive.png").exists() == has_predictions
+    assert ("enkal plot: note: no " in err) == (not has_predictions)
+    assert not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_plot_predictive_without_predictions_is_one_line_saying_how(tmp_path, capsys):
+    model = enkal.CallableModel(lambda x: 2 * x, parameters=["a"], output_size=1)
+    smoother = enkal.EnsembleSmoother(enkal.Observations([1.0], noise_std=0.1),
+                                      schedule=enkal.ESMDA.constant(2))
+    prior = torch.randn(16, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    h5 = tmp_path / "nopred.h5"
+    enkal.run(smoother, model, prior, store=h5, predictive=False)
+    rc = main(["plot", str(h5), "--kind", "predictive"])
+    _assert_one_line_error(rc, capsys.readouterr().err, "nopred.h5", "no predictions stored",
+                           "predictive=True")
+    assert not (tmp_path / "nopred.png").exists()
+    assert main(["plot", str(h5), "--kind", "all"]) == 0  # the rest is drawn
+    assert (tmp_path / "nopred.summary.png").exists()
+    assert not (tmp_path / "nopred.predictive.png").exists()
     capsys.readouterr()
 
 
