@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs shipped
+from tqdm import tqdm
 
 from ._version import __version__
 from .config import load_toml

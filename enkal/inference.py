@@ -109,7 +109,7 @@ def _predictive(ds: Any, row: int) -> tuple[Any, Any] | tuple[None, None]:
     pp = xr.Dataset({"y": (("chain", "draw", "output"), pred[None])}, coords=coords)
     err = pred - ds["observations"].values
     if "noise_chol" in ds.variables:
-        from scipy.linalg import solve_triangular  # type: ignore[import-untyped]
+        from scipy.linalg import solve_triangular
 
         z = solve_triangular(ds["noise_chol"].values, err.T, lower=True).T
     else:

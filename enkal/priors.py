@@ -91,7 +91,7 @@ def _logit_normal_moments(m: float, s: float) -> tuple[float, float]:
 
 def _solve_bounded(mean01: float, std01: float) -> tuple[float, float]:
     """``(m, s)`` with ``sigmoid(N(m, s^2))`` of mean ``mean01`` and std ``std01`` on (0, 1)."""
-    from scipy.optimize import least_squares  # type: ignore[import-untyped]
+    from scipy.optimize import least_squares
 
     def residual(v: np.ndarray) -> list[float]:
         mu, sd = _logit_normal_moments(float(v[0]), math.exp(float(v[1])))

@@ -42,7 +42,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs shipped
+from tqdm import tqdm
 
 from ._checks import check_positive_int
 from ._types import RunEnd, RunStart, SmootherState, StepInfo
