@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
@@ -20,6 +19,7 @@ from ..failures import ResampleFailed, check_policy
 from ..observations import Observations
 from ..schedule import check_schedule
 from ..update import SquareRoot, UpdateRule, _check_rule
+from ._torch_optim import check_batch, check_lr, group_lr, loaded_group, saved_groups
 from .members import Carry, Redraw, Sections, kaiming_std
 from .model import NeuralModel
 from .noise import RelativeNoise
@@ -28,21 +28,6 @@ from .tasks import Classification, Regression, _check_output_map, _describe
 __all__ = ["EnsembleKalmanOptimizer"]
 
 _T = TypeVar("_T")
-_LR = "param_groups[0]['lr']"
-
-
-def _check_lr(lr: Any, name: str) -> float:
-    """``lr`` as a float, or a TypeError/ValueError naming ``name``."""
-    if isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.is_floating_point():
-        lr = lr.item()
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        raise TypeError(f"{name}: expected a float (the multiplier of the mean increment), "
-                        f"got {type(lr).__name__}")
-    value = float(lr)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: expected a finite number > 0 (the multiplier of the mean "
-                         f"increment; 1.0 is the plain update), got {lr!r}")
-    return value
 
 
 # -- the optimizer ----------------------------------------------------------------------------
@@ -68,33 +53,25 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
     the ensemble: ``members=Carry(CollapseGuard(1e-4, 1e-3)), rule=PerturbedObservations(),
     schedule=FixedAnnealing(0.75, initial=1.0, floor=0.1)`` (0.91-0.93 there).
 
-    As a torch optimizer: one parameter group, the model's trainable parameters (those of
-    :attr:`layout`; a second group is refused), so ``zero_grad``, ``param_groups``, LR
-    schedulers and Lightning's manual optimization work as with any optimizer.
+    As a torch optimizer: one parameter group, the model's trainable parameters (a second
+    group is refused), so ``zero_grad``, LR schedulers, Lightning's manual optimization and
+    :meth:`state_dict` (with torch's ``param_groups``) work as with any optimizer.
 
-    * ``lr`` (``param_groups[0]["lr"]``, read at every step, so a scheduler such as
-      ``StepLR`` acts on it) multiplies the step's *mean increment*:
-      ``m+ = m + lr * (m_a - m)`` with ``m_a`` the analysis mean; the spread is the
-      analysis's, as with ``lr = 1``. With :class:`Redraw` only the mean is kept, so that is
-      the whole effect (the next step draws around ``m+``); with :class:`Carry` every member
-      is shifted by ``(lr - 1) * (m_a - m)``: the mean moves by ``lr`` times the increment,
-      the analysis anomalies are kept. ``lr = 1`` (default) is the plain update, bit for bit
-      (no arithmetic is added); ``lr < 1`` damps it (on top of the schedule's own step-size
-      control, e.g. :class:`RelativeNoise`'s growing noise); ``lr > 1`` extrapolates (not
-      measured). Nothing else depends on ``lr``: the draws, the schedule's state and the
-      :class:`~enkal.StepInfo` of a step are those of ``lr = 1``.
-    * ``step(inputs, targets, *, closure=None)``: the batch is required (positional, or as
-      keywords ``inputs=``, ``targets=``, which is how ``LightningOptimizer.step(closure,
-      **kwargs)`` passes it). A gradient-free update has no use for a loss, so a
-      ``closure`` (torch's "re-evaluate the model and return the loss") is only *reported*:
-      it is called once, before the update (the model holds the current mean; under
-      ``torch.enable_grad()`` as torch optimizers do), and ``step`` then returns what it
-      returned, as ``SGD`` and ``LBFGS`` return the loss before their step. Without a
-      closure ``step`` returns the :class:`~enkal.StepInfo`; either way it is also
-      :attr:`last_info`.
-    * :meth:`state_dict` keeps enkal's entries and adds ``param_groups`` in torch's layout
-      (``lr``, a scheduler's ``initial_lr``, parameter indices), so an optimizer and
-      scheduler checkpoint resumes; dicts saved without it still load (``lr`` unchanged).
+    * ``lr`` (``param_groups[0]["lr"]``, read at every step, so schedulers act on it)
+      multiplies the step's *mean increment*: ``m+ = m + lr * (m_a - m)``, ``m_a`` the
+      analysis mean. With :class:`Redraw` only the mean is kept: that is the whole effect;
+      with :class:`Carry` every member is shifted by ``(lr - 1) * (m_a - m)``, keeping the
+      analysis anomalies. ``lr = 1`` (default) is the plain update, bit for bit (no
+      arithmetic added); ``lr < 1`` damps it, on top of the schedule's own step-size control
+      (:class:`RelativeNoise`'s growing noise); ``lr > 1`` extrapolates (not measured). The
+      draws, the schedule's state and the :class:`~enkal.StepInfo` do not depend on ``lr``.
+    * ``step(inputs, targets, *, closure=None)``: the batch is required (positional, or the
+      keywords ``inputs=``, ``targets=`` as ``LightningOptimizer.step(closure, **kwargs)``
+      passes them). The update uses no loss, so a ``closure`` (torch's "re-evaluate the model
+      and return the loss") is only reported: called once before the update (the model holds
+      the current mean; under ``torch.enable_grad()``), its value is what ``step`` returns,
+      as ``SGD`` and ``LBFGS`` return the loss before their step. Without a closure ``step``
+      returns the :class:`~enkal.StepInfo`; either way it is :attr:`last_info`.
 
     Parameters
     ----------
@@ -187,7 +164,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         chunk_size: int | None = None,
         lr: float = 1.0,
     ) -> None:
-        lr = _check_lr(lr, "lr")
+        lr = check_lr(lr, "lr")
         check_positive_int(ensemble_size, "ensemble_size", minimum=2)
         check_positive_float(noise, "noise")
         _check_rule(rule)
@@ -374,8 +351,8 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
             entries (``gamma`` and ``rho`` for ``RelativeNoise``, ``rho`` for
             ``FixedAnnealing``) under ``schedule``. Also kept as :attr:`last_info`.
         """
-        inputs, targets = self._check_batch(inputs, targets, closure)
-        lr = self._lr()
+        inputs, targets = check_batch(inputs, targets, closure)
+        lr = group_lr(self.param_groups)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -383,30 +360,6 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         info = self._update(inputs, targets, lr)
         self.last_info = info
         return info if closure is None else loss
-
-    def _check_batch(self, inputs: Any, targets: Any, closure: Any
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if callable(inputs) and not isinstance(inputs, torch.Tensor):
-            raise TypeError("step: got a callable as inputs; the closure is a keyword: "
-                            "step(inputs, targets, closure=closure)")
-        if inputs is None or targets is None:
-            raise TypeError(
-                "step: the ensemble Kalman update needs the minibatch: step(inputs, targets) "
-                "or step(inputs=..., targets=..., closure=...); got "
-                f"inputs={_describe(inputs)}, targets={_describe(targets)}. With Lightning use "
-                "manual optimization (automatic_optimization = False) and call "
-                "self.optimizers().step(inputs=x, targets=y)")
-        if closure is not None and not callable(closure):
-            raise TypeError(f"closure: expected a callable returning the loss, got "
-                            f"{type(closure).__name__}")
-        return inputs, targets
-
-    def _lr(self) -> float:
-        """``param_groups[0]["lr"]``, checked (a scheduler may have set it)."""
-        if len(self.param_groups) != 1:
-            raise ValueError(f"param_groups: expected one group (the model's trainable "
-                             f"parameters), got {len(self.param_groups)}")
-        return _check_lr(self.param_groups[0].get("lr"), _LR)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Torch's, for the one group built at construction; a second group is refused
@@ -572,10 +525,8 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         ``param_groups`` as torch writes it (the group's entries, e.g. ``lr`` and a
         scheduler's ``initial_lr``, with ``params`` as indices)."""
         states = [encode_state(st, "schedule") for st in self._schedule_states]
-        groups = [{**{k: v for k, v in g.items() if k != "params"},
-                   "params": list(range(len(g["params"])))} for g in self.param_groups]
         return {
-            "param_groups": groups,
+            "param_groups": saved_groups(self.param_groups),
             "ensemble": self.ensemble.detach().clone(),
             "mean": self._mean.detach().clone(),
             "rng_state": self._generator.get_state(),
@@ -614,7 +565,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state: {err}") from None
         mask = state.get("mask")
         mean = self._saved_mean(state.get("mean"))
-        group = self._saved_group(state.get("param_groups"))
+        group = loaded_group(state.get("param_groups"), self.param_groups[0])
         self.ensemble = ens.to(self.ensemble.device, self.ensemble.dtype).clone()
         if mean is not None:
             self._mean = mean.to(self.ensemble.device, self.ensemble.dtype).clone()
@@ -636,25 +587,6 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
             raise ValueError("state: no 'mean' entry (a state of a Carry optimizer?); "
                              "members=Redraw needs the mean")
         return mean
-
-    def _saved_group(self, groups: Any) -> dict[str, Any] | None:
-        """The group to install from a state's ``param_groups`` (``None``: none saved)."""
-        if groups is None:
-            return None
-        n = len(self.param_groups[0]["params"])
-        if not isinstance(groups, (list, tuple)) or len(groups) != 1 \
-                or not isinstance(groups[0], dict):
-            raise ValueError(f"state: expected param_groups to be a list of one dict, got "
-                             f"{_describe(groups)}")
-        saved = groups[0]
-        if len(saved.get("params", ())) != n:
-            raise ValueError(f"state: param_groups[0] holds {len(saved.get('params', ()))} "
-                             f"parameters, this optimizer {n}")
-        try:
-            _check_lr(saved.get("lr"), "param_groups[0]['lr']")
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"state: {err}") from None
-        return {**saved, "params": self.param_groups[0]["params"]}
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's keeps only defaults, state and param_groups; copy and pickle need all
