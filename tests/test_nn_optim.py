@@ -227,7 +227,7 @@ def test_step_needs_the_batch_and_a_callable_closure():
 
 
 # -- lr validation -----------------------------------------------------------------------------
-@pytest.mark.parametrize("lr, err", [(0.0, ValueError), (-0.5, ValueError),
+@pytest.mark.parametrize("lr, err", [(-1e-9, ValueError), (-0.5, ValueError),
                                      (float("nan"), ValueError), (float("inf"), ValueError),
                                      ("1", TypeError), (True, TypeError), (None, TypeError)])
 def test_bad_lr_is_rejected_at_construction(lr, err):
@@ -235,9 +235,32 @@ def test_bad_lr_is_rejected_at_construction(lr, err):
         _optimizer("redraw", lr=lr)
 
 
+@pytest.mark.parametrize("config", ["redraw", "carry"])
+def test_lr_zero_keeps_the_mean_as_a_warm_up_starts(config):
+    """lr >= 0 as torch's optimizers: a linear warm-up's first step (lr = 0) leaves the mean
+    exactly (Redraw: m + 0 * d == m; Carry: the members' mean moves back to m up to the
+    rounding of a 16-member mean); the step still counts and the next one moves."""
+    opt = _optimizer(config)
+    scheduler = LambdaLR(opt, lambda k: min(1.0, k / 4))
+    assert opt.param_groups[0]["lr"] == 0.0
+    before = opt.mean
+    spread = float(opt.ensemble.var(0).mean().sqrt())
+    opt.step(*_batches()[0])
+    scheduler.step()
+    if config == "redraw":
+        assert torch.equal(opt.mean, before)
+    else:  # see test_step_lr_halves_the_mean_increment for the Carry bound
+        atol = 64 * EPS * float(opt.ensemble.abs().max())
+        assert torch.allclose(opt.mean, before, rtol=0, atol=atol)
+        assert float(opt.ensemble.var(0).mean().sqrt()) < 0.95 * spread  # it contracted
+    assert opt.iteration == 1 and opt.param_groups[0]["lr"] == 0.25
+    opt.step(*_batches()[1])
+    assert float((opt.mean - before).norm()) > 1e-4
+
+
 def test_bad_lr_from_a_scheduler_refuses_the_step():
     opt = _optimizer("redraw")
-    LambdaLR(opt, lambda k: 0.0)                          # sets lr = 0 at once
+    LambdaLR(opt, lambda k: -1.0)                         # sets lr = -1 at once
     before = opt.mean
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]: expected a finite"):
         opt.step(*_batches()[0])
@@ -293,7 +316,7 @@ def test_old_state_dicts_load_and_bad_groups_are_refused():
         ([group, group], "a list of one dict"),
         ({"lr": 1.0}, "a list of one dict"),
         ([{**group, "params": [0, 1]}], "holds 2 parameters, this optimizer 4"),
-        ([{**group, "lr": 0.0}], r"state: param_groups\[0\]\['lr'\]: expected a finite"),
+        ([{**group, "lr": -1.0}], r"state: param_groups\[0\]\['lr'\]: expected a finite"),
     ]:
         fresh = _optimizer("carry", seed=1)
         before = fresh.ensemble.clone()
@@ -316,3 +339,46 @@ def test_copy_and_hybrid_keep_working():
     loss, info = hybrid.step(xb, yb)
     assert info is not None and info.iteration == 2 and loss > 0
     assert hybrid.state_dict()["kalman"]["param_groups"][0]["lr"] == 0.5
+
+
+def test_lightning_manual_optimization_resumes_from_a_checkpoint_bit_for_bit(tmp_path):
+    """Lightning's own path (LightningOptimizer.step(closure, inputs=, targets=)) and its
+    checkpoints: one epoch, save, resume for a second epoch == two epochs straight."""
+    lightning = pytest.importorskip("lightning")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.net = _net()
+
+        def configure_optimizers(self):
+            opt = EnsembleKalmanOptimizer(self.net, ensemble_size=8, seed=5)
+            return {"optimizer": opt, "lr_scheduler": StepLR(opt, 3, gamma=0.5)}
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = self.optimizers().step(inputs=x, targets=y, closure=lambda: 2.0)
+            assert loss == 2.0                           # the closure's value comes back
+            self.lr_schedulers().step()
+
+    x, y = _data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=24)      # 4 steps an epoch
+
+    def fit(epochs, ckpt=None, save=None):
+        trainer = lightning.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                                    enable_progress_bar=False, enable_checkpointing=False,
+                                    enable_model_summary=False)
+        trainer.fit(Module(), loader, ckpt_path=ckpt)
+        if save:
+            trainer.save_checkpoint(save)
+        return trainer.optimizers[0]
+
+    straight = fit(2)
+    assert isinstance(straight, EnsembleKalmanOptimizer) and straight.iteration == 8
+    assert straight.param_groups[0]["lr"] == 0.25                # StepLR at steps 3 and 6
+    fit(1, save=tmp_path / "one.ckpt")
+    resumed = fit(2, ckpt=tmp_path / "one.ckpt")
+    assert resumed.iteration == 8 and resumed.param_groups[0]["lr"] == 0.25
+    assert torch.equal(resumed.mean, straight.mean)

@@ -24,8 +24,8 @@ def check_lr(lr: Any, name: str) -> float:
         raise TypeError(f"{name}: expected a float (the multiplier of the mean increment), "
                         f"got {type(lr).__name__}")
     value = float(lr)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: expected a finite number > 0 (the multiplier of the mean "
+    if not (math.isfinite(value) and value >= 0):  # 0 as torch's optimizers (a warm-up)
+        raise ValueError(f"{name}: expected a finite number >= 0 (the multiplier of the mean "
                          f"increment; 1.0 is the plain update), got {lr!r}")
     return value
 

@@ -63,8 +63,9 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
       with :class:`Carry` every member is shifted by ``(lr - 1) * (m_a - m)``, keeping the
       analysis anomalies. ``lr = 1`` (default) is the plain update, bit for bit (no
       arithmetic added); ``lr < 1`` damps it, on top of the schedule's own step-size control
-      (:class:`RelativeNoise`'s growing noise); ``lr > 1`` extrapolates (not measured). The
-      draws, the schedule's state and the :class:`~enkal.StepInfo` do not depend on ``lr``.
+      (:class:`RelativeNoise`'s growing noise); ``lr = 0`` keeps the mean (a warm-up's
+      first step; with ``Carry`` the spread still contracts); ``lr > 1`` extrapolates (not
+      measured). Draws, schedule state and :class:`~enkal.StepInfo` do not depend on ``lr``.
     * ``step(inputs, targets, *, closure=None)``: the batch is required (positional, or the
       keywords ``inputs=``, ``targets=`` as ``LightningOptimizer.step(closure, **kwargs)``
       passes them). The update uses no loss, so a ``closure`` (torch's "re-evaluate the model
@@ -121,7 +122,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
     chunk_size : int, optional
         Parameter columns per GEMM block of the update.
     lr : float
-        Multiplier of the mean increment (finite, ``> 0``; default 1.0: the plain update).
+        Multiplier of the mean increment (finite, ``>= 0``; default 1.0: the plain update).
         Stored as ``param_groups[0]["lr"]``, where schedulers change it.
 
     Attributes
@@ -362,8 +363,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         return info if closure is None else loss
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Torch's, for the one group built at construction; a second group is refused
-        (the ensemble spans the model's parameters: a changed model needs a new optimizer)."""
+        """Torch's, for the group built at construction; a second group is refused."""
         if getattr(self, "param_groups", None):
             raise ValueError("add_param_group: EnsembleKalmanOptimizer has one parameter "
                              "group, the model's trainable parameters; build a new optimizer "
