@@ -65,7 +65,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
       arithmetic added); ``lr < 1`` damps it, on top of the schedule's own step-size control
       (:class:`RelativeNoise`'s growing noise); ``lr = 0`` keeps the mean (a warm-up's
       first step; with ``Carry`` the spread still contracts); ``lr > 1`` extrapolates (not
-      measured). Draws, schedule state and :class:`~enkal.StepInfo` do not depend on ``lr``.
+      measured). It acts after the analysis: from one state, any ``lr`` draws and reports alike.
     * ``step(inputs, targets, *, closure=None)``: the batch is required (positional, or the
       keywords ``inputs=``, ``targets=`` as ``LightningOptimizer.step(closure, **kwargs)``
       passes them). The update uses no loss, so a ``closure`` (torch's "re-evaluate the model
