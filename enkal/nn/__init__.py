@@ -12,8 +12,9 @@ Two levels, one implementation:
   ``vmap``) or by a loop over members (the same ``functional_call`` per member); both give
   the same outputs. ``with_inputs(inputs)`` is the :class:`~enkal.ForwardModel` of one fixed
   batch, ``(N_ens, N_par) -> (N_ens, B * n_out)``, for :class:`~enkal.EnsembleSmoother`.
-* :class:`EnsembleKalmanOptimizer` -- ``opt.step(inputs, targets)`` on minibatches, the
-  ensemble mean written into the module after every step so evaluation code is unchanged.
+* :class:`EnsembleKalmanOptimizer` -- a ``torch.optim.Optimizer``: ``opt.step(inputs,
+  targets)`` on minibatches, the ensemble mean written into the module after every step so
+  evaluation code is unchanged; ``lr`` (LR schedulers) multiplies the mean increment.
   :class:`HybridOptimizer` alternates it with a gradient optimizer (AdamW).
 
 The modules: ``model`` (:class:`NeuralModel`, :class:`BatchForward`), ``tasks`` (the output

@@ -1,11 +1,11 @@
-"""Train an ``nn.Module`` with ensemble Kalman updates, used like a torch optimizer:
+"""Train an ``nn.Module`` with ensemble Kalman updates, as a torch optimizer:
 :class:`EnsembleKalmanOptimizer` (see :mod:`enkal.nn`)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from ..failures import ResampleFailed, check_policy
 from ..observations import Observations
 from ..schedule import check_schedule
 from ..update import SquareRoot, UpdateRule, _check_rule
+from ._torch_optim import check_batch, check_lr, group_lr, loaded_group, saved_groups
 from .members import Carry, Redraw, Sections, kaiming_std
 from .model import NeuralModel
 from .noise import RelativeNoise
@@ -26,10 +27,12 @@ from .tasks import Classification, Regression, _check_output_map, _describe
 
 __all__ = ["EnsembleKalmanOptimizer"]
 
+_T = TypeVar("_T")
+
 
 # -- the optimizer ----------------------------------------------------------------------------
-class EnsembleKalmanOptimizer:
-    r"""Train an ``nn.Module`` with ensemble Kalman updates, used like a torch optimizer.
+class EnsembleKalmanOptimizer(torch.optim.Optimizer):
+    r"""Train an ``nn.Module`` with ensemble Kalman updates, as a ``torch.optim.Optimizer``.
 
     Each :meth:`step` runs the ensemble on a minibatch, maps outputs and targets
     (:class:`Classification` / :class:`Regression`), takes one analysis step
@@ -49,6 +52,27 @@ class EnsembleKalmanOptimizer:
     ``docs/nn.md`` (``bench/nn_suite.py``). The seed paper's literal variant carries
     the ensemble: ``members=Carry(CollapseGuard(1e-4, 1e-3)), rule=PerturbedObservations(),
     schedule=FixedAnnealing(0.75, initial=1.0, floor=0.1)`` (0.91-0.93 there).
+
+    As a torch optimizer: one parameter group, the model's trainable parameters (a second
+    group is refused), so ``zero_grad``, LR schedulers, Lightning's manual optimization and
+    :meth:`state_dict` (with torch's ``param_groups``) work as with any optimizer.
+
+    * ``lr`` (``param_groups[0]["lr"]``, read at every step, so schedulers act on it)
+      multiplies the step's *mean increment*: ``m+ = m + lr * (m_a - m)``, ``m_a`` the
+      analysis mean. With :class:`Redraw` only the mean is kept: that is the whole effect;
+      with :class:`Carry` every member is shifted by ``(lr - 1) * (m_a - m)``, keeping the
+      analysis anomalies. ``lr = 1`` (default) is the plain update, bit for bit (no
+      arithmetic added); ``lr < 1`` damps it, on top of the schedule's own step-size control
+      (:class:`RelativeNoise`'s growing noise); ``lr = 0`` keeps the mean (a warm-up's
+      first step; with ``Carry`` the spread still contracts); ``lr > 1`` extrapolates (not
+      measured). It acts after the analysis: from one state, any ``lr`` draws and reports alike.
+    * ``step(inputs, targets, *, closure=None)``: the batch is required (positional, or the
+      keywords ``inputs=``, ``targets=`` as ``LightningOptimizer.step(closure, **kwargs)``
+      passes them). The update uses no loss, so a ``closure`` (torch's "re-evaluate the model
+      and return the loss") is only reported: called once before the update (the model holds
+      the current mean; under ``torch.enable_grad()``), its value is what ``step`` returns,
+      as ``SGD`` and ``LBFGS`` return the loss before their step. Without a closure ``step``
+      returns the :class:`~enkal.StepInfo`; either way it is :attr:`last_info`.
 
     Parameters
     ----------
@@ -97,6 +121,9 @@ class EnsembleKalmanOptimizer:
         As for :class:`NeuralModel`.
     chunk_size : int, optional
         Parameter columns per GEMM block of the update.
+    lr : float
+        Multiplier of the mean increment (finite, ``>= 0``; default 1.0: the plain update).
+        Stored as ``param_groups[0]["lr"]``, where schedulers change it.
 
     Attributes
     ----------
@@ -112,6 +139,8 @@ class EnsembleKalmanOptimizer:
         observations ``(N_obs,)``, and errors ``predictions - observations``; ``None``
         before the first step. With one-at-a-time sections they are those of the
         perturbed section's forward.
+    last_info : StepInfo or None
+        The last step's diagnostics (what :meth:`step` returns without a closure).
     """
 
     def __init__(
@@ -134,7 +163,9 @@ class EnsembleKalmanOptimizer:
         members_per_call: int | None = None,
         devices: Sequence[torch.device | str] | None = None,
         chunk_size: int | None = None,
+        lr: float = 1.0,
     ) -> None:
+        lr = check_lr(lr, "lr")
         check_positive_int(ensemble_size, "ensemble_size", minimum=2)
         check_positive_float(noise, "noise")
         _check_rule(rule)
@@ -158,6 +189,8 @@ class EnsembleKalmanOptimizer:
         self.model = model
         self.net = NeuralModel(model, backend=backend, members_per_call=members_per_call,
                                device=device, dtype=dtype, devices=devices)
+        # torch's bookkeeping (param_groups, state, hooks): one group, the layout's tensors
+        super().__init__(self.net._module_params(), {"lr": lr})
         self.ensemble_size = int(ensemble_size)
         self.noise = float(noise)
         self.rule = rule
@@ -187,6 +220,7 @@ class EnsembleKalmanOptimizer:
             self._mean = self.ensemble.mean(dim=0)
         self.last_predictions: torch.Tensor | None = None
         self.last_observations: torch.Tensor | None = None
+        self.last_info: StepInfo | None = None
         self._write_mean()
 
     # -- construction ------------------------------------------------------------------------
@@ -286,7 +320,16 @@ class EnsembleKalmanOptimizer:
             return Classification()
         return Regression()
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepInfo:
+    @overload  # type: ignore[override]
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, *,
+             closure: None = None) -> StepInfo: ...
+
+    @overload
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, *,
+             closure: Callable[[], _T]) -> _T: ...
+
+    def step(self, inputs: torch.Tensor | None = None, targets: torch.Tensor | None = None, *,
+             closure: Callable[[], Any] | None = None) -> Any:
         """One ensemble Kalman update on a minibatch; the mean is written into the model.
 
         Parameters
@@ -295,16 +338,39 @@ class EnsembleKalmanOptimizer:
         targets : Tensor
             Integer labels ``(B,)`` or class probabilities ``(B, C)`` (classification), or
             floats ``(B, n_out)`` (regression).
+        closure : callable, optional
+            ``closure() -> loss``, called once before the update (the model holds the
+            current mean) under ``torch.enable_grad()``; its value is returned. The update
+            does not use it (see the class docstring).
 
         Returns
         -------
-        StepInfo
+        StepInfo, or the closure's return value when a closure is given
             ``misfit`` (mean over members of ``||(Yh_j - y) / noise||^2 / N_obs``),
             ``mean_misfit`` (the same for the mean prediction), ``alpha``, ``spread``
             (before the update), ``n_resampled`` (collapse-guard redraws); the schedule's
             entries (``gamma`` and ``rho`` for ``RelativeNoise``, ``rho`` for
-            ``FixedAnnealing``) under ``schedule``.
+            ``FixedAnnealing``) under ``schedule``. Also kept as :attr:`last_info`.
         """
+        inputs, targets = check_batch(inputs, targets, closure)
+        lr = group_lr(self.param_groups)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        info = self._update(inputs, targets, lr)
+        self.last_info = info
+        return info if closure is None else loss
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Torch's, for the group built at construction; a second group is refused."""
+        if getattr(self, "param_groups", None):
+            raise ValueError("add_param_group: EnsembleKalmanOptimizer has one parameter "
+                             "group, the model's trainable parameters; build a new optimizer "
+                             "for other parameters")
+        super().add_param_group(param_group)
+
+    def _update(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> StepInfo:
         self.net._check_inputs(inputs)
         task = self._task_for(targets)
         n_sec = len(self._sections)
@@ -312,6 +378,7 @@ class EnsembleKalmanOptimizer:
         active = [self._iteration % n_sec] if one else list(range(n_sec))
         redraw = self._redraw_std is not None
         rng, std = self._generator.get_state(), self._redraw_std
+        start = None if lr == 1 else self._mean.clone()  # lr = 1: not one extra operation
         try:  # a refused step (bad targets, too many failed members) changes nothing
             if isinstance(self.members, Redraw) and self.members.scale == "inputs":
                 self._redraw_std = self.members.std(self.net, inputs, self._mean,
@@ -338,6 +405,8 @@ class EnsembleKalmanOptimizer:
             self._generator.set_state(rng)
             self._redraw_std = std
             raise
+        if start is not None:
+            self._scale_increment(x, start, lr, redraw)
         self.ensemble = x
         self._schedule_states = list(a.schedule)
         self._iteration += 1
@@ -348,6 +417,15 @@ class EnsembleKalmanOptimizer:
             iteration=self._iteration, alpha=a.alpha, misfit=a.misfit,
             mean_misfit=a.mean_misfit, spread=a.spread, n_failed=a.n_failed,
             n_resampled=a.n_resampled, done=False, schedule=a.schedule_info, n_live=a.n_live)
+
+    def _scale_increment(self, x: torch.Tensor, start: torch.Tensor, lr: float,
+                         redraw: bool) -> None:
+        """``m+ = start + lr * (m_a - start)``: with Redraw on the kept mean, with Carry by
+        shifting every member (anomalies kept)."""
+        if redraw:  # (m_a - m) * lr + m, in place
+            self._mean.sub_(start).mul_(lr).add_(start)
+        else:
+            x += (x.mean(dim=0) - start).mul_(lr - 1)
 
     # -- the mean, prediction and gradient hybrids ------------------------------------------
     def predict(self, inputs: torch.Tensor, *, task: Classification | Regression | None = None
@@ -443,9 +521,12 @@ class EnsembleKalmanOptimizer:
 
     # -- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Tensors, numbers and strings only (``torch.load(weights_only=True)`` reads it)."""
+        """Tensors, numbers and strings only (``torch.load(weights_only=True)`` reads it);
+        ``param_groups`` as torch writes it (the group's entries, e.g. ``lr`` and a
+        scheduler's ``initial_lr``, with ``params`` as indices)."""
         states = [encode_state(st, "schedule") for st in self._schedule_states]
         return {
+            "param_groups": saved_groups(self.param_groups),
             "ensemble": self.ensemble.detach().clone(),
             "mean": self._mean.detach().clone(),
             "rng_state": self._generator.get_state(),
@@ -457,7 +538,9 @@ class EnsembleKalmanOptimizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` output: the next steps repeat, bit for bit, those
-        of the uninterrupted run (same device, data and configuration)."""
+        of the uninterrupted run (same device, data and configuration). ``param_groups``
+        (absent from dicts saved before it was added: ``lr`` is then left as it is) replaces
+        the group's entries (``lr``, ``initial_lr``, ...), as torch's optimizers do."""
         if not isinstance(state, dict):
             raise TypeError(f"state: expected a dict from state_dict(), got "
                             f"{type(state).__name__}")
@@ -481,14 +564,8 @@ class EnsembleKalmanOptimizer:
         except ValueError as err:
             raise ValueError(f"state: {err}") from None
         mask = state.get("mask")
-        mean = state.get("mean")
-        if mean is not None and (not isinstance(mean, torch.Tensor)
-                                 or tuple(mean.shape) != (self.net.n_parameters,)):
-            raise ValueError(f"state: expected a mean of shape ({self.net.n_parameters},), "
-                             f"got {_describe(mean)}")
-        if mean is None and self._redraw_std is not None:
-            raise ValueError("state: no 'mean' entry (a state of a Carry optimizer?); "
-                             "members=Redraw needs the mean")
+        mean = self._saved_mean(state.get("mean"))
+        group = loaded_group(state.get("param_groups"), self.param_groups[0])
         self.ensemble = ens.to(self.ensemble.device, self.ensemble.dtype).clone()
         if mean is not None:
             self._mean = mean.to(self.ensemble.device, self.ensemble.dtype).clone()
@@ -496,9 +573,27 @@ class EnsembleKalmanOptimizer:
         self._iteration = int(it)
         self._schedule_states = states
         self.mask = None if mask is None else mask.to(self.ensemble.device, torch.bool)
+        if group is not None:
+            self.param_groups[0] = group
         self._write_mean()
+
+    def _saved_mean(self, mean: Any) -> torch.Tensor | None:
+        """A state's ``mean`` entry, checked (``None`` only for a Carry optimizer)."""
+        if mean is not None and (not isinstance(mean, torch.Tensor)
+                                 or tuple(mean.shape) != (self.net.n_parameters,)):
+            raise ValueError(f"state: expected a mean of shape ({self.net.n_parameters},), "
+                             f"got {_describe(mean)}")
+        if mean is None and self._redraw_std is not None:
+            raise ValueError("state: no 'mean' entry (a state of a Carry optimizer?); "
+                             "members=Redraw needs the mean")
+        return mean
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's keeps only defaults, state and param_groups; copy and pickle need all
+        return dict(self.__dict__)
 
     def __repr__(self) -> str:
         return (f"EnsembleKalmanOptimizer(N_ens={self.ensemble_size}, "
                 f"N_par={self.net.n_parameters}, noise={self.noise}, rule={self.rule}, "
-                f"schedule={self.schedule}, members={self.members}, seed={self.seed})")
+                f"schedule={self.schedule}, members={self.members}, seed={self.seed}, "
+                f"lr={self.param_groups[0]['lr']})")
