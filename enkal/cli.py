@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import logging
 import os
 import sys
@@ -72,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a TOML configuration", parents=[common],
                        description="Build the problem a TOML configuration describes, run the "
                                    "smoother and write the history to an HDF5 file.")
-    r.add_argument("config", help="the TOML configuration (see problems/*.toml)")
+    r.add_argument("config", help="the TOML configuration (docs/config.md; problems/*.toml). "
+                                  "A configuration may name Python code ([model] target/rhs) "
+                                  "that is imported and run: run only configurations you trust")
     r.add_argument("--out", help="output HDF5 file (default: with --resume, the history "
                                  "resumed; else CONFIG's name with .h5, here)")
     r.add_argument("--seed", type=int, help="seed of prior, data and smoother (overrides "
@@ -251,7 +254,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = _output(args)
     config = load_toml(args.config)
     plugin = find_plugin(config.get("problem", "estimation"))
-    exp = plugin.build(config, seed=args.seed, device=args.device)
+    exp = plugin.build(config, seed=args.seed, device=args.device,
+                       **_base_dir(plugin, args.config))
     executor = _executor(args, exp.executor)
     max_it = args.max_iterations or exp.max_iterations
     sinks: list[Any] = [_Banner(exp.name, out, args.resume)]
@@ -273,6 +277,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{len(result.history.get('iteration', []))} updates, {result.n_forwards} member "
           f"forwards, stopped by {result.stopped_by}; wrote {out}")
     return 0
+
+
+def _base_dir(plugin: Any, config: str) -> dict:
+    """``base_dir=`` (the configuration's directory, for its relative paths) for plugins
+    whose ``build`` takes it; plugins written before it existed get nothing new."""
+    try:
+        takes = "base_dir" in inspect.signature(plugin.build).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"base_dir": os.path.dirname(os.path.abspath(config))} if takes else {}
 
 
 #: tables of a configuration that describe how a problem is run, not the problem: the

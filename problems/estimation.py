@@ -46,7 +46,7 @@ Run it with ``enkal run problems/lorenz63.toml`` or from Python with :func:`buil
 from __future__ import annotations
 
 import inspect
-import math
+import os
 from typing import Any
 
 import torch
@@ -55,6 +55,14 @@ import enkal
 from enkal.config import build_strategy, check_keys, load_toml
 from enkal.experiment import Experiment
 from enkal.models.summary import monte_carlo_cov, path_statistics_cov, summarise
+from enkal.problems.parsing import (
+    import_target,
+    integer,
+    layout_from_parameters,
+    load_values,
+    priors,
+    times,
+)
 
 __all__ = ["build", "calibration", "run_config", "model_registry", "plugin"]
 
@@ -84,36 +92,7 @@ def solver_registry() -> dict[str, type]:
             "TauLeaping": jump.TauLeaping}
 
 
-MAX_TIMES = 1_000_000
 MAX_STEPS = 10_000_000
-
-
-def _number(v: Any, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{where}: expected a finite number, got {v!r}"[:200])
-    return float(v)
-
-
-def _int(v: Any, where: str, *, minimum: int = 0, maximum: int = 2**62) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not (minimum <= v <= maximum):
-        raise ValueError(f"{where}: expected an int in [{minimum}, {maximum}], got {v!r}"[:200])
-    return v
-
-
-def _times(spec: Any, where: str) -> list[float]:
-    if isinstance(spec, dict):
-        check_keys(spec, where=where, required=("start", "stop", "step"))
-        start, stop, step = (_number(spec[k], f"{where}.{k}") for k in ("start", "stop", "step"))
-        if not (step > 0 and stop >= start):
-            raise ValueError(f"{where}: expected step > 0 and stop >= start, got {spec}")
-        count = (stop - start) / step
-        if not count < MAX_TIMES:
-            raise ValueError(f"{where}: more than {MAX_TIMES} observation times")
-        n = int(math.floor(count + 1e-9)) + 1
-        return [round(start + i * step, 12) for i in range(n)]
-    if isinstance(spec, list) and 0 < len(spec) <= MAX_TIMES:
-        return [_number(t, f"{where}[{i}]") for i, t in enumerate(spec)]
-    raise ValueError(f"{where}: expected a list of times or {{start, stop, step}}, got {spec!r}"[:300])
 
 
 def _check_steps(kwargs: dict, name: str) -> None:
@@ -131,14 +110,30 @@ def _check_steps(kwargs: dict, name: str) -> None:
                              f"steps to reach t = {max(t_obs)}")
 
 
-def _build_model(section: dict, *, device: str | None, seed: int | None = None):
+def _build_model(section: Any, *, device: str | None, seed: int | None = None,
+                 parameters: Any = None, base_dir: Any = None):
+    """The model ``[model]`` names: ``type`` (a class of :func:`model_registry`), ``target``
+    (your factory) or ``rhs`` (your ODE right-hand side, the layout from ``[parameters]``)."""
+    kinds = [k for k in ("type", "target", "rhs") if isinstance(section, dict) and k in section]
+    if len(kinds) != 1:
+        raise ValueError("[model]: expected exactly one of 'type' (one of "
+                         f"{sorted(model_registry())}), 'target' (your ForwardModel factory, "
+                         "\"module:function\") or 'rhs' (your ODE right-hand side, "
+                         f"\"module:function\"), got {kinds or 'none'}")
+    if kinds == ["target"]:
+        return _target_model(section, device=device, seed=seed, base_dir=base_dir)
+    if kinds == ["rhs"]:
+        return _rhs_model(section, device=device, parameters=parameters, base_dir=base_dir)
+    return _registered_model(section, device=device, seed=seed)
+
+
+def _registered_model(section: dict, *, device: str | None, seed: int | None):
     models = model_registry()
-    if not isinstance(section, dict) or "type" not in section:
-        raise ValueError(f"[model]: missing key 'type' (one of {sorted(models)})")
     name = section["type"]
     cls = models.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ValueError(f"[model]: type {name!r} is not one of {sorted(models)}")
+        raise ValueError(f"[model]: type {name!r} is not one of {sorted(models)} (your own "
+                         "model: target = \"module:factory\", docs/config.md)")
     params = inspect.signature(cls.__init__).parameters
     settable = {p: v for p, v in params.items() if p not in ("self", "device", "dtype")
                 and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)}
@@ -146,11 +141,7 @@ def _build_model(section: dict, *, device: str | None, seed: int | None = None):
     kwargs = {k: v for k, v in section.items() if k != "type"}
     check_keys(kwargs, where=f"[model] ({name})", required=required,
                optional=tuple(settable))
-    if "t_obs" in kwargs:
-        kwargs["t_obs"] = _times(kwargs["t_obs"], f"[model] ({name}) t_obs")
-    if "solver" in kwargs:
-        kwargs["solver"] = _solver(kwargs["solver"], name)
-    _check_steps(kwargs, name)
+    _convert(kwargs, name)
     if device is not None and "device" in params:
         kwargs["device"] = device
     if seed is not None and "seed" in params:
@@ -159,6 +150,69 @@ def _build_model(section: dict, *, device: str | None, seed: int | None = None):
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise type(err)(f"[model] ({name}): {err}") from None
+
+
+def _convert(kwargs: dict, name: str) -> None:
+    """TOML values of the simulators' common arguments: times, solver, step limits."""
+    if "t_obs" in kwargs:
+        kwargs["t_obs"] = times(kwargs["t_obs"], f"[model] ({name}) t_obs")
+    if "solver" in kwargs:
+        kwargs["solver"] = _solver(kwargs["solver"], name)
+    _check_steps(kwargs, name)
+
+
+def _accepts(fn: Any) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return set()
+
+
+def _target_model(section: dict, *, device: str | None, seed: int | None, base_dir: Any):
+    """``target = "module:factory"``: the factory called with the table's other keys (and
+    ``device`` / ``seed`` when it takes them) must return an :class:`enkal.ForwardModel`."""
+    target = section["target"]
+    factory = import_target(target, "[model] target", base_dir=base_dir)
+    if not callable(factory):
+        raise ValueError(f"[model] target: {target!r} is a {type(factory).__name__}, not a "
+                         "factory (expected a function or class returning an "
+                         "enkal.ForwardModel)")
+    kwargs = {k: v for k, v in section.items() if k != "target"}
+    accepts = _accepts(factory)
+    if device is not None and "device" in accepts:
+        kwargs.setdefault("device", device)
+    if seed is not None and "seed" in accepts:
+        kwargs["seed"] = seed
+    try:
+        model = factory(**kwargs)
+    except Exception as err:  # noqa: BLE001 - the user's factory failed: one line
+        raise ValueError(f"[model] target {target!r} raised {type(err).__name__}: "
+                         f"{err}") from None
+    if not isinstance(model, enkal.ForwardModel):
+        raise ValueError(f"[model] target: {target!r} returned a {type(model).__name__}, not "
+                         "an enkal.ForwardModel (a factory: a function or class that builds "
+                         "one; an ODE right-hand side goes under rhs =)")
+    return model
+
+
+def _rhs_model(section: dict, *, device: str | None, parameters: Any, base_dir: Any):
+    """``rhs = "module:function"``: ``f(t, x, p) -> dx/dt`` integrated by
+    :class:`enkal.models.ode.ODEModel`, the parameters from ``[parameters]``."""
+    from enkal.models.ode import ODEModel
+
+    rhs = import_target(section["rhs"], "[model] rhs", base_dir=base_dir)
+    if not callable(rhs):
+        raise ValueError(f"[model] rhs: {section['rhs']!r} is a {type(rhs).__name__}, not a "
+                         "function f(t, x, p) -> dx/dt")
+    kwargs = check_keys({k: v for k, v in section.items() if k != "rhs"},
+                        where="[model] (rhs)", required=("x0", "t_obs"),
+                        optional=("solver", "observe", "t0", "state_names"))
+    _convert(kwargs, "rhs")
+    layout = layout_from_parameters(parameters)
+    try:
+        return ODEModel(rhs, layout, device=device or "cpu", **kwargs)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"[model] (rhs): {err}") from None
 
 
 def _solver(spec: Any, model_name: str):
@@ -186,10 +240,10 @@ def _replicate(model, summary: dict):
         raise type(err)(f"[summary]: {err}") from None
 
 
-def _truth_paths(model_section: dict, x_true: torch.Tensor, n: int, *, seed: int,
-                 device: str | None) -> torch.Tensor:
-    """``n`` independent paths of the simulator at the truth, ``(n, M)`` in float64."""
-    sim = _build_model(model_section, device=device, seed=seed % 2**62)
+def _truth_paths(make: Any, x_true: torch.Tensor, n: int, *, seed: int) -> torch.Tensor:
+    """``n`` independent paths of the simulator ``make(seed)`` builds at the truth, ``(n, M)``
+    in float64."""
+    sim = make(seed % 2**62)
     sim.row_streams, sim.common_noise = True, False  # row i: an independent realisation
     paths = sim(x_true.to(sim.dtype).expand(n, -1))
     if not bool(torch.isfinite(paths).all()):
@@ -197,7 +251,7 @@ def _truth_paths(model_section: dict, x_true: torch.Tensor, n: int, *, seed: int
     return paths.to(torch.float64).cpu()
 
 
-def _twin_statistics(model_section: dict, model, x_true: torch.Tensor, *, device, data_seed: int,
+def _twin_statistics(make: Any, model, x_true: torch.Tensor, *, data_seed: int,
                      realisations: int, n_cov: int, auto: bool):
     """The data of a twin experiment through summary statistics, and its noise covariance.
 
@@ -212,8 +266,7 @@ def _twin_statistics(model_section: dict, model, x_true: torch.Tensor, *, device
     """
     stats, n_times, k = model.statistics, model.n_times, model.n_replicates
     # the truth's noise comes from the data seed, never the ensemble's streams
-    paths = _truth_paths(model_section, x_true, realisations, seed=10_007 + data_seed,
-                         device=device)
+    paths = _truth_paths(make, x_true, realisations, seed=10_007 + data_seed)
     values = summarise(paths.unsqueeze(0), stats, n_times=n_times)[0]
     if not auto:
         return values, None
@@ -221,133 +274,36 @@ def _twin_statistics(model_section: dict, model, x_true: torch.Tensor, *, device
         gen = torch.Generator().manual_seed(data_seed)
         cov = monte_carlo_cov(paths, stats, generator=gen, n_times=n_times)
         return values, (1.0 + realisations / k) * cov
-    cov_paths = _truth_paths(model_section, x_true, n_cov, seed=20_011 + 3 * data_seed,
-                             device=device)
+    cov_paths = _truth_paths(make, x_true, n_cov, seed=20_011 + 3 * data_seed)
     cov = path_statistics_cov(cov_paths, stats, n_times=n_times)
     return values, (1.0 / realisations + 1.0 / k) * cov
 
 
-def _block_values(block, value: Any, where: str) -> torch.Tensor:
-    values = value if isinstance(value, list) else [value]
-    if len(values) not in (1, block.size):
-        raise ValueError(f"{where}: expected a number or {block.size} numbers, got {value!r}"[:200])
-    t = torch.tensor([_number(v, where) for v in values], dtype=torch.float64)
-    return t.expand(block.size).clone() if t.numel() == 1 else t
+def build(config: dict, *, seed: int | None = None, device: str | None = None,
+          base_dir: str | os.PathLike | None = None) -> Experiment:
+    """Build the experiment a configuration describes (``docs/config.md``).
 
-
-def _priors(section: Any, layout: enkal.ParameterLayout, n_members: int,
-            gen: torch.Generator):
-    names = [b.name for b in layout.blocks]
-    if not isinstance(section, dict):
-        raise ValueError("[parameters]: expected one table per parameter, e.g. "
-                         f"[parameters.{names[0]}]")
-    check_keys(section, where="[parameters]", required=tuple(names))
-    mean = torch.empty(layout.size, dtype=torch.float64)
-    std = torch.empty(layout.size, dtype=torch.float64)
-    truth = torch.empty(layout.size, dtype=torch.float64)
-    has_truth = []
-    for b in layout.blocks:
-        where = f"[parameters.{b.name}]"
-        spec = check_keys(section[b.name], where=where, required=("prior_median", "prior_std"),
-                          optional=("truth",))
-        median = _block_values(b, spec["prior_median"], f"{where} prior_median")
-        try:
-            mean[b.slice] = b.constraint.inverse(median)
-        except ValueError as err:
-            raise ValueError(f"{where} prior_median: {err}") from None
-        s = _block_values(b, spec["prior_std"], f"{where} prior_std")
-        if not bool(torch.isfinite(s).all() and (s > 0).all()):
-            raise ValueError(f"{where} prior_std: expected finite values > 0, got {spec['prior_std']}")
-        std[b.slice] = s
-        if "truth" in spec:
-            truth[b.slice] = _block_values(b, spec["truth"], f"{where} truth")
-        has_truth.append("truth" in spec)
-    if any(has_truth) and not all(has_truth):
-        raise ValueError("[parameters]: give 'truth' for every parameter or for none")
-    prior = enkal.gaussian_ensemble(mean, std, n_members, generator=gen)
-    return prior, (truth if all(has_truth) else None)
-
-
-def build(config: dict, *, seed: int | None = None, device: str | None = None) -> Experiment:
-    """Build the experiment a configuration describes (see the module docstring)."""
+    ``base_dir``: the directory relative paths of the configuration (a data ``file``, a
+    module beside it named by ``target``/``rhs``) are relative to: the configuration file's
+    own directory (``enkal run`` and :func:`run_config` pass it); default the working
+    directory.
+    """
     check_keys(config, where="configuration", required=("model", "parameters", "smoother"),
                optional=TOP_KEYS)
-    smoother_cfg = check_keys(
-        config["smoother"], where="[smoother]", required=("ensemble_size",),
-        optional=("rule", "schedule", "guard", "failure", "seed", "max_iterations",
-                  "chunk_size"))
-    data = check_keys(config.get("data", {}), where="[data]",
-                      optional=("noise_std", "seed", "values", "realisations"))
-    if "name" in config and not isinstance(config["name"], str):
-        raise ValueError(f"name: expected a string, got {config['name']!r}"[:200])
-    if seed is None:
-        seed = _int(smoother_cfg.get("seed", 0), "[smoother] seed", maximum=2**31)
-    else:
-        seed = _int(seed, "seed", maximum=2**31)
-    max_iterations = _int(smoother_cfg.get("max_iterations", 100), "[smoother] max_iterations",
-                          minimum=1, maximum=10**9)
-    model = _build_model(config["model"], device=device)
-    n_members = smoother_cfg["ensemble_size"]
-    if isinstance(n_members, bool) or not isinstance(n_members, int) or n_members < 2:
-        raise ValueError(f"[smoother] ensemble_size: expected an int >= 2, got {n_members!r}")
-    if n_members > 10**6 or n_members * model.layout.size > 2**31:
-        raise ValueError(f"[smoother] ensemble_size: {n_members} members of "
-                         f"{model.layout.size} parameters is beyond this plugin's limits")
+    smoother_cfg, data, seed, max_iterations = _settings(config, seed)
+    make = _model_factory(config, device=device, base_dir=base_dir)
+    model = make(None)
+    n_members = _ensemble_size(smoother_cfg, model)
     gen = torch.Generator().manual_seed(seed)
-    prior, truth = _priors(config["parameters"], model.layout, n_members, gen)
-
-    if "noise_std" not in data:
-        raise ValueError("[data]: missing key 'noise_std'")
-    noise_std = data["noise_std"]
-    if isinstance(noise_std, str) and noise_std != "auto":
-        raise ValueError(f"[data] noise_std: expected a number, a list of numbers or \"auto\", "
-                         f"got {noise_std!r}")
-    summary = None
-    realisations = _int(data.get("realisations", 1), "[data] realisations", minimum=1,
-                        maximum=10**6)
-    if "summary" in config:
-        summary = check_keys(config["summary"], where="[summary]",
-                             optional=("replicates", "statistics", "seed", "covariance_paths"))
-        # the model's replicate paths follow the run's seed too (a fixed set of paths would
-        # bias every repetition of an experiment the same way)
-        model = _replicate(model, {**summary, "seed": summary.get("seed", 0) + 7919 * seed})
-        if "std" in model.statistics and realisations < 2:
-            raise ValueError("[data] realisations: the statistic 'std' is over realisations: "
-                             f"expected >= 2 realisations, got {realisations}")
-        n_cov = _int(summary.get("covariance_paths", 1000), "[summary] covariance_paths",
-                     minimum=model.output_size + 3, maximum=10**5)
-    elif noise_std == "auto":
-        raise ValueError("[data] noise_std = \"auto\": only with a [summary] section")
-    elif "realisations" in data:
-        raise ValueError("[data] realisations: only with a [summary] section")
+    prior, truth = priors(config["parameters"], model.layout, n_members, gen,
+                          layout_keys="rhs" in config["model"])
+    noise_std = _noise_std(data)
+    model, twin = _summary(config, model, data, seed, noise_std)
     # the data's noise follows both the configured data seed and the run's seed, so that
     # repeating a twin experiment over seeds repeats it over data sets too
-    data_seed = 1_000_003 * _int(data.get("seed", 0), "[data] seed", maximum=2**31) + seed
-    if "values" in data:
-        values = torch.as_tensor(data["values"], dtype=torch.float64)
-        if noise_std == "auto":
-            raise ValueError("[data] noise_std = \"auto\": only for twin experiments (truth)")
-    elif truth is not None:
-        x_true = truth.unsqueeze(0)
-        if summary is not None:
-            values, noise_cov = _twin_statistics(config["model"], model, x_true, device=device,
-                                                 data_seed=data_seed, realisations=realisations,
-                                                 n_cov=n_cov, auto=noise_std == "auto")
-        else:
-            # a stochastic simulator draws the truth's noise from the data seed, not the
-            # ensemble's: the members must not share the realisation that made the data
-            truth_model = _build_model(config["model"], device=device, seed=10_007 + data_seed)
-            clean = truth_model(x_true.to(truth_model.dtype))[0].to(torch.float64).cpu()
-            if not bool(torch.isfinite(clean).all()):
-                raise ValueError("[parameters] truth: the model's prediction at the truth is "
-                                 "not finite")
-            noise_gen = torch.Generator().manual_seed(data_seed)
-            std = enkal.Observations(clean, noise_std=noise_std).noise_std
-            values = clean + std * torch.randn(clean.shape, generator=noise_gen,
-                                               dtype=torch.float64)
-    else:
-        raise ValueError("[data]: give observed 'values', or a 'truth' for every parameter "
-                         "(twin experiment)")
+    data_seed = 1_000_003 * integer(data.get("seed", 0), "[data] seed", maximum=2**31) + seed
+    values, noise_cov = _data_values(data, make, model, truth, twin, noise_std=noise_std,
+                                     data_seed=data_seed, base_dir=base_dir)
     if noise_std == "auto":
         observations = enkal.Observations(values, noise_cov=noise_cov)
     else:
@@ -362,18 +318,133 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None) -
     executor = None
     if "executor" in config:
         executor = build_strategy("executor", config["executor"], where="[executor]")
-    dtype = model.dtype
     return Experiment(
-        name=config.get("name", config["model"]["type"]), model=model,
-        observations=observations, prior=prior.to(dtype=dtype, device=model.device),
+        name=config.get("name", _model_name(config["model"])), model=model,
+        observations=observations, prior=prior.to(dtype=model.dtype, device=model.device),
         smoother=smoother, max_iterations=max_iterations,
         executor=executor, truth=truth, config=config,
     )
 
 
+def _model_name(section: dict) -> str:
+    return str(next(section[k] for k in ("type", "target", "rhs") if k in section))
+
+
+def _settings(config: dict, seed: int | None) -> tuple[dict, dict, int, int]:
+    """``[smoother]``, ``[data]``, the run's seed and ``max_iterations``, checked."""
+    smoother_cfg = check_keys(
+        config["smoother"], where="[smoother]", required=("ensemble_size",),
+        optional=("rule", "schedule", "guard", "failure", "seed", "max_iterations",
+                  "chunk_size"))
+    data = check_keys(config.get("data", {}), where="[data]",
+                      optional=("noise_std", "seed", "values", "file", "column", "variable",
+                                "realisations"))
+    if "name" in config and not isinstance(config["name"], str):
+        raise ValueError(f"name: expected a string, got {config['name']!r}"[:200])
+    if seed is None:
+        seed = integer(smoother_cfg.get("seed", 0), "[smoother] seed", maximum=2**31)
+    else:
+        seed = integer(seed, "seed", maximum=2**31)
+    max_iterations = integer(smoother_cfg.get("max_iterations", 100),
+                             "[smoother] max_iterations", minimum=1, maximum=10**9)
+    return smoother_cfg, data, seed, max_iterations
+
+
+def _model_factory(config: dict, *, device: str | None, base_dir: Any) -> Any:
+    """``make(seed)``: the configured model (``seed`` for a stochastic simulator's noise)."""
+    section, parameters = config["model"], config.get("parameters")
+
+    def make(seed: int | None):
+        return _build_model(section, device=device, seed=seed, parameters=parameters,
+                            base_dir=base_dir)
+    return make
+
+
+def _ensemble_size(smoother_cfg: dict, model: Any) -> int:
+    n_members = smoother_cfg["ensemble_size"]
+    if isinstance(n_members, bool) or not isinstance(n_members, int) or n_members < 2:
+        raise ValueError(f"[smoother] ensemble_size: expected an int >= 2, got {n_members!r}")
+    if n_members > 10**6 or n_members * model.layout.size > 2**31:
+        raise ValueError(f"[smoother] ensemble_size: {n_members} members of "
+                         f"{model.layout.size} parameters is beyond this plugin's limits")
+    return n_members
+
+
+def _noise_std(data: dict) -> Any:
+    if "noise_std" not in data:
+        raise ValueError("[data]: missing key 'noise_std'")
+    noise_std = data["noise_std"]
+    if isinstance(noise_std, str) and noise_std != "auto":
+        raise ValueError(f"[data] noise_std: expected a number, a list of numbers or \"auto\", "
+                         f"got {noise_std!r}")
+    return noise_std
+
+
+def _summary(config: dict, model: Any, data: dict, seed: int, noise_std: Any
+             ) -> tuple[Any, tuple[int, int] | None]:
+    """The model through ``[summary]`` statistics, and ``(realisations, covariance paths)``
+    of its twin experiment (``None`` without a ``[summary]``)."""
+    realisations = integer(data.get("realisations", 1), "[data] realisations", minimum=1,
+                           maximum=10**6)
+    if "summary" not in config:
+        if noise_std == "auto":
+            raise ValueError("[data] noise_std = \"auto\": only with a [summary] section")
+        if "realisations" in data:
+            raise ValueError("[data] realisations: only with a [summary] section")
+        return model, None
+    summary = check_keys(config["summary"], where="[summary]",
+                         optional=("replicates", "statistics", "seed", "covariance_paths"))
+    # the model's replicate paths follow the run's seed too (a fixed set of paths would
+    # bias every repetition of an experiment the same way)
+    model = _replicate(model, {**summary, "seed": summary.get("seed", 0) + 7919 * seed})
+    if "std" in model.statistics and realisations < 2:
+        raise ValueError("[data] realisations: the statistic 'std' is over realisations: "
+                         f"expected >= 2 realisations, got {realisations}")
+    n_cov = integer(summary.get("covariance_paths", 1000), "[summary] covariance_paths",
+                    minimum=model.output_size + 3, maximum=10**5)
+    return model, (realisations, n_cov)
+
+
+def _data_values(data: dict, make: Any, model: Any, truth: torch.Tensor | None,
+                 twin: tuple[int, int] | None, *, noise_std: Any, data_seed: int,
+                 base_dir: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The observed values (given inline, from a file, or simulated at the truth) and, for
+    ``noise_std = "auto"``, their noise covariance."""
+    given = [k for k in ("values", "file") if k in data]
+    if len(given) > 1:
+        raise ValueError("[data]: give 'values' or 'file', not both")
+    if "file" not in data and ("column" in data or "variable" in data):
+        raise ValueError("[data] column/variable: only with file")
+    if given:
+        if noise_std == "auto":
+            raise ValueError("[data] noise_std = \"auto\": only for twin experiments (truth)")
+        if given == ["file"]:
+            spec = {k: data[k] for k in ("file", "column", "variable") if k in data}
+            return load_values(spec, "[data]", base_dir=base_dir), None
+        return torch.as_tensor(data["values"], dtype=torch.float64), None
+    if truth is None:
+        raise ValueError("[data]: give observed 'values' or a 'file', or a 'truth' for every "
+                         "parameter (twin experiment)")
+    x_true = truth.unsqueeze(0)
+    if twin is not None:
+        return _twin_statistics(make, model, x_true, data_seed=data_seed,
+                                realisations=twin[0], n_cov=twin[1], auto=noise_std == "auto")
+    # a stochastic simulator draws the truth's noise from the data seed, not the
+    # ensemble's: the members must not share the realisation that made the data
+    truth_model = make(10_007 + data_seed)
+    clean = truth_model(x_true.to(truth_model.dtype))[0].to(torch.float64).cpu()
+    if not bool(torch.isfinite(clean).all()):
+        raise ValueError("[parameters] truth: the model's prediction at the truth is "
+                         "not finite")
+    noise_gen = torch.Generator().manual_seed(data_seed)
+    std = enkal.Observations(clean, noise_std=noise_std).noise_std
+    return clean + std * torch.randn(clean.shape, generator=noise_gen,
+                                     dtype=torch.float64), None
+
+
 def run_config(path: str, **run_kwargs) -> tuple[Experiment, enkal.SmootherResult]:
     """Build from a TOML file and run; ``run_kwargs`` go to :meth:`EnsembleSmoother.run`."""
-    exp = build(load_toml(path))
+    exp = build(load_toml(path), base_dir=os.path.dirname(os.path.abspath(path)))
     run_kwargs.setdefault("max_iterations", exp.max_iterations)
     result = exp.smoother.run(exp.model, exp.prior, executor=exp.executor, **run_kwargs)
     return exp, result
@@ -439,8 +510,9 @@ class _Plugin:
     name = "estimation"
 
     @staticmethod
-    def build(config: dict, *, seed: int | None = None, device: str | None = None) -> Experiment:
-        return build(config, seed=seed, device=device)
+    def build(config: dict, *, seed: int | None = None, device: str | None = None,
+              base_dir: str | os.PathLike | None = None) -> Experiment:
+        return build(config, seed=seed, device=device, base_dir=base_dir)
 
 
 plugin = _Plugin()

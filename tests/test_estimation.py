@@ -155,8 +155,9 @@ def test_twin_statistics_noise_is_one_realisation_plus_the_models_monte_carlo_er
     assert exp.observations.size == 4 and exp.model.output_names[0] == "time_mean x"
     # the same covariance paths, rebuilt: Gamma = C (1/K_d + 1/K) with K_d = 1
     cfg = ou_config()
-    paths = estimation._truth_paths(cfg["model"], exp.truth.unsqueeze(0), 200,
-                                    seed=20_011 + 3 * (1_000_003 * 1 + 0), device=None)
+    make = estimation._model_factory(cfg, device=None, base_dir=None)
+    paths = estimation._truth_paths(make, exp.truth.unsqueeze(0), 200,
+                                    seed=20_011 + 3 * (1_000_003 * 1 + 0))
     c = path_statistics_cov(paths, exp.model.statistics, n_times=exp.model.n_times)
     torch.testing.assert_close(exp.observations.covariance(), (1 + 1 / k) * c, rtol=1e-12,
                                atol=1e-15)
@@ -190,8 +191,8 @@ def test_statistics_over_several_realisations_bootstrap_their_covariance():
     cfg["model"]["t_obs"] = [0.5, 1.0, 1.5]
     cfg["data"]["realisations"] = 6
     exp = estimation.build(cfg)
-    paths = estimation._truth_paths(cfg["model"], exp.truth.unsqueeze(0), 6,
-                                    seed=10_007 + 1_000_003, device=None)
+    paths = estimation._truth_paths(estimation._model_factory(cfg, device=None, base_dir=None),
+                                    exp.truth.unsqueeze(0), 6, seed=10_007 + 1_000_003)
     torch.testing.assert_close(exp.observations.values[:3], paths.mean(0))
     cov = monte_carlo_cov(paths, ("mean", "std"),
                           generator=torch.Generator().manual_seed(1_000_003))

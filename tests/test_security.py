@@ -135,6 +135,10 @@ ALLOWED = {
     # the client in the same run and shipped through Dask's own pickle-based transport:
     # never a file, never bytes from a user's input
     ("enkal/executors.py", "_evaluate_block", "pickle.loads"),
+    # a TOML configuration names the user's model ([model] target/rhs): importing it is code
+    # execution by design, as running a script is (docs/config.md says so); data files are
+    # only parsed as numbers (tests/test_config_user.py checks one naming a module)
+    ("problems/parsing.py", "import_target", "importlib.import_module"),
 }
 
 
