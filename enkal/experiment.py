@@ -2,8 +2,11 @@
 
 Plugins (``problems/``, or any package) register under the entry-point group
 ``enkal.problems``; each entry point is an object with
-``build(config: dict, *, seed: int | None, device: str | None) -> Experiment``. The core never
-imports a plugin directly: :func:`find_plugin` looks it up by name.
+``build(config: dict, *, seed: int | None, device: str | None) -> Experiment``, optionally
+taking ``base_dir`` (the configuration's directory, which ``enkal run`` passes to a ``build``
+that accepts it). The core never imports a plugin directly: :func:`find_plugin` looks it up
+by name. ``docs/config.md`` documents the format and the public parsing helpers
+(:mod:`enkal.problems.parsing`).
 """
 
 from __future__ import annotations

@@ -14,11 +14,14 @@ from the data's own paths, times ``1 + K_d / K``.) :func:`calibration` repeats a
 experiment over seeds and reports how often the intervals cover the truth.
 
 Priors are Gaussian in the unconstrained space ``u`` of each parameter and reported in the
-physical space ``phi``: a ``Positive`` parameter is log-normal (``prior_median`` is
-``exp(mean u)``, ``prior_std`` the standard deviation of ``log phi``), a ``Bounded`` one is
-logit-normal, a ``Real`` one normal. The constraint is the model's (its
+physical space ``phi``: a ``Positive`` parameter is log-normal, a ``Bounded`` one
+logit-normal, a ``Real`` one normal; given by their physical ``mean`` and ``std``
+(:func:`enkal.constrained_gaussian`) or by ``prior_median`` (``exp(mean u)`` for a positive
+one) and ``prior_std`` (the standard deviation of ``u``). The constraint is the model's (its
 :class:`~enkal.ParameterLayout`). Twin experiments simulate data from a ``truth`` with noise
-of standard deviation ``noise_std``; real data come as ``values``.
+of standard deviation ``noise_std``; real data come as ``values`` or from a ``file``. The
+model is a class of :mod:`enkal.models` (``type``), your own factory (``target =
+"module:factory"``) or ODE right-hand side (``rhs``): ``docs/config.md`` documents every key.
 
 A configuration (see ``problems/lorenz63.toml``)::
 
