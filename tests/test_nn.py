@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torch_threads
 from torch import nn
 
 from enkal import (
@@ -60,12 +61,8 @@ def one_thread():
     """One intra-op thread for every test here: on the shared, loaded 2-core machine two
     threads made the small GEMMs and eigendecompositions of these tests 10-100x slower (an
     EnsembleSmoother.run of 8 updates: 9.3 s against 0.07 s; see bench/models.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _small_cnn() -> nn.Module:

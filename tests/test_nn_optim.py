@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import torch_threads
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, StepLR
 
@@ -29,12 +30,8 @@ EPS = torch.finfo(torch.float64).eps
 def one_thread():
     """One intra-op thread: the BLAS path the reference hashes below were recorded with, and
     the fast one on the shared machine (see tests/test_nn.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
