@@ -106,8 +106,8 @@ def test_own_factory_and_csv_run_info_and_plot(tmp_path, monkeypatch, capsys):
     """Acceptance: a config naming a model of the user's own module and a CSV of data runs
     through enkal run, enkal info and enkal plot, from another working directory (paths are
     the config's). The twin problem's posterior brackets the truth: 25 points with noise 0.05
-    on an amplitude of 2 pin k to about 1% (posterior sd ~ 0.006); 4 posterior sds is a
-    generous margin for ES-MDA's approximation."""
+    on an amplitude of 2 pin k to about 3% (posterior sd 0.023 measured, mean 0.719 against
+    0.7); 4 posterior sds is a generous margin for ES-MDA's approximation."""
     cfg = _project(tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
