@@ -142,6 +142,9 @@ def constrained_gaussian(name: str, mean: float, std: float, lower: float = -mat
     if not lower < mean < upper:
         raise ValueError(f"mean: expected a value strictly between lower={lower} and "
                          f"upper={upper}, got {mean}")
+    shape = (shape,) if isinstance(shape, int) and not isinstance(shape, bool) else shape
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape: expected an int or a tuple of ints, got {shape!r}")
     shape = tuple(shape)
     if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ValueError(f"shape: expected a tuple of positive ints, got {shape!r}")
@@ -187,16 +190,18 @@ def prior_ensemble(blocks: Sequence[PriorBlock], n_members: int, *,
 
 
 # an unconstrained mean or std beyond these is almost surely a prior in physical units given
-# to the unconstrained space: exp(40) ~ 2e17, a std of 10 spans 4.3 decades per sd; a sigmoid
-# at 20 is within 2e-9 of its bound
-_POSITIVE_LIMITS = (40.0, 10.0)
-_BOUNDED_LIMITS = (20.0, 10.0)
+# to the unconstrained space: exp(100) ~ 3e43 (SI quantities such as 1e22 or 1e-20 stay far
+# inside), a std of 10 spans 4.3 decades per sd; a logit-normal with a std of 20 or a mean
+# beyond 40 puts all its mass within 1e-9 of its bounds (constrained_gaussian's logit-normals
+# stay well below)
+_POSITIVE_LIMITS = (100.0, 10.0)
+_BOUNDED_LIMITS = (40.0, 20.0)
 
 
 def check_prior_scale(layout: ParameterLayout, parameters: torch.Tensor) -> None:
     """Warn (``UserWarning``) when a constrained block's prior is implausible in physical
-    units: a Positive block with an unconstrained mean beyond +-40 or std above 10, a
-    Bounded one beyond +-20 or above 10 -- the signature of physical values given where
+    units: a Positive block with an unconstrained mean beyond +-100 or std above 10, a
+    Bounded one beyond +-40 or above 20 -- the signature of physical values given where
     the smoother expects unconstrained ones."""
     if layout.is_unconstrained or parameters.shape[0] < 2:
         return

@@ -147,7 +147,10 @@ def run(
         Evaluate the final ensemble once more after the run (``N_ens`` forwards): the
         posterior predictive, ``result.predictive``, stored at the final row of ``store``
         (``predictions``, stored bit 2) unless ``History(predictive=False)``. Default: on
-        when there are at most :data:`PREDICTIVE_MAX_OUTPUTS` (10,000) observations.
+        when there are at most :data:`PREDICTIVE_MAX_OUTPUTS` (10,000) observations and
+        ``history`` does not say ``predictive=False``. Its forwards are not counted in
+        ``n_forwards`` (the updates' forwards; a resumed run adds up to the uninterrupted
+        one), and a resumed run computes it again at its end.
     **loop
         The rest of :meth:`EnsembleSmoother.run`'s arguments (``tolerance``, ``executor``,
         ``callbacks``, ``progress``, ``inplace``).
@@ -176,8 +179,9 @@ def run(
         raise ValueError(f"history: only with store= (a history file to keep); got "
                          f"history={history!r} and store=None")
     check_positive_int(max_iterations, "max_iterations")
-    if predictive is None:
-        predictive = smoother.observations.size <= PREDICTIVE_MAX_OUTPUTS
+    if predictive is None:  # (not when the history would not keep it)
+        predictive = smoother.observations.size <= PREDICTIVE_MAX_OUTPUTS and \
+            getattr(history, "predictive", True)
     check_bool(predictive, "predictive")
     forwards_before = 0
     if resume is not None:

@@ -307,13 +307,17 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None,
     data_seed = 1_000_003 * integer(data.get("seed", 0), "[data] seed", maximum=2**31) + seed
     values, noise_cov = _data_values(data, make, model, truth, twin, noise_std=noise_std,
                                      data_seed=data_seed, base_dir=base_dir)
-    if noise_std == "auto":
-        observations = enkal.Observations(values, noise_cov=noise_cov)
-    else:
-        observations = enkal.Observations(values, noise_std=noise_std)
-    if observations.size != model.output_size:
-        raise ValueError(f"[data] values: expected {model.output_size} observations (the "
-                         f"model's output size), got {observations.size}")
+    source = "file" if "file" in data else "values"
+    if values.numel() != model.output_size:
+        raise ValueError(f"[data] {source}: expected {model.output_size} observations (the "
+                         f"model's output size), got {values.numel()}")
+    try:
+        if noise_std == "auto":
+            observations = enkal.Observations(values, noise_cov=noise_cov)
+        else:
+            observations = enkal.Observations(values, noise_std=noise_std)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"[data] noise_std: {err}") from None
     kwargs = {k: build_strategy(k, smoother_cfg[k], where="[smoother]")
               for k in ("rule", "schedule", "guard", "failure") if k in smoother_cfg}
     smoother = enkal.EnsembleSmoother(observations, seed=seed,

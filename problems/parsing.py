@@ -143,7 +143,7 @@ def _block_prior(b: Any, spec: dict, where: str) -> tuple[torch.Tensor, torch.Te
             try:
                 g = enkal.constrained_gaussian(b.name, m, s, lower, upper)
             except ValueError as err:
-                raise ValueError(f"{where} mean, std: {err}") from None
+                raise ValueError(f"{where}: {err}") from None
             u.append((g.u_mean, g.u_std))
         return (torch.tensor([v[0] for v in u], dtype=torch.float64),
                 torch.tensor([v[1] for v in u], dtype=torch.float64))
@@ -231,7 +231,8 @@ def import_target(target: Any, where: str, *, base_dir: str | os.PathLike | None
         with _search_first(base):
             module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        if err.name is not None and module_name.startswith(err.name):
+        if err.name is not None and (module_name == err.name or
+                                     module_name.startswith(err.name + ".")):
             looked = f" (looked in {base} and the installed packages)" if base else ""
             raise ValueError(f"{where}: no module named {err.name!r}{looked}") from None
         raise ValueError(f"{where}: importing {module_name!r} failed: {err}") from None
@@ -275,7 +276,11 @@ def _netcdf(path: Path, variable: Any, where: str) -> np.ndarray:
         if variable not in ds.variables:
             raise ValueError(f"{where} variable: {path.name} has no variable {variable!r} "
                              f"(it has: {', '.join(map(str, ds.variables))})"[:300])
-        return np.asarray(ds[variable].values, dtype=np.float64)
+        values = np.asarray(ds[variable].values)
+    if values.dtype.kind not in "fiu":  # dates, strings: not observations
+        raise ValueError(f"{where} variable: {variable!r} of {path.name} holds {values.dtype} "
+                         "values, expected numbers")
+    return values.astype(np.float64)
 
 
 _READERS = {".csv": "csv", ".txt": "csv", ".npy": "npy", ".nc": "netcdf", ".h5": "netcdf",

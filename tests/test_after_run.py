@@ -114,6 +114,8 @@ def test_cf_attributes_and_every_stored_value_is_declared_by_the_flag_masks(tmp_
     _run(tmp_path)
     with h5py.File(tmp_path / "run.h5") as f:
         assert f.attrs["Conventions"] == "CF-1.10"
+        # version 2: an enkal that predates parameters_physical refuses to resume it
+        assert int(np.asarray(f.attrs["enkal_format_version"]).ravel()[0]) == 2
         assert f.attrs["source"].startswith("enkal ")
         masks = f["stored"].attrs["flag_masks"].astype(int)
         meanings = f["stored"].attrs["flag_meanings"].split()
@@ -301,3 +303,17 @@ def test_a_prior_in_physical_units_given_unconstrained_warns(recwarn):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         smoother.run(model, good, max_iterations=1)
+
+
+def test_priors_constrained_gaussian_makes_never_warn_and_shape_takes_an_int(recwarn):
+    """Large or small SI quantities (1e22 +- 3e21: unconstrained mean 50.6) and a wide
+    logit-normal (std 0.46 on (0, 1): unconstrained std 10.2) are plausible priors."""
+    blocks = [enkal.constrained_gaussian("n", 1e22, 3e21, lower=0),
+              enkal.constrained_gaussian("x", 0.5, 0.46, 0, 1, shape=3)]
+    layout, prior = enkal.prior_ensemble(blocks, 64, generator=torch.Generator().manual_seed(0))
+    assert layout.size == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        enkal.priors.check_prior_scale(layout, prior)
+    with pytest.raises(TypeError, match="shape: expected an int or a tuple"):
+        enkal.constrained_gaussian("x", 0.5, 0.1, 0, 1, shape="3")

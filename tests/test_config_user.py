@@ -290,3 +290,21 @@ def test_shipped_configurations_build_as_before():
     if sys.platform != "linux" or not torch.backends.mkldnn.is_available():
         pytest.skip("the reference hash is of this platform's floats")
     assert h.hexdigest() == "821b462b3ba17c97b1cc1b7b02dbb2bcc4c9795c7e512859c4905faf7d376ae5"
+
+
+def test_dates_and_bad_noise_are_refused_naming_the_key(tmp_path, capsys):
+    import xarray as xr
+
+    cfg = _project(tmp_path, file="data/dates.nc", extra='variable = "y"')
+    dates = np.array(["2020-01-01"] * 25, dtype="datetime64[ns]")
+    xr.Dataset({"y": ("t", dates)}).to_netcdf(tmp_path / "data" / "dates.nc", engine="h5netcdf")
+    with pytest.raises(ValueError, match=r"\[data\] variable: 'y' of dates.nc holds datetime64"):
+        estimation.build(load_toml(cfg), base_dir=tmp_path)
+    bad = load_toml(_project(tmp_path))
+    bad["data"]["noise_std"] = [0.1, 0.2]
+    with pytest.raises(ValueError, match=r"^\[data\] noise_std: "):
+        estimation.build(bad, base_dir=tmp_path)
+    np.save(tmp_path / "data" / "short.npy", np.zeros(7))
+    short = load_toml(_project(tmp_path, file="data/short.npy", extra=""))
+    with pytest.raises(ValueError, match=r"\[data\] file: expected 25 observations"):
+        estimation.build(short, base_dir=tmp_path)

@@ -112,7 +112,7 @@ def test_save_open_round_trip(tmp_path, dtype, full_noise):
             assert np.array_equal(ds.noise_chol.values, obs.noise_chol.numpy())
         assert ds.mask.values.tolist() == [1, 1]
         a = ds.attrs
-        assert a["enkal_format"] == "enkal-history" and a["enkal_format_version"] == 1
+        assert a["enkal_format"] == "enkal-history" and a["enkal_format_version"] == 2
         assert a["enkal_version"] == enkal.__version__
         assert a["torch_version"] == torch.__version__
         assert a["seed"] == 3 and a["parameter_space"] == "unconstrained"

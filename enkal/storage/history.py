@@ -291,7 +291,10 @@ class HistoryWriter:
         params_np = cpu_numpy(parameters) if keep and parameters is not None else None
         phys_np = None
         if params_np is not None and parameters is not None and self._physical:
-            phys_np = cpu_numpy(self.layout.to_physical(parameters))
+            # (a half-precision ensemble is stored as float32: map the stored values)
+            exact = parameters if parameters.dtype in (torch.float32, torch.float64) \
+                else parameters.float()
+            phys_np = cpu_numpy(self.layout.to_physical(exact))
         state = None
         if params_np is not None and parameters is not None and small is not None:
             rng_np, sched_json, adapt_json = small

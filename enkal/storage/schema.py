@@ -25,7 +25,10 @@ from ..errors import StorageError
 
 HISTORY_FORMAT = "enkal-history"
 CHECKPOINT_FORMAT = "enkal-checkpoint"
-FORMAT_VERSION = 1
+#: 2: histories may hold ``parameters_physical`` and a posterior-predictive final row (an
+#: older enkal resuming such a file would extend them wrongly, so it must refuse); version-1
+#: files are read and resumed, and stay version 1
+FORMAT_VERSION = 2
 
 #: variables of the schema; diagnostics may not take these names
 _RESERVED = frozenset({

@@ -259,9 +259,7 @@ def physical(ds: Any) -> Any:
         Same dims and coordinates as ``ds.parameters``, named ``physical``.
     """
     if "parameters_physical" in ds.variables:
-        out = ds["parameters_physical"].load().copy()
-        out.attrs = {**ds["parameters"].attrs, "space": "physical"}
-        return out.rename("physical")
+        return ds["parameters_physical"].load().copy().rename("physical")
     layout = read_layout(ds)
     da = ds["parameters"]
     x = torch.from_numpy(np.ascontiguousarray(da.values))
