@@ -7,6 +7,7 @@ The public API (a contract: docs and external checks use these names):
   :class:`Real`, :class:`Positive`, :class:`Bounded`
 * updates: :class:`SquareRoot`, :class:`PerturbedObservations`, :func:`assimilate`
 * schedules: :class:`FixedAnnealing`, :class:`ESMDA`, :class:`DataMisfitController`
+* sampling the posterior: :class:`EnsembleKalmanSampler` with :class:`EKSStable`
 * guards and failures: :class:`CollapseGuard`, :class:`ResampleFailed`,
   :class:`IgnoreFailed`, :class:`Raise`
 * the loop: :class:`EnsembleSmoother`; :func:`run`, the one call that records a run to HDF5
@@ -52,6 +53,7 @@ from .nn import (
 from .observations import Observations
 from .priors import PriorBlock, constrained_gaussian, prior_ensemble
 from .runner import run
+from .sampler import EKSStable, EnsembleKalmanSampler
 from .schedule import ESMDA, DataMisfitController, FixedAnnealing
 from .smoother import EnsembleSmoother, SmootherResult, SmootherState, StepInfo
 from .storage import History, open_dataset, save, to_xarray
@@ -109,6 +111,8 @@ __all__ = [
     "save",
     "to_xarray",
     "to_inference_data",
+    "EnsembleKalmanSampler",
+    "EKSStable",
     "constrained_gaussian",
     "prior_ensemble",
     "PriorBlock",

@@ -241,7 +241,8 @@ def _update(parameters: torch.Tensor, used: torch.Tensor, observations: Observat
     target = out
     n_resampled = 0
     for slices, alpha in zip(sections, alphas, strict=True):
-        w = rule.transform(used, observations, alpha=alpha, generator=generator)
+        w = _transform(rule, used, observations, alpha=alpha, generator=generator,
+                       parameters=parameters if all_ok else parameters[ok], slices=slices)
         if not all_ok:
             w = failure.embed(w, ok, generator)
         if mean is not None:  # keep only the new mean m+ = (1^T W / E) X
@@ -260,6 +261,21 @@ def _update(parameters: torch.Tensor, used: torch.Tensor, observations: Observat
     if target is None:  # no section was updated: the ensemble carries over
         target = parameters if out is None else out
     return target, n_resampled
+
+
+def _transform(rule: UpdateRule, used: torch.Tensor, observations: Observations, *,
+               alpha: float, generator: torch.Generator, parameters: torch.Tensor,
+               slices: Sequence[slice]) -> torch.Tensor:
+    """The rule's ``W``; a rule with ``needs_parameters`` (the Ensemble Kalman Sampler) also
+    gets the successful members' parameters, all columns (it refuses sections)."""
+    if not getattr(rule, "needs_parameters", False):
+        return rule.transform(used, observations, alpha=alpha, generator=generator)
+    if len(slices) != 1 or slices[0] != slice(0, parameters.shape[1]):
+        raise ValueError(f"rule: {type(rule).__name__} updates all parameters at once; "
+                         "sections are not supported")
+    sampler: Any = rule  # the protocol's transform, with the ensemble as well
+    return sampler.transform(used, observations, alpha=alpha, generator=generator,
+                             parameters=parameters)
 
 
 def _apply(w: torch.Tensor, x: torch.Tensor, slices: Sequence[slice],

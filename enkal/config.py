@@ -22,6 +22,7 @@ from typing import Any
 from .collapse import CollapseGuard
 from .executors import Dask, InProcess
 from .failures import IgnoreFailed, Raise, ResampleFailed
+from .sampler import EKSStable, EnsembleKalmanSampler
 from .schedule import ESMDA, DataMisfitController, FixedAnnealing
 from .update import PerturbedObservations, SquareRoot
 
@@ -33,9 +34,10 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["STRATEGIES", "build_strategy", "check_keys", "load_toml", "describe"]
 
 STRATEGIES: dict[str, dict[str, type]] = {
-    "rule": {"SquareRoot": SquareRoot, "PerturbedObservations": PerturbedObservations},
+    "rule": {"SquareRoot": SquareRoot, "PerturbedObservations": PerturbedObservations,
+             "EnsembleKalmanSampler": EnsembleKalmanSampler},
     "schedule": {"FixedAnnealing": FixedAnnealing, "ESMDA": ESMDA,
-                 "DataMisfitController": DataMisfitController},
+                 "DataMisfitController": DataMisfitController, "EKSStable": EKSStable},
     "guard": {"CollapseGuard": CollapseGuard},
     "failure": {"ResampleFailed": ResampleFailed, "IgnoreFailed": IgnoreFailed, "Raise": Raise},
     "executor": {"InProcess": InProcess, "Dask": Dask},

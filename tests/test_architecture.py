@@ -22,7 +22,7 @@ SHARED = {"enkal.observations", "enkal.ensemble", "enkal._types"}
 KERNELS = {"enkal.update", "enkal.information"}
 COMPONENTS = {"enkal.schedule", "enkal.failures", "enkal.collapse", "enkal.adapt",
               "enkal.forward", "enkal.devices", "enkal.executors", "enkal.analysis",
-              "enkal.priors", "enkal.progress"}
+              "enkal.priors", "enkal.progress", "enkal.sampler"}
 LOOP = {"enkal.smoother"}
 APPLICATION = {"enkal", "enkal.runner", "enkal.config", "enkal.experiment", "enkal.cli",
                "enkal.__main__", "enkal.plot", "enkal.inference"}
