@@ -210,6 +210,23 @@ def _search_first(directory: Path | None) -> Iterator[None]:
             sys.path.remove(entry)
 
 
+def _check_cached(top: str, base: Path | None, where: str) -> None:
+    """Refuse a module beside the configuration whose name is already imported from
+    elsewhere: Python would silently reuse the other one."""
+    cached = sys.modules.get(top)
+    if base is None or cached is None:
+        return
+    beside = base / f"{top}.py" if (base / f"{top}.py").is_file() else base / top
+    if not beside.exists():
+        return
+    file = getattr(cached, "__file__", None)
+    here = file is not None and (Path(file).resolve() == beside.resolve() or
+                                 Path(file).resolve().parent == beside.resolve())
+    if not here:
+        raise ValueError(f"{where}: a module named {top!r} is already imported in this process "
+                         f"from {file}, not {beside}; rename your module")
+
+
 def import_target(target: Any, where: str, *, base_dir: str | os.PathLike | None = None) -> Any:
     """The object ``"package.module:attribute"`` names (``attribute`` may be dotted).
 
@@ -227,6 +244,7 @@ def import_target(target: Any, where: str, *, base_dir: str | os.PathLike | None
         raise ValueError(f"{where}: expected \"package.module:attribute\" of Python names, got "
                          f"{target!r}"[:200])
     base = None if base_dir is None else Path(base_dir).resolve()
+    _check_cached(module_name.split(".")[0], base, where)
     try:
         with _search_first(base):
             module = importlib.import_module(module_name)

@@ -308,3 +308,17 @@ def test_dates_and_bad_noise_are_refused_naming_the_key(tmp_path, capsys):
     short = load_toml(_project(tmp_path, file="data/short.npy", extra=""))
     with pytest.raises(ValueError, match=r"\[data\] file: expected 25 observations"):
         estimation.build(short, base_dir=tmp_path)
+
+
+def test_a_module_of_the_same_name_from_elsewhere_is_refused(tmp_path, capsys):
+    """Python would reuse the first decaymodels it imported: the second project's own
+    decaymodels.py must not be silently replaced by it."""
+    first = tmp_path / "one"
+    first.mkdir()
+    assert main(["run", str(_project(first)), "--out", str(first / "a.h5"), "--quiet"]) == 0
+    second = tmp_path / "two"
+    second.mkdir()
+    capsys.readouterr()
+    rc = main(["run", str(_project(second)), "--out", str(second / "b.h5"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "already imported" in err[0], err

@@ -51,6 +51,7 @@ from .schema import (
     _info_dict,
     _mask_row,
     _now,
+    _physical_values,
     _schedule_json,
     _state_checksum,
     _storage_dtype,
@@ -289,12 +290,8 @@ class HistoryWriter:
         mask_np = full_mask if changed else None
         small = self._state_items(rng_state, schedule, adapt)
         params_np = cpu_numpy(parameters) if keep and parameters is not None else None
-        phys_np = None
-        if params_np is not None and parameters is not None and self._physical:
-            # (a half-precision ensemble is stored as float32: map the stored values)
-            exact = parameters if parameters.dtype in (torch.float32, torch.float64) \
-                else parameters.float()
-            phys_np = cpu_numpy(self.layout.to_physical(exact))
+        phys_np = _physical_values(self.layout, parameters) \
+            if params_np is not None and parameters is not None and self._physical else None
         state = None
         if params_np is not None and parameters is not None and small is not None:
             rng_np, sched_json, adapt_json = small

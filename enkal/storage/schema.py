@@ -215,6 +215,15 @@ def _check_ensemble(x: Any, name: str, *, columns: int | None = None,
                          f"{tuple(x.shape)}{hint}")
 
 
+def _physical_values(layout: Any, parameters: torch.Tensor) -> np.ndarray:
+    """The row of ``parameters_physical``: ``layout.to_physical`` of the ensemble as it is
+    stored (a half-precision ensemble is stored as float32: map those values)."""
+    exact = parameters if parameters.dtype in (torch.float32, torch.float64) \
+        else parameters.float()
+    return exact.detach().cpu().numpy() if layout.is_unconstrained else \
+        layout.to_physical(exact).detach().cpu().numpy()
+
+
 def _mask_row(mask: Any, n_parameters: int) -> np.ndarray:
     """A bool ``(N_par,)`` mask as int8 0/1."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
