@@ -63,6 +63,7 @@ from enkal.problems.parsing import (
     integer,
     layout_from_parameters,
     load_values,
+    prior_moments,
     priors,
     times,
 )
@@ -320,6 +321,7 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None,
         raise type(err)(f"[data] noise_std: {err}") from None
     kwargs = {k: build_strategy(k, smoother_cfg[k], where="[smoother]")
               for k in ("rule", "schedule", "guard", "failure") if k in smoother_cfg}
+    kwargs.update(_sampler_prior(smoother_cfg.get("rule"), config, model))
     smoother = enkal.EnsembleSmoother(observations, seed=seed,
                                       chunk_size=smoother_cfg.get("chunk_size"), **kwargs)
     executor = None
@@ -331,6 +333,18 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None,
         smoother=smoother, max_iterations=max_iterations,
         executor=executor, truth=truth, config=config,
     )
+
+
+def _sampler_prior(spec: Any, config: dict, model: Any) -> dict:
+    """An Ensemble Kalman Sampler given without a prior samples the posterior of the
+    configuration's own prior, ``[parameters]``."""
+    if not isinstance(spec, dict) or spec.get("type") != "EnsembleKalmanSampler" or \
+            "prior_mean" in spec or "prior_std" in spec:
+        return {}
+    mean, std, _ = prior_moments(config["parameters"], model.layout,
+                                 layout_keys="rhs" in config["model"])
+    return {"rule": enkal.EnsembleKalmanSampler(mean.tolist(), std.tolist(),
+                                                correction=spec.get("correction", True))}
 
 
 def _model_name(section: dict) -> str:

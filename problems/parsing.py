@@ -29,6 +29,7 @@ import enkal
 from enkal.config import check_keys
 
 __all__ = ["number", "integer", "times", "block_values", "layout_from_parameters", "priors",
+           "prior_moments",
            "import_target", "load_values", "MAX_TIMES", "MAX_DATA_VALUES"]
 
 MAX_TIMES = 1_000_000
@@ -172,6 +173,14 @@ def priors(section: Any, layout: enkal.ParameterLayout, n_members: int,
     experiment; for every parameter or none). ``layout_keys``: the tables may also hold the
     keys :func:`layout_from_parameters` reads.
     """
+    mean, std, truth = prior_moments(section, layout, layout_keys=layout_keys)
+    return enkal.gaussian_ensemble(mean, std, n_members, generator=generator), truth
+
+
+def prior_moments(section: Any, layout: enkal.ParameterLayout, *, layout_keys: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The unconstrained prior mean and std ``(N_par,)`` and the truth of ``[parameters]``
+    (see :func:`priors`, which draws the ensemble from them)."""
     names = [b.name for b in layout.blocks]
     if not isinstance(section, dict):
         raise ValueError("[parameters]: expected one table per parameter, e.g. "
@@ -191,8 +200,7 @@ def priors(section: Any, layout: enkal.ParameterLayout, n_members: int,
         has_truth.append("truth" in spec)
     if any(has_truth) and not all(has_truth):
         raise ValueError("[parameters]: give 'truth' for every parameter or for none")
-    prior = enkal.gaussian_ensemble(mean, std, n_members, generator=generator)
-    return prior, (truth if all(has_truth) else None)
+    return mean, std, (truth if all(has_truth) else None)
 
 
 # -- your own code ---------------------------------------------------------------------------

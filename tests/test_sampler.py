@@ -197,3 +197,19 @@ def test_bad_input_is_refused_naming_it():
                 schedule_states=[sched.init(), sched.init()],
                 failure=enkal.ResampleFailed(), generator=torch.Generator(),
                 sections=[[slice(0, 1)], [slice(1, 2)]])
+
+
+def test_a_toml_sampler_without_a_prior_takes_the_parameters_prior():
+    from importlib.resources import files
+
+    from enkal.config import load_toml
+    from enkal.problems.estimation import build
+
+    cfg = load_toml(str(files("enkal.problems") / "lorenz63.toml"))
+    cfg["smoother"]["rule"] = {"type": "EnsembleKalmanSampler"}
+    cfg["smoother"]["schedule"] = {"type": "EKSStable"}
+    rule = build(cfg).smoother.rule
+    # lorenz63.toml: prior_median 8, 24, 2.2 and prior_std 0.3 of the logs
+    assert rule.prior_mean == pytest.approx([math.log(8), math.log(24), math.log(2.2)],
+                                            rel=1e-15)
+    assert rule.prior_std == (0.3, 0.3, 0.3)
