@@ -213,3 +213,22 @@ def test_a_toml_sampler_without_a_prior_takes_the_parameters_prior():
     assert rule.prior_mean == pytest.approx([math.log(8), math.log(24), math.log(2.2)],
                                             rel=1e-15)
     assert rule.prior_std == (0.3, 0.3, 0.3)
+
+
+def test_the_posterior_benchmark_runs(tmp_path):
+    """bench/posterior.py --quick (a few steps of each method): its table and JSON line."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(root / "bench" / "posterior.py"), "--quick",
+                           "--json", str(tmp_path / "p.json")], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=root / "bench")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "p.json").read_text())
+    assert set(record["parameters"]) == {"sigma", "rho", "beta"}
+    assert proc.stdout.strip().splitlines()[-1].startswith("BENCH_JSON ")
