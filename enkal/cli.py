@@ -515,6 +515,10 @@ def _one_line(command: Any, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"enkal {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `enkal info FILE | head`: the reader has gone, say nothing
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
     except Exception as err:  # noqa: BLE001 - a bug or a library's error: still one line
         line, status = _failure(args, err)
         print(f"enkal {args.command}: {line}", file=sys.stderr)

@@ -800,3 +800,19 @@ def test_a_user_schedule_resumes_through_the_cli(tmp_path, capsys, monkeypatch, 
         assert json.loads(str(a.schedule_state.values[-1])) == {
             "type": "ShrinkState", "rho": float(b.schedule_rho.values[-1]), "iteration": 4}
     capsys.readouterr()
+
+
+def test_info_into_a_pipe_closed_early_says_nothing(tmp_path):
+    """`enkal info FILE | head -1`: the reader closes the pipe; enkal ends quietly (it
+    printed "BrokenPipeError" before)."""
+    import subprocess
+    import sys
+
+    model = enkal.CallableModel(lambda x: 2 * x, parameters=["a"], output_size=1)
+    smoother = enkal.EnsembleSmoother(enkal.Observations([1.0], noise_std=0.1),
+                                      schedule=enkal.ESMDA.constant(2))
+    enkal.run(smoother, model, torch.randn(16, 1, dtype=torch.float64), store=tmp_path / "p.h5")
+    cmd = f"{sys.executable} -m enkal info {tmp_path / 'p.h5'} | head -c 1 >/dev/null"
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stderr == "" and proc.returncode in (0, 141), (proc.returncode, proc.stderr)
