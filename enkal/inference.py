@@ -24,15 +24,13 @@ Groups:
 
 from __future__ import annotations
 
-import contextlib
-import os
 import warnings
 from typing import Any
 
 import numpy as np
 
-from ._types import SmootherResult
 from .ensemble import ParameterLayout
+from .storage.views import history_of, physical, stored_rows
 
 __all__ = ["to_inference_data"]
 
@@ -49,25 +47,6 @@ def _import_arviz() -> Any:
     return arviz
 
 
-def _dataset(source: Any) -> tuple[Any, bool]:
-    """The history Dataset of ``source`` and whether this function opened it."""
-    from .storage import open_dataset, to_xarray
-
-    if isinstance(source, SmootherResult):
-        return to_xarray(source), True
-    if isinstance(source, (str, os.PathLike)):
-        return open_dataset(source), True
-    if hasattr(source, "data_vars") and "parameters" in getattr(source, "variables", {}):
-        return source, False
-    raise TypeError("source: expected an enkal.SmootherResult, the path of an enkal history "
-                    f"file or its xarray.Dataset, got {type(source).__name__}")
-
-
-def _rows_with(ds: Any, bit: int) -> np.ndarray:
-    stored = np.asarray(ds["stored"].values, dtype=np.int64)
-    return np.flatnonzero(stored & bit)
-
-
 def _blocks(layout: ParameterLayout, values: np.ndarray) -> dict[str, tuple[list, np.ndarray]]:
     """``(N_ens, N_par)`` physical values as one ``(1, N_ens, *shape)`` array per block."""
     out = {}
@@ -78,19 +57,10 @@ def _blocks(layout: ParameterLayout, values: np.ndarray) -> dict[str, tuple[list
     return out
 
 
-def _physical_row(ds: Any, layout: ParameterLayout, row: int) -> np.ndarray:
-    import torch
-
-    if "parameters_physical" in ds.variables:
-        return np.asarray(ds["parameters_physical"].isel(iteration=row).values)
-    x = torch.from_numpy(np.ascontiguousarray(ds["parameters"].isel(iteration=row).values))
-    return layout.to_physical(x).numpy()
-
-
 def _group(ds: Any, layout: ParameterLayout, row: int, attrs: dict) -> Any:
     import xarray as xr
 
-    values = _physical_row(ds, layout, row)
+    values = np.asarray(physical(ds.isel(iteration=[row])).values[0])
     group = xr.Dataset({k: v for k, v in _blocks(layout, values).items()},
                        coords={"chain": [0], "draw": np.arange(values.shape[0])})
     group.attrs.update(attrs, iteration=int(ds["iteration"].values[row]))
@@ -159,12 +129,9 @@ def to_inference_data(source: Any) -> Any:
     az = _import_arviz()
     from .storage import read_layout
 
-    ds, opened = _dataset(source)
-    with contextlib.ExitStack() as stack:
-        if opened:
-            stack.callback(ds.close)
+    with history_of(source) as (ds, _):
         layout = read_layout(ds)
-        rows = _rows_with(ds, 1)
+        rows = stored_rows(ds, 1)
         if rows.size == 0:
             raise ValueError("source: the history holds no ensemble (no row with stored "
                              "parameters)")

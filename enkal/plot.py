@@ -11,10 +11,8 @@ legends overlap (``tests/test_plot.py`` checks it at 1, 3, 12 and 50 parameters)
 from __future__ import annotations
 
 import math
-import os
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from ._checks import check_positive_int
+from .storage.views import history_of, stored_rows
 
 __all__ = ["summary", "pair", "predictive"]
 
@@ -73,43 +72,12 @@ class _Run:
     predictions_iteration: int | None = None
 
 
-@contextmanager
-def _dataset(source: Any) -> Iterator[tuple[Any, str]]:
-    """The history Dataset of ``source`` and a label for titles; closed after if opened here."""
-    from ._types import SmootherResult
-    from .storage import open_dataset, to_xarray
-
-    if isinstance(source, SmootherResult):
-        ds, label, close = to_xarray(source), "SmootherResult", True
-    elif isinstance(source, (str, os.PathLike)):
-        ds, label, close = open_dataset(source), os.path.basename(os.fspath(source)), True
-    elif type(source).__name__ == "Dataset" and hasattr(source, "data_vars"):
-        ds, label, close = source, str(source.attrs.get("name", "enkal run")), False
-    else:
-        raise TypeError("source: expected an enkal.SmootherResult, the path of an enkal "
-                        "history file or its xarray.Dataset (enkal.open(path)), got "
-                        f"{type(source).__name__}")
-    try:
-        yield ds, label
-    finally:
-        if close:
-            ds.close()
-
-
 def _physical_rows(ds: Any, rows: Sequence[int]) -> np.ndarray:
     """Physical values of the Dataset's ``rows``, ``(len(rows), N_ens, N_par)``: the one
     place that reads parameters (a file that stores physical values would be read here)."""
     from .storage import physical
 
     return np.asarray(physical(ds.isel(iteration=list(rows))).values, dtype=np.float64)
-
-
-def _rows_holding(ds: Any, bit: int) -> list[int]:
-    """Row positions whose ``stored`` flags have ``bit`` (1: parameters, 2: predictions)."""
-    if "stored" not in ds:
-        raise ValueError("source: the Dataset has no 'stored' variable; expected an enkal "
-                         "history (enkal.open(path))")
-    return np.flatnonzero(np.asarray(ds["stored"].values).astype(np.int64) & bit).tolist()
 
 
 def _file_truth(ds: Any) -> np.ndarray | None:
@@ -133,8 +101,8 @@ def _prior_physical(prior: Any, ds: Any) -> np.ndarray:
 def _read(source: Any, *, prior: Any = None, truth: Any = None,
           predictions: bool = False) -> _Run:
     """The first and last stored ensembles, diagnostics, data and last predictions."""
-    with _dataset(source) as (ds, label):
-        rows = _rows_holding(ds, 1)
+    with history_of(source) as (ds, label):
+        rows = stored_rows(ds, 1).tolist()
         if not rows:
             raise ValueError(f"{label}: no ensemble stored, nothing to plot")
         its = np.asarray(ds["iteration"].values)
@@ -151,7 +119,8 @@ def _read(source: Any, *, prior: Any = None, truth: Any = None,
             run.prior, run.prior_iteration = _prior_physical(prior, ds), 0
         elif first != last:
             run.prior, run.prior_iteration = ens[0], int(its[first])
-        pred_rows = _rows_holding(ds, 2) if predictions and "predictions" in ds else []
+        pred_rows = stored_rows(ds, 2).tolist() if predictions and "predictions" in ds \
+            else []
         if pred_rows:
             run.predictions = np.asarray(ds["predictions"].isel(iteration=pred_rows[-1]).values,
                                          dtype=np.float64)

@@ -64,7 +64,6 @@ from enkal.problems.parsing import (
     layout_from_parameters,
     load_values,
     prior_moments,
-    priors,
     times,
 )
 
@@ -299,8 +298,9 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None,
     model = make(None)
     n_members = _ensemble_size(smoother_cfg, model)
     gen = torch.Generator().manual_seed(seed)
-    prior, truth = priors(config["parameters"], model.layout, n_members, gen,
-                          layout_keys="rhs" in config["model"])
+    u_mean, u_std, truth = prior_moments(config["parameters"], model.layout,
+                                         layout_keys="rhs" in config["model"])
+    prior = enkal.gaussian_ensemble(u_mean, u_std, n_members, generator=gen)
     noise_std = _noise_std(data)
     model, twin = _summary(config, model, data, seed, noise_std)
     # the data's noise follows both the configured data seed and the run's seed, so that
@@ -321,7 +321,7 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None,
         raise type(err)(f"[data] noise_std: {err}") from None
     kwargs = {k: build_strategy(k, smoother_cfg[k], where="[smoother]")
               for k in ("rule", "schedule", "guard", "failure") if k in smoother_cfg}
-    kwargs.update(_sampler_prior(smoother_cfg.get("rule"), config, model))
+    kwargs.update(_sampler_prior(smoother_cfg.get("rule"), u_mean, u_std))
     smoother = enkal.EnsembleSmoother(observations, seed=seed,
                                       chunk_size=smoother_cfg.get("chunk_size"), **kwargs)
     executor = None
@@ -335,15 +335,13 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None,
     )
 
 
-def _sampler_prior(spec: Any, config: dict, model: Any) -> dict:
+def _sampler_prior(spec: Any, u_mean: torch.Tensor, u_std: torch.Tensor) -> dict:
     """An Ensemble Kalman Sampler given without a prior samples the posterior of the
-    configuration's own prior, ``[parameters]``."""
+    configuration's own prior, ``[parameters]`` (its unconstrained moments)."""
     if not isinstance(spec, dict) or spec.get("type") != "EnsembleKalmanSampler" or \
             "prior_mean" in spec or "prior_std" in spec:
         return {}
-    mean, std, _ = prior_moments(config["parameters"], model.layout,
-                                 layout_keys="rhs" in config["model"])
-    return {"rule": enkal.EnsembleKalmanSampler(mean.tolist(), std.tolist(),
+    return {"rule": enkal.EnsembleKalmanSampler(u_mean.tolist(), u_std.tolist(),
                                                 correction=spec.get("correction", True))}
 
 

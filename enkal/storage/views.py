@@ -4,8 +4,11 @@ reads it."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +246,36 @@ def _read_layout(ds: Any, path: Any) -> ParameterLayout:
             raise StorageError(f"{path}: layout block {r.get('name')!r} has a malformed "
                                "constraint")
     return ParameterLayout.from_dict(rows)
+
+
+@contextlib.contextmanager
+def history_of(source: Any) -> Iterator[tuple[Any, str]]:
+    """The history Dataset of ``source`` -- a :class:`~enkal.SmootherResult`
+    (:func:`to_xarray`), the path of a history file (:func:`open_dataset`) or such a Dataset
+    -- and a label for messages and titles; a Dataset opened here is closed after."""
+    if isinstance(source, SmootherResult):
+        ds, label, close = to_xarray(source), "SmootherResult", True
+    elif isinstance(source, (str, os.PathLike)):
+        ds, label, close = open_dataset(source), os.path.basename(os.fspath(source)), True
+    elif type(source).__name__ == "Dataset" and hasattr(source, "data_vars"):
+        ds, label, close = source, str(source.attrs.get("name", "enkal run")), False
+    else:
+        raise TypeError("source: expected an enkal.SmootherResult, the path of an enkal "
+                        "history file or its xarray.Dataset (enkal.open(path)), got "
+                        f"{type(source).__name__}")
+    try:
+        yield ds, label
+    finally:
+        if close:
+            ds.close()
+
+
+def stored_rows(ds: Any, bit: int) -> np.ndarray:
+    """Row positions whose ``stored`` flags have ``bit`` (1: parameters, 2: predictions)."""
+    if "stored" not in ds.variables:
+        raise ValueError("source: the Dataset has no 'stored' variable; expected an enkal "
+                         "history (enkal.open(path))")
+    return np.flatnonzero(np.asarray(ds["stored"].values).astype(np.int64) & bit)
 
 
 def physical(ds: Any) -> Any:
