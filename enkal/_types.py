@@ -294,7 +294,9 @@ class Executor(Protocol):
 @runtime_checkable
 class Sink(Protocol):
     """Receives a run as it goes: HDF5 history, progress, logs. Called after the callbacks
-    of each update; ``close`` is always called, also when the run fails."""
+    of each update; ``close`` is always called, also when the run fails. Optionally
+    ``predictive(state, predictions)``: the final ensemble's predictions, after the last
+    ``record`` of a run with ``predictive=True`` (the Recorder stores them)."""
 
     def start(self, run: RunStart) -> None: ...
 
