@@ -19,11 +19,12 @@ ROOT = Path(enkal.__file__).parent
 #: the layers, lowest first; a module may import its own layer or lower ones only
 LEAVES = {"enkal._version", "enkal.errors", "enkal._checks"}
 SHARED = {"enkal.observations", "enkal.ensemble", "enkal._types"}
-KERNELS = {"enkal.update", "enkal.information"}
+KERNELS = {"enkal.update", "enkal.information", "enkal.filtering.kernels",
+           "enkal.filtering.metrics"}
 COMPONENTS = {"enkal.schedule", "enkal.failures", "enkal.collapse", "enkal.adapt",
               "enkal.forward", "enkal.devices", "enkal.executors", "enkal.analysis",
-              "enkal.priors", "enkal.progress", "enkal.sampler"}
-LOOP = {"enkal.smoother"}
+              "enkal.priors", "enkal.progress", "enkal.sampler", "enkal.filtering.schemes"}
+LOOP = {"enkal.smoother", "enkal.filtering", "enkal.filtering.filter", "enkal.filtering.run"}
 APPLICATION = {"enkal", "enkal.runner", "enkal.config", "enkal.experiment", "enkal.cli",
                "enkal.__main__", "enkal.plot", "enkal.inference"}
 MAX_LINES = 600
