@@ -84,7 +84,8 @@ class FilterState:
     inflation : tuple
         The adaptive inflation's state of each filter (empty without it).
     window : tuple of (float, Tensor)
-        The lag smoother's last ``lag`` analyses ``(time, states)``, oldest first.
+        The lag smoother's ``lag - 1`` analyses before the current one, ``(time, states)``,
+        oldest first (the initial ensemble counts as the analysis at the start time).
     """
 
     cycle: int
@@ -296,12 +297,13 @@ class EnsembleFilter:
         yh = self._predict(xf).to(torch.float64)
         w = self._transforms(xf, yh, y, ok, g)
         xa, pa = self._apply(w, xf, pf)
-        window = [(t, x) for t, x in state.window]
-        window = [(t, self._apply(w, x, None)[0]) for t, x in window]
+        # the lag smoother: the earlier analyses (and the previous one) get the same W and Q
+        lagged = [*state.window, (state.time, state.states)] if self.lag else []
+        window = [(t, self._apply(w, x.unsqueeze(0) if single else x, None)[0])
+                  for t, x in lagged]
         xa, pa, window = self._post(xa, pa, window, g)
         smoothed = None
-        window.append((time, xa))
-        if len(window) > self.lag:
+        if len(window) == self.lag > 0:  # the oldest has seen `lag` later analyses: final
             t_s, x_s = window.pop(0)
             m, s = _moments(x_s)
             smoothed = (t_s, m[0] if single else m, s[0] if single else s)
@@ -311,7 +313,7 @@ class EnsembleFilter:
             cycle=state.cycle + 1, time=time, states=squeeze(xa),
             parameters=None if pa is None else squeeze(pa), rng_state=g.get_state(),
             inflation=infl_states,
-            window=tuple((t, squeeze(x)) for t, x in window[:-1]) if self.lag else ())
+            window=tuple((t, squeeze(x)) for t, x in window))
         p_mean = p_std = None
         if pa is not None:
             pm, ps = _moments(pa)
@@ -344,6 +346,9 @@ class EnsembleFilter:
         finite = torch.isfinite(xf).all(dim=-1)
         safe = torch.where(finite.unsqueeze(-1), xf, torch.zeros_like(xf))
         yh = self._predict(safe).to(torch.float64)
+        if yh.shape[-1] != y.shape[1]:
+            raise ValueError(f"values: expected {yh.shape[-1]} observations (the observation "
+                             f"operator's outputs), got {y.shape[1]}")
         std = self._noise(y.shape[1], y.device)
         return torch.stack([
             self.failure.classify(yh[b], finite[b], Observations(y[b], noise_std=std))
