@@ -140,7 +140,9 @@ def test_lag_smoother_equals_rauch_tung_striebel():
     assert info.smoothed[0] == 1.0
     torch.testing.assert_close(info.smoothed[1], sm[0], rtol=0, atol=1e-9)
     torch.testing.assert_close(info.smoothed[2] ** 2, torch.diagonal(sc[0]), rtol=0, atol=1e-9)
-    for (t, x), mean, cov in zip(state.window, sm[1:5], sc[1:5], strict=True):
+    for (t, x), mean, cov, t_expected in zip(state.window, sm[1:5], sc[1:5], (2, 3, 4, 5),
+                                             strict=True):
+        assert t == t_expected
         torch.testing.assert_close(x.mean(0), mean, rtol=0, atol=1e-9)
         torch.testing.assert_close(torch.cov(x.T), cov, rtol=0, atol=1e-9)
 
