@@ -90,7 +90,11 @@ class _Policy:
             good &= ~(predictions.abs() > self.max_abs).any(dim=1)
         if ok is not None:
             good &= ok.to(good.device)
-        n_ok = int(good.sum())
+        self._check_count(int(good.sum()), n)
+        return good
+
+    def _check_count(self, n_ok: int, n: int) -> None:
+        """Stop on any failure under :class:`Raise`, or when too few members succeed."""
         if self._stop_on_failure and n_ok < n:
             raise FailedMembersError(
                 f"{n - n_ok} of {n} members failed (NaN/inf, raised, or beyond max_abs) and "
@@ -104,6 +108,24 @@ class _Policy:
                 "the ensemble. Check the model on the prior's range of parameters (evaluate() "
                 "reports the errors per member)"
             )
+
+    def classify_batch(self, predictions: torch.Tensor, ok: torch.Tensor,
+                       values: torch.Tensor, noise_std: torch.Tensor) -> torch.Tensor:
+        """:meth:`classify` for ``B`` independent ensembles at once (the filters' batch):
+        ``predictions`` ``(B, E, N_obs)``, ``ok`` ``(B, E)``, ``values`` ``(B, N_obs)`` and a
+        diagonal noise ``noise_std`` ``(N_obs,)``; the same screening, one sync per call."""
+        n = predictions.shape[1]
+        good = torch.isfinite(predictions).all(dim=-1) & ok.to(predictions.device)
+        with torch.no_grad():
+            z = torch.where(good.unsqueeze(-1), predictions - values.unsqueeze(1),
+                            torch.zeros_like(predictions)) / noise_std.to(predictions)
+            phi = 0.5 * z.square().sum(dim=-1)  # the misfit of classify, per member
+            good &= torch.isfinite(phi)
+            if self.max_sigma is not None:
+                good &= (2 * phi / predictions.shape[-1]).sqrt() <= self.max_sigma
+        if self.max_abs is not None:
+            good &= ~(predictions.abs() > self.max_abs).any(dim=-1)
+        self._check_count(int(good.sum(dim=1).min()), n)  # the worst filter decides
         return good
 
     def embed(self, transform: torch.Tensor, ok: torch.Tensor,

@@ -350,6 +350,9 @@ class EnsembleFilter:
             raise ValueError(f"values: expected {yh.shape[-1]} observations (the observation "
                              f"operator's outputs), got {y.shape[1]}")
         std = self._noise(y.shape[1], y.device)
+        batch = getattr(self.failure, "classify_batch", None)
+        if callable(batch):  # the built-in policies screen all filters at once
+            return batch(yh, finite, y, std)
         return torch.stack([
             self.failure.classify(yh[b], finite[b], Observations(y[b], noise_std=std))
             for b in range(xf.shape[0])])
@@ -384,6 +387,13 @@ class EnsembleFilter:
                 (list(range(xf.shape[-1])) if self.observe is None else None)
             scheme: Any = self.scheme  # a local scheme: LETKF or one with weights()
             weights = scheme.weights(xf.shape[-1], obs_idx).to(y.device)
+        if bool(ok.all()):  # no failures: every filter (and domain) in one batched call
+            n_b, n_d = xf.shape[0], 1 if weights is None else weights.shape[0]
+            yh_d = yh.unsqueeze(1).expand(-1, n_d, -1, -1).reshape(n_b * n_d, *yh.shape[1:])
+            w = self.scheme.transforms(
+                yh_d, y.repeat_interleave(n_d, dim=0), std, generator=g,
+                weights=None if weights is None else weights.repeat(n_b, 1))
+            return w.reshape(n_b, n_d, *w.shape[1:]) if local else w
         out = []
         for b in range(xf.shape[0]):
             rows = ok[b]
