@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from enkal import Observations, PerturbedObservations, Raise, SquareRoot
+from enkal import ResampleFailed as ResampleFailedPolicy
 from enkal.errors import FailedMembersError
 from enkal.filtering import (
     ETKF,
@@ -294,3 +295,19 @@ def test_bad_input_is_refused_with_the_argument_named():
     with pytest.raises(ValueError, match="LETKF"):
         EnsembleFilter(m, LETKF(radius=1.0)).init(torch.randn(5, 2, dtype=F64),
                                                   parameters=torch.randn(5, 1, dtype=F64))
+
+
+@pytest.mark.parametrize("policy", [ResampleFailedPolicy(), ResampleFailedPolicy(max_abs=3.0),
+                                    ResampleFailedPolicy(max_sigma=2.0)])
+def test_classify_batch_equals_classify_filter_by_filter(policy):
+    g = torch.Generator().manual_seed(5)
+    yh = torch.randn(4, 9, 3, generator=g, dtype=F64) * 2
+    yh[1, 3, 0] = math.nan
+    yh[2, 5, 2] = math.inf
+    ok = torch.ones(4, 9, dtype=torch.bool)
+    ok[3, 0] = False
+    y = torch.randn(4, 3, generator=g, dtype=F64)
+    std = torch.tensor([0.5, 1.0, 2.0], dtype=F64)
+    expected = torch.stack([policy.classify(yh[b], ok[b], Observations(y[b], noise_std=std))
+                            for b in range(4)])
+    assert torch.equal(policy.classify_batch(yh, ok, y, std), expected)
