@@ -23,7 +23,7 @@ import torch
 from enkal import Bounded, ForwardModel, ParameterLayout, Positive
 from enkal._checks import check_ensemble
 
-__all__ = ["SimulatorModel", "check_dtype_device", "check_times", "steps_for"]
+__all__ = ["SimulatorModel", "check_dtype_device", "check_times", "steps_for", "grid_steps"]
 
 
 def check_dtype_device(dtype: Any, device: Any) -> tuple[torch.dtype, torch.device]:
@@ -89,6 +89,17 @@ def steps_for(t_obs: Sequence[float], t0: float, dt: float, what: str = "dt") ->
             )
         out.append(int(k))
     return out
+
+
+def grid_steps(t0: float, t1: float, dt: float, what: str = "dt") -> list[int]:
+    """``[k]``: the number of fixed steps ``dt`` from ``t0`` to ``t1`` (a whole number)."""
+    q = (t1 - t0) / dt
+    k = round(q)
+    if abs(q - k) > 1e-9 * max(1.0, abs(q)):
+        raise ValueError(f"t1: a fixed-step solver advances by whole steps of {what}={dt:g}; "
+                         f"t1 - t0 = {t1 - t0:g} is {q:.6g} steps. Propagate between times "
+                         f"on the grid t0 + k*{what}")
+    return [int(k)]
 
 
 def state_size(x0: Any, state_names: Any) -> int:
@@ -226,6 +237,63 @@ class SimulatorModel(ForwardModel):
         if x.shape[0] == 0:
             return x.new_empty((0, self.output_size))
         return self._observe(self._simulate(x, p))
+
+    def propagate(self, states: torch.Tensor, t0: float, t1: float, *,
+                  parameters: Any = None, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+        """Advance an ensemble of states from ``t0`` to ``t1`` (a filter's forecast).
+
+        Parameters
+        ----------
+        states : Tensor, shape (N_ens, d)
+            The states at ``t0``, members first.
+        t0, t1 : float
+            Start and end times, ``t1 >= t0`` (on the solver's grid for fixed steps).
+        parameters : array-like, shape (N_par,) or (N_ens, N_par)
+            Physical parameters: shared by every member, or one row per member (joint
+            state-parameter estimation). Required.
+        generator : torch.Generator, optional
+            The noise of stochastic models (required for them; unused by ODEs).
+
+        Returns
+        -------
+        Tensor, shape (N_ens, d), in the dtype and on the device of ``states``. A member
+        whose integration fails (non-finite, step-size underflow) is a NaN row.
+        """
+        x, p, t0, t1 = self._propagate_inputs(states, t0, t1, parameters)
+        if t1 == t0 or x.shape[0] == 0:
+            return states.detach().clone()
+        out = self._advance(x, p, t0, t1, generator)
+        return out.to(device=states.device, dtype=states.dtype)
+
+    def _advance(self, x: torch.Tensor, p: dict[str, torch.Tensor], t0: float, t1: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _propagate_inputs(self, states: Any, t0: Any, t1: Any, parameters: Any):
+        """Validated ``(x, p, t0, t1)`` for :meth:`propagate`."""
+        if not isinstance(states, torch.Tensor) or not states.is_floating_point():
+            raise TypeError(f"states: expected a floating tensor (N_ens, d), got "
+                            f"{type(states).__name__}")
+        if states.ndim != 2 or states.shape[1] != self.state_size:
+            raise ValueError(f"states: expected shape (N_ens, d) with d = {self.state_size} "
+                             f"({', '.join(self.state_names)}), got {tuple(states.shape)}")
+        t0, t1 = _check_float(t0, "t0"), _check_float(t1, "t1")
+        if t1 < t0:
+            raise ValueError(f"t1: expected t1 >= t0 = {t0:g}, got {t1:g}")
+        if parameters is None:
+            raise ValueError("parameters: the model's parameters are needed to propagate; "
+                             "pass the known physical values, e.g. torch.tensor([10., 28., "
+                             "8 / 3]) for Lorenz-63, or one row per member")
+        theta = torch.as_tensor(parameters).to(dtype=self.dtype)
+        if theta.ndim == 1:
+            theta = theta.unsqueeze(0).expand(states.shape[0], -1)
+        if theta.ndim != 2 or theta.shape[0] != states.shape[0]:
+            raise ValueError(f"parameters: expected (N_par,) or (N_ens, N_par) with N_ens = "
+                             f"{states.shape[0]}, got {tuple(theta.shape)}")
+        _, p = self._prepare(theta)
+        x = states.detach().to(device=self.device, dtype=self.dtype)
+        return x, p, t0, t1
 
     def __repr__(self) -> str:
         names = ", ".join(b.name for b in self._layout.blocks)

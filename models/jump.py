@@ -47,7 +47,7 @@ import torch
 
 from enkal import ParameterLayout, Positive
 
-from ._common import SimulatorModel, _check_float, check_x0, march, steps_for
+from ._common import SimulatorModel, _check_float, check_x0, grid_steps, march, steps_for
 from ._random import check_seed, poisson, stream_keys, uniform
 
 __all__ = [
@@ -193,15 +193,29 @@ class JumpModel(SimulatorModel):
                            row_streams=self.row_streams)
         x = self.x0.expand(theta.shape[0], -1).clone()
         if isinstance(self.solver, Gillespie):
-            return self._ssa(x, p, keys)
-        return self._tau_leap(x, p, keys)
+            return self._ssa(x, p, keys, self.t0, self.t_obs)
+        return self._tau_leap(x, p, keys, self._obs_steps)
 
-    def _ssa(self, x: torch.Tensor, p: dict, keys: torch.Tensor) -> torch.Tensor:
+    def _advance(self, x: torch.Tensor, p: dict[str, torch.Tensor], t0: float, t1: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+        """The counts at ``t1`` from ``x`` at ``t0`` (:meth:`propagate`): each member's
+        random stream for this call is keyed by a draw from ``generator``."""
+        if not isinstance(generator, torch.Generator):
+            raise ValueError("generator: a stochastic model needs a torch.Generator to "
+                             f"propagate (the filter passes its own), got {generator!r}")
+        keys = torch.randint(-(2 ** 62), 2 ** 62, (x.shape[0],), generator=generator,
+                             dtype=torch.int64, device=generator.device).to(self.device)
+        if isinstance(self.solver, Gillespie):
+            return self._ssa(x, p, keys, t0, [t1])[:, 0]
+        return self._tau_leap(x, p, keys, grid_steps(t0, t1, self.solver.tau, "tau"))[:, 0]
+
+    def _ssa(self, x: torch.Tensor, p: dict, keys: torch.Tensor, t0: float,
+             times: list[float]) -> torch.Tensor:
         n, S = x.shape
-        T = len(self.t_obs)
+        T = len(times)
         dev = self.device
-        t_obs = torch.tensor(self.t_obs, dtype=self.dtype, device=dev)
-        t = x.new_full((n,), self.t0)
+        t_obs = torch.tensor(times, dtype=self.dtype, device=dev)
+        t = x.new_full((n,), t0)
         out = x.new_full((n, T, S), math.nan)
         k_obs = torch.zeros(n, dtype=torch.long, device=dev)
         events = torch.zeros(n, dtype=torch.long, device=dev)
@@ -244,7 +258,8 @@ class JumpModel(SimulatorModel):
             out[failed] = math.nan
         return out
 
-    def _tau_leap(self, x: torch.Tensor, p: dict, keys: torch.Tensor) -> torch.Tensor:
+    def _tau_leap(self, x: torch.Tensor, p: dict, keys: torch.Tensor,
+                  obs_steps: list[int]) -> torch.Tensor:
         n, S = x.shape
         R = self.n_reactions
         tau = self.solver.tau
@@ -257,7 +272,7 @@ class JumpModel(SimulatorModel):
             fired = torch.where(torch.isfinite(a) & (a >= 0), fired, math.nan)
             return (x + fired @ self.stoichiometry).clamp(min=0.0)
 
-        return march(x, self._obs_steps, advance)
+        return march(x, obs_steps, advance)
 
 
 # -- named systems ----------------------------------------------------------------------

@@ -46,7 +46,15 @@ import torch
 
 from enkal import ParameterLayout, Positive, Real
 
-from ._common import SimulatorModel, _check_float, check_x0, march, state_size, steps_for
+from ._common import (
+    SimulatorModel,
+    _check_float,
+    check_x0,
+    grid_steps,
+    march,
+    state_size,
+    steps_for,
+)
 
 __all__ = [
     "RK4",
@@ -207,17 +215,24 @@ class ODEModel(SimulatorModel):
     def _simulate(self, theta: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         x = self.initial_state(p, theta.shape[0])
         if isinstance(self.solver, RK4):
-            return self._rk4(x, p)
-        return self._dopri(x, p)
+            return self._rk4(x, p, self.t0, self._obs_steps)
+        return self._dopri(x, p, self.t0, self.t_obs)
+
+    def _advance(self, x: torch.Tensor, p: dict[str, torch.Tensor], t0: float, t1: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+        """The state at ``t1`` from ``x`` at ``t0`` (:meth:`propagate`)."""
+        if isinstance(self.solver, RK4):
+            return self._rk4(x, p, t0, grid_steps(t0, t1, self.solver.dt))[:, 0]
+        return self._dopri(x, p, t0, [t1])[:, 0]
 
     # -- fixed step ---------------------------------------------------------------------
-    def _rk4(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+    def _rk4(self, x: torch.Tensor, p: dict, t0: float, obs_steps: list[int]) -> torch.Tensor:
         n = x.shape[0]
         dt = self.solver.dt
         f = self.rhs
 
         def advance(k: int, x: torch.Tensor) -> torch.Tensor:
-            t = self.t0 + k * dt
+            t = t0 + k * dt
             tt = x.new_full((n, 1), t)
             th = x.new_full((n, 1), t + 0.5 * dt)
             k1 = f(tt, x, p)
@@ -226,23 +241,23 @@ class ODEModel(SimulatorModel):
             k4 = f(x.new_full((n, 1), t + dt), x + dt * k3, p)
             return x + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
 
-        return march(x, self._obs_steps, advance)
+        return march(x, obs_steps, advance)
 
     # -- adaptive -----------------------------------------------------------------------
     def _rms(self, v: torch.Tensor) -> torch.Tensor:
         return torch.sqrt(torch.mean(v * v, dim=1))
 
-    def _dopri(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+    def _dopri(self, x: torch.Tensor, p: dict, t0: float, times: list[float]) -> torch.Tensor:
         s: DormandPrince = self.solver
         f = self.rhs
         n, d = x.shape
-        T = len(self.t_obs)
-        t_obs = torch.tensor(self.t_obs, dtype=self.dtype, device=self.device)
+        T = len(times)
+        t_obs = torch.tensor(times, dtype=self.dtype, device=self.device)
         out = x.new_full((n, T, d), math.nan)
-        t = x.new_full((n,), self.t0)
+        t = x.new_full((n,), t0)
         k_obs = torch.zeros(n, dtype=torch.long, device=self.device)
         # observations at t0 itself
-        at_start = int(sum(1 for v in self.t_obs if v <= self.t0))
+        at_start = int(sum(1 for v in times if v <= t0))
         if at_start:
             out[:, :at_start] = x[:, None, :]
             k_obs += at_start
@@ -250,7 +265,7 @@ class ODEModel(SimulatorModel):
         failed = torch.zeros(n, dtype=torch.bool, device=self.device)
         k1 = f(t[:, None], x, p)
         if s.first_step is None:
-            h = self._first_step(t, x, k1, p)
+            h = self._first_step(t, x, k1, p, times[-1] - t0)
         else:
             h = x.new_full((n,), s.first_step)
         steps = torch.zeros(n, dtype=torch.long, device=self.device)
@@ -294,10 +309,9 @@ class ODEModel(SimulatorModel):
             out[failed] = math.nan
         return out
 
-    def _first_step(self, t, x, f0, p) -> torch.Tensor:
+    def _first_step(self, t, x, f0, p, span: float) -> torch.Tensor:
         """Hairer, Norsett & Wanner's starting step (as scipy's ``select_initial_step``)."""
         s: DormandPrince = self.solver
-        span = self.t_obs[-1] - self.t0
         if span <= 0:
             return x.new_full((x.shape[0],), 1.0)
         scale = s.atol + s.rtol * x.abs()

@@ -51,7 +51,15 @@ import torch
 
 from enkal import ParameterLayout, Positive, Real
 
-from ._common import SimulatorModel, _check_float, check_x0, march, state_size, steps_for
+from ._common import (
+    SimulatorModel,
+    _check_float,
+    check_x0,
+    grid_steps,
+    march,
+    state_size,
+    steps_for,
+)
 from ._random import check_seed, standard_normal, stream_keys
 from .ode import lorenz63_rhs
 
@@ -159,6 +167,25 @@ class SDEModel(SimulatorModel):
             return x + self.drift(t, x, p) * dt + self.diffusion(t, x, p) * (sq * z)
 
         return march(x, self._obs_steps, advance)
+
+    def _advance(self, x: torch.Tensor, p: dict[str, torch.Tensor], t0: float, t1: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+        """Euler-Maruyama from ``t0`` to ``t1`` (:meth:`propagate`): the Brownian increments
+        are drawn from ``generator``, ``(N_ens, d)`` per step in time order."""
+        if not isinstance(generator, torch.Generator):
+            raise ValueError("generator: a stochastic model needs a torch.Generator to "
+                             f"propagate (the filter passes its own), got {generator!r}")
+        n, d = x.shape
+        dt = self.dt
+        sq = math.sqrt(dt)
+
+        def advance(k: int, x: torch.Tensor) -> torch.Tensor:
+            t = x.new_full((n, 1), t0 + k * dt)
+            z = torch.randn(n, d, generator=generator, dtype=self.dtype,
+                            device=generator.device).to(self.device)
+            return x + self.drift(t, x, p) * dt + self.diffusion(t, x, p) * (sq * z)
+
+        return march(x, grid_steps(t0, t1, dt), advance)[:, 0]
 
 
 def _ou_drift(t, x, p):
