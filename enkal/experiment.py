@@ -21,7 +21,7 @@ from .forward import ForwardModel
 from .observations import Observations
 from .smoother import EnsembleSmoother
 
-__all__ = ["Experiment", "find_plugin", "available_plugins"]
+__all__ = ["Experiment", "FilterExperiment", "find_plugin", "available_plugins"]
 
 ENTRY_POINT_GROUP = "enkal.problems"
 
@@ -54,6 +54,35 @@ class Experiment:
     max_iterations: int = 100
     executor: Any = None
     truth: torch.Tensor | None = None
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class FilterExperiment:
+    """A sequential twin experiment: a filter, its first ensemble and an observation series.
+
+    Attributes
+    ----------
+    name : str
+    filter : EnsembleFilter
+    initial : Tensor, shape (N_ens, N_x)
+        The ensemble at time 0.
+    times : Tensor, shape (K,)
+    values : Tensor, shape (K, N_obs)
+    truth : Tensor, shape (K, N_x), optional
+        The true states at ``times`` (a twin experiment's).
+    burn_in : int
+        Cycles left out of the time-averaged scores.
+    config : dict
+    """
+
+    name: str
+    filter: Any
+    initial: torch.Tensor
+    times: torch.Tensor
+    values: torch.Tensor
+    truth: torch.Tensor | None = None
+    burn_in: int = 0
     config: dict = field(default_factory=dict)
 
 
