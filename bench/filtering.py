@@ -41,6 +41,10 @@ from enkal.problems.filtering import SAKOV2008_L96, SAKOV2012_L63, twin_experime
 ROOT = pathlib.Path(__file__).resolve().parent
 PEERS = ROOT / "reference" / "filtering_dapper.json"
 
+#: DAPPER's ``loc_rad`` is the distance where its Gaspari-Cohn taper is exp(-1/2); the taper's
+#: half-width (enkal's ``LETKF.radius``) is 1.82 times it (DAPPER's ``tools/localization.py``)
+DAPPER_GC = 1.82
+
 #: (id, system, scheme, N_ens, inflation, rotate, lag, DAPPER's documented rmse.a or None)
 CONFIGS: list[tuple[str, str, Callable[[], Any], int, Any, bool, int, float | None]] = [
     ("L63_Sqrt_N3_i1.30", "l63", ETKF, 3, 1.30, False, 0, 0.80),
@@ -53,10 +57,12 @@ CONFIGS: list[tuple[str, str, Callable[[], Any], int, Any, bool, int, float | No
     ("L96_PertObs_N28_i1.08", "l96", EnKF, 28, 1.08, False, 0, 0.24),
     ("L96_Sqrt_N24_i1.013_rot", "l96", ETKF, 24, 1.013, True, 0, 0.18),
     ("L96_Sqrt_N24_adaptive_rot", "l96", ETKF, 24, "adaptive", True, 0, None),
-    ("L96_LETKF_N7_i1.04_rot_r4", "l96", lambda: LETKF(radius=4.0, period=40.0), 7, 1.04,
-     True, 0, 0.22),
-    ("L96_LETKF_N10_i1.04_r4", "l96", lambda: LETKF(radius=4.0, period=40.0), 10, 1.04,
-     False, 0, None),
+    ("L96_LETKF_N7_i1.04_rot_r4", "l96", lambda: LETKF(radius=DAPPER_GC * 4, period=40.0), 7,
+     1.04, True, 0, 0.22),
+    ("L96_LETKF_N10_i1.04_r4", "l96", lambda: LETKF(radius=DAPPER_GC * 4, period=40.0), 10,
+     1.04, False, 0, None),
+    ("L96_LETKF_N10_adaptive_rot_r4", "l96", lambda: LETKF(radius=DAPPER_GC * 4, period=40.0),
+     10, "adaptive", True, 0, None),
 ]
 
 
