@@ -9,12 +9,13 @@ and :mod:`enkal.filtering.metrics` scores it as the literature does.
 from .filter import CycleInfo, DynamicalModel, EnsembleFilter, FilterState
 from .kernels import gaspari_cohn, perturbed_transforms, random_rotation, sqrt_transforms
 from .metrics import Score, rmse, spread, time_average
+from .progress import FilterProgress
 from .run import FilterResult, FilterSink, FilterStart, run_filter
 from .schemes import ETKF, LETKF, AdaptiveInflation, AdaptiveInflationState, EnKF, step_taper
 
 __all__ = [
     "EnsembleFilter", "FilterState", "CycleInfo", "DynamicalModel",
-    "run_filter", "FilterResult", "FilterSink", "FilterStart",
+    "run_filter", "FilterResult", "FilterSink", "FilterStart", "FilterProgress",
     "EnKF", "ETKF", "LETKF", "AdaptiveInflation", "AdaptiveInflationState",
     "gaspari_cohn", "step_taper", "sqrt_transforms", "perturbed_transforms",
     "random_rotation", "rmse", "spread", "time_average", "Score",
