@@ -11,7 +11,8 @@ The public API (a contract: docs and external checks use these names):
 * guards and failures: :class:`CollapseGuard`, :class:`ResampleFailed`,
   :class:`IgnoreFailed`, :class:`Raise`
 * the loop: :class:`EnsembleSmoother`; :func:`run`, the one call that records a run to HDF5
-  and resumes one
+  and resumes one; :func:`run_filter`, the same for an ensemble filter over a time series
+  (:mod:`enkal.filtering`)
 * structure adaptation: :class:`StructureAdaptation` with :class:`MutualInformation` or
   :class:`Significance` or :class:`Saliency`; :func:`mutual_information`, :func:`prune_mask`,
   :func:`remove_dead_units`
@@ -36,6 +37,7 @@ from .errors import (
 )
 from .executors import Dask, InProcess, MultiDevice
 from .failures import IgnoreFailed, Raise, ResampleFailed
+from .filter_runner import run_filter
 from .forward import CallableModel, ForwardModel, evaluate
 from .inference import to_inference_data
 from .information import mutual_information, prune_mask, remove_dead_units
@@ -108,6 +110,7 @@ __all__ = [
     "open",
     "open_dataset",
     "run",
+    "run_filter",
     "save",
     "to_xarray",
     "to_inference_data",

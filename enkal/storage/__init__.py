@@ -38,7 +38,9 @@ declared-size checks, :func:`repair`), ``history`` (:class:`History`,
 :func:`physical`), ``checkpoint`` (:func:`write_checkpoint`, :func:`read_checkpoint`),
 ``resume`` (:func:`read_history_state`, :func:`read_state`, :func:`read_policy`,
 :func:`format_of`), ``compare`` (what a resume compares: :func:`run_differences`,
-:func:`check_resume`, :func:`check_dropped_rows`) and ``recorder`` (:class:`Recorder`).
+:func:`check_resume`, :func:`check_dropped_rows`), ``recorder`` (:class:`Recorder`), and
+``filter_h5`` / ``filtering``: an ensemble filter's history (:class:`FilterRecorder`,
+:func:`read_filter_state`, :func:`open_filter_history`; ``docs/schema.md``).
 None of them imports the smoother: a smoother is duck-typed (``config()``,
 ``observations``, ``seed``, ``state_dict``, ``load_state_dict``).
 
@@ -88,6 +90,13 @@ True
 
 from .checkpoint import read_checkpoint, read_state_dict, write_checkpoint
 from .compare import Difference, check_dropped_rows, check_resume, run_differences
+from .filtering import (
+    FILTER_FORMAT,
+    FILTER_FORMAT_VERSION,
+    FilterRecorder,
+    open_filter_history,
+    read_filter_state,
+)
 from .h5 import _unlimited as _unlimited  # noqa: F401 - used by tests
 from .h5 import repair
 from .history import History, HistoryWriter
@@ -127,4 +136,9 @@ __all__ = [
     "HISTORY_FORMAT",
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
+    "FilterRecorder",
+    "read_filter_state",
+    "open_filter_history",
+    "FILTER_FORMAT",
+    "FILTER_FORMAT_VERSION",
 ]

@@ -151,6 +151,9 @@ def _check_format(attrs: Any, path: Any, expected: str) -> None:
             hint = "; it is a checkpoint: read it with enkal.storage.read_checkpoint"
         elif fmt == HISTORY_FORMAT:
             hint = "; it is a history file: open it with enkal.storage.open"
+        elif fmt == "enkal-filter-history":
+            hint = ("; it is a filter history: open it with "
+                    "enkal.storage.open_filter_history")
         raise StorageError(f"{path}: not an {expected} file (enkal_format={fmt!r}){hint}")
     version = attrs.get("enkal_format_version")
     try:
