@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a TOML configuration", parents=[common],
                        description="Build the problem a TOML configuration describes, run the "
-                                   "smoother and write the history to an HDF5 file.")
+                                   "smoother (or, for problem = \"filtering\", the filter "
+                                   "over the series) and write the history to an HDF5 file.")
     r.add_argument("config", help="the TOML configuration (docs/config.md; problems/*.toml). "
                                   "A configuration may name Python code ([model] target/rhs) "
                                   "that is imported and run: run only configurations you trust")
@@ -251,9 +252,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .storage import History
 
     _check_run_args(args)
-    out = _output(args)
     config = load_toml(args.config)
     plugin = find_plugin(config.get("problem", "estimation"))
+    if getattr(plugin, "sequential", False):  # a filter over a series: docs/filtering.md
+        from .filter_cli import run_command
+
+        return run_command(args, plugin, config,
+                           build_kwargs=_base_dir(plugin, args.config))
+    out = _output(args)
     exp = plugin.build(config, seed=args.seed, device=args.device,
                        **_base_dir(plugin, args.config))
     executor = _executor(args, exp.executor)
@@ -337,7 +343,11 @@ def _truth(ds):
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .filter_cli import info_command, is_filter_history
     from .storage import open_dataset, physical
+
+    if is_filter_history(args.file):
+        return info_command(args.file)
 
     with open_dataset(args.file) as ds:
         n_it = ds.sizes.get("iteration", 0)

@@ -44,7 +44,7 @@ __all__ = ["run_filter"]
 def run_filter(flt: EnsembleFilter, initial_state: FilterState | torch.Tensor | None,
                times: Any, values: Any, *, out: str | os.PathLike | None = None,
                resume: bool = False, ensembles: bool = False, checkpoint_every: int = 1,
-               sinks: Any = ()) -> FilterResult:
+               truth: Any = None, attrs: dict | None = None, sinks: Any = ()) -> FilterResult:
     """Run ``flt`` over the series ``values[k]`` at ``times[k]``, optionally recorded to a
     filter history ``out`` (``docs/schema.md``, "Filter history") and resumed from it.
 
@@ -70,6 +70,10 @@ def run_filter(flt: EnsembleFilter, initial_state: FilterState | torch.Tensor | 
         pass the same value).
     checkpoint_every : int
         Cycles between checkpoints (and at the end of the run).
+    truth : Tensor (K, [B,] N_x), optional
+        A twin experiment's true states at ``times``, stored with ``out`` as ``truth``.
+    attrs : dict, optional
+        Extra global attributes of a new ``out`` file (provenance).
     sinks : iterable of FilterSink
         More sinks, after the recorder.
 
@@ -110,7 +114,7 @@ def run_filter(flt: EnsembleFilter, initial_state: FilterState | torch.Tensor | 
     else:
         state = _initial(flt, initial_state)
     recorder = FilterRecorder(out, ensembles=ensembles, checkpoint_every=checkpoint_every,
-                              resume=resume)
+                              resume=resume, truth=truth, attrs=attrs)
     return _loop(flt, state, times, values, sinks=[recorder, *sinks])
 
 

@@ -176,6 +176,7 @@ class _Plugin:
     """The ``filtering`` entry point."""
 
     name = "filtering"
+    sequential = True  # enkal run: a filter over a series (enkal.filter_cli)
 
     @staticmethod
     def build(config: dict, *, seed: int | None = None, device: str | None = None,

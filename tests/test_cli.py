@@ -621,7 +621,12 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path, capsys):
 
 
 # -- every shipped configuration builds ---------------------------------------------------
-@pytest.mark.parametrize("path", sorted(ROOT.glob("problems/*.toml")), ids=lambda p: p.name)
+#: the smoother's configurations (tests/test_filter_config.py runs the filtering ones)
+ESTIMATION_CONFIGS = sorted(p for p in ROOT.glob("problems/*.toml")
+                            if load_toml(p).get("problem", "estimation") == "estimation")
+
+
+@pytest.mark.parametrize("path", ESTIMATION_CONFIGS, ids=lambda p: p.name)
 def test_every_problem_config_builds_and_evaluates(path):
     cfg = load_toml(path)
     if "summary" in cfg:  # fewer replicate paths: this checks the file, not the statistics

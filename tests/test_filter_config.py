@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import pathlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,3 +53,37 @@ def test_bad_configurations_name_the_key(edit, match):
     edit(c)
     with pytest.raises((ValueError, TypeError), match=match):
         build(c)
+
+
+def _cli(*argv: str) -> int:
+    from enkal.cli import main
+    return main(list(argv))
+
+
+def test_enkal_run_info_and_resume_a_filter(tmp_path, capsys, monkeypatch):
+    # 40 cycles in one go against 25 then a resume to 40: the same rows, bit for bit
+    import xarray as xr
+
+    monkeypatch.chdir(tmp_path)
+    text = pathlib.Path(filtering.__file__).with_name("lorenz63_filter.toml").read_text()
+    for name, cycles in (("whole", 40), ("part", 25), ("rest", 40)):
+        (tmp_path / f"{name}.toml").write_text(
+            text.replace("cycles = 1000", f"cycles = {cycles}").replace(
+                "burn_in = 100", "burn_in = 5"))
+    assert _cli("run", "whole.toml", "--out", "whole.h5", "--quiet") == 0
+    assert _cli("run", "part.toml", "--out", "part.h5", "--quiet") == 0
+    assert _cli("run", "rest.toml", "--resume", "part.h5", "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "analysis RMSE" in out and "(resumed)" in out
+    with xr.open_dataset("whole.h5") as a, xr.open_dataset("part.h5") as b:
+        assert a.sizes["time"] == b.sizes["time"] == 40
+        for name in ("analysis_mean", "forecast_spread", "truth", "observations"):
+            assert np.array_equal(a[name].values, b[name].values), name
+    assert _cli("info", "part.h5") == 0
+    info = capsys.readouterr().out
+    assert "40 cycles" in info and "ETKF()" in info and "analysis RMSE" in info
+    # refused: an existing --out without --resume, smoother-only options
+    assert _cli("run", "whole.toml", "--out", "whole.h5", "--quiet") == 2
+    assert _cli("run", "whole.toml", "--out", "x.h5", "--max-iterations", "3") == 2
+    err = capsys.readouterr().err
+    assert "--out whole.h5: exists" in err and "--max-iterations: not used" in err

@@ -230,7 +230,7 @@ def test_plain_xarray_reads_the_documented_dims_and_attributes(tmp_path):
         assert a["enkal_format"] == "enkal-filter-history" and a["enkal_format_version"] == 1
         assert a["Conventions"] == "CF-1.10" and a["enkal_version"] == enkal.__version__
         assert a["lag"] == 2 and a["rotate"] == 1 and a["seed"] == 3
-        assert a["scheme"] == "EnKF(centred=True, local=False)" and a["inflation"] == 1.05
+        assert a["scheme"] == "EnKF(centred=True)" and a["inflation"] == 1.05
         assert np.atleast_1d(a["noise_std"]).tolist() == [1.0]
     with xr.open_dataset(path, group="checkpoint") as ck:
         assert ck.attrs["cycle"] == 8 and ck.states.dims == ("member", "state")

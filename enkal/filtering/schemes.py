@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -50,7 +50,7 @@ class EnKF:
     """
 
     centred: bool = True
-    local: bool = False  # a global analysis
+    local: ClassVar[bool] = False  # a global analysis
 
     def transforms(self, predictions: torch.Tensor, values: torch.Tensor,
                    noise_std: torch.Tensor, *, generator: torch.Generator,
@@ -68,7 +68,7 @@ class EnKF:
 class ETKF:
     """Deterministic ETKF with the symmetric square root ``T = (I + S S^T)^-1/2``."""
 
-    local: bool = False
+    local: ClassVar[bool] = False
 
     def transforms(self, predictions: torch.Tensor, values: torch.Tensor,
                    noise_std: torch.Tensor, *, generator: torch.Generator | None = None,
@@ -103,7 +103,7 @@ class LETKF:
     period: float | None = None
     obs_coordinates: tuple[float, ...] | None = None
     taper: Callable[[torch.Tensor, float], torch.Tensor] = gaspari_cohn
-    local: bool = True
+    local: ClassVar[bool] = True  # one analysis per state variable
 
     def __post_init__(self) -> None:
         check_positive_float(self.radius, "LETKF.radius")

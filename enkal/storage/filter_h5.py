@@ -259,6 +259,12 @@ def _row_variables(nc: Any, lay: Layout, x_dtype: np.dtype) -> None:
                           space="unconstrained")
 
 
+def truth_variable(nc: Any, lay: Layout) -> None:
+    """``truth(time, [filter,] state)``: a twin experiment's true states, a row per cycle."""
+    _row_variable(nc, "truth", ("time", *lay.lead, "state"), "f8",
+                  (1, *lay.shape(), lay.n_state), "true state of the twin experiment")
+
+
 def _coordinates(nc: Any, lay: Layout, noise_std: list[float], observed: list[int] | None,
                  parameter_names: list[str] | None) -> None:
     v = nc.create_variable("state", ("state",), "i8", data=np.arange(lay.n_state))

@@ -64,6 +64,7 @@ from .filter_h5 import (
     read_checkpoint_group,
     read_layout,
     row_bytes,
+    truth_variable,
     write_checkpoint_group,
     write_row,
 )
@@ -227,11 +228,14 @@ class FilterRecorder:
         Continue an existing file (else a new file replaces it).
     attrs : dict, optional
         Extra global attributes (numbers, strings, JSON-able values).
+    truth : Tensor, shape (K, [B,] N_x), optional
+        A twin experiment's true states at the series' times: stored as ``truth`` along
+        ``time`` (what ``enkal info`` scores the means against).
     """
 
     def __init__(self, path: Any, *, ensembles: bool = False, checkpoint_every: int = 1,
                  fsync: bool = False, resume: bool = False,
-                 attrs: dict[str, Any] | None = None) -> None:
+                 attrs: dict[str, Any] | None = None, truth: Any = None) -> None:
         self.path = _as_path(path)
         check_bool(ensembles, "ensembles")
         check_positive_int(checkpoint_every, "checkpoint_every")
@@ -242,6 +246,8 @@ class FilterRecorder:
             check_attributes(attrs)
         self.ensembles, self.checkpoint_every = ensembles, checkpoint_every
         self.fsync, self.resume, self.attrs = fsync, resume, dict(attrs or {})
+        self.truth = None if truth is None else \
+            torch.as_tensor(truth, dtype=torch.float64).detach().cpu().numpy()
         self._flt: Any = None
         self._layout: Layout | None = None
         self._values: np.ndarray | None = None
@@ -302,6 +308,8 @@ class FilterRecorder:
         try:
             with deferred_interrupts(), transaction(self.path, fsync=self.fsync) as f:
                 write_row(f, self._n_rows, info, obs, self._unlimited, state, smoothed)
+                if self.truth is not None and "truth" in f:
+                    f["truth"][self._n_rows] = self.truth[cycle - 1]
                 if arrays is not None:
                     write_checkpoint_group(f, arrays)
         except Exception as err:
@@ -386,6 +394,8 @@ class FilterRecorder:
                 create_structure(nc, lay, noise_std=filter_config(flt)["noise_std"],
                                  observed=observe if isinstance(observe, list) else None,
                                  parameter_names=names, attrs=self._global_attrs(flt, lay))
+                if self.truth is not None:
+                    truth_variable(nc, lay)
             with h5py.File(tmp, "r+", locking=False) as f:
                 write_checkpoint_group(f, arrays)
                 self._unlimited = _unlimited(f)
