@@ -87,3 +87,26 @@ def test_enkal_run_info_and_resume_a_filter(tmp_path, capsys, monkeypatch):
     assert _cli("run", "whole.toml", "--out", "x.h5", "--max-iterations", "3") == 2
     err = capsys.readouterr().err
     assert "--out whole.h5: exists" in err and "--max-iterations: not used" in err
+
+
+def test_the_filtering_benchmark_runs(tmp_path):
+    """bench/filtering.py --quick (a few hundred cycles of each configuration): the table,
+    the batch timing and the JSON line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(root / "bench" / "filtering.py"), "--quick",
+                           "--seeds", "1", "--batch", "2", "--json", str(tmp_path / "f.json")],
+                          capture_output=True, text=True, timeout=600, env=env,
+                          cwd=root / "bench")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "f.json").read_text())
+    rows = {r["id"]: r for r in record["rows"]}
+    # even 300 cycles of the tuned ETKF on Lorenz-96 track the truth far below the noise (1)
+    assert rows["L96_Sqrt_N24_i1.013_rot"]["rmse_a"] < 0.4
+    assert record["batch"]["n_filters"] == 2
+    assert proc.stdout.strip().splitlines()[-1].startswith("BENCH_JSON ")
