@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -49,6 +50,7 @@ DAPPER_GC = 1.82
 CONFIGS: list[tuple[str, str, Callable[[], Any], int, Any, bool, int, float | None]] = [
     ("L63_Sqrt_N3_i1.30", "l63", ETKF, 3, 1.30, False, 0, 0.80),
     ("L63_Sqrt_N10_i1.02_rot", "l63", ETKF, 10, 1.02, True, 0, 0.60),
+    ("L63_Sqrt_N10_i1.02_norot", "l63", ETKF, 10, 1.02, False, 0, None),
     ("L63_PertObs_N10_i1.04", "l63", EnKF, 10, 1.04, False, 0, 0.65),
     ("L63_PertObs_N100_i1.01", "l63", EnKF, 100, 1.01, False, 0, 0.56),
     ("L63_Sqrt_N10_adaptive_rot", "l63", ETKF, 10, "adaptive", True, 0, None),
@@ -56,6 +58,7 @@ CONFIGS: list[tuple[str, str, Callable[[], Any], int, Any, bool, int, float | No
     ("L96_PertObs_N40_i1.06", "l96", EnKF, 40, 1.06, False, 0, 0.22),
     ("L96_PertObs_N28_i1.08", "l96", EnKF, 28, 1.08, False, 0, 0.24),
     ("L96_Sqrt_N24_i1.013_rot", "l96", ETKF, 24, 1.013, True, 0, 0.18),
+    ("L96_Sqrt_N40_i1.01_rot", "l96", ETKF, 40, 1.01, True, 0, None),
     ("L96_Sqrt_N24_adaptive_rot", "l96", ETKF, 24, "adaptive", True, 0, None),
     ("L96_LETKF_N7_i1.04_rot_r4", "l96", lambda: LETKF(radius=DAPPER_GC * 4, period=40.0), 7,
      1.04, True, 0, 0.22),
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--burn-in", type=int, default=None,
                    help="cycles left out of the averages (default: a tenth)")
     p.add_argument("--only", choices=("l63", "l96"), default=None)
+    p.add_argument("--select", default=None, metavar="REGEX",
+                   help="only the configurations whose id matches REGEX")
     p.add_argument("--batch", type=int, default=16, help="filters in the batch timing")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
@@ -176,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'/doc':>5} {'/DAP':>5} {'spread':>6} {'smooth':>6} {'wall s':>6}")
     rows = []
     for cfg in CONFIGS:
-        if args.only and cfg[1] != args.only:
+        if args.only and cfg[1] != args.only or \
+                args.select and not re.search(args.select, cfg[0]):
             continue
         r = run_config(cfg, cycles=cycles, seeds=args.seeds, burn_in=burn_in,
                        device=args.device)
