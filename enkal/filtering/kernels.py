@@ -147,7 +147,8 @@ def random_rotation(n: int, generator: torch.Generator, *, device: torch.device 
     basis, _ = torch.linalg.qr(torch.cat([ones, torch.eye(n, dtype=torch.float64,
                                                           device=device)[:, :n - 1]], dim=1))
     u = basis[:, 1:]
-    z = torch.randn(n - 1, n - 1, generator=generator, dtype=torch.float64).to(device)
+    z = torch.randn(n - 1, n - 1, generator=generator, dtype=torch.float64,
+                    device=generator.device).to(device)
     q, r = torch.linalg.qr(z)
     o = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
     return torch.full((n, n), 1.0 / n, dtype=torch.float64, device=device) + u @ o @ u.T

@@ -57,7 +57,8 @@ class EnKF:
                    weights: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, E, E)`` for ``predictions`` ``(B, E, N_obs)`` and ``values`` ``(B, N_obs)``."""
         b, n, m = predictions.shape
-        eps = torch.randn(b, n, m, generator=generator, dtype=torch.float64)
+        eps = torch.randn(b, n, m, generator=generator, dtype=torch.float64,
+                          device=generator.device)
         eps = eps.to(predictions.device) * noise_std.to(predictions.device, torch.float64)
         if self.centred:
             eps = eps - eps.mean(dim=1, keepdim=True)
