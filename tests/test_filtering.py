@@ -311,3 +311,23 @@ def test_classify_batch_equals_classify_filter_by_filter(policy):
     expected = torch.stack([policy.classify(yh[b], ok[b], Observations(y[b], noise_std=std))
                             for b in range(4)])
     assert torch.equal(policy.classify_batch(yh, ok, y, std), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_filters_run_on_a_gpu():
+    # the deterministic ETKF and LETKF give the CPU's numbers (float64, 1e-9: reductions in
+    # another order); the stochastic parts draw on the GPU's generator and just have to run
+    g, m, x0, truth = _linear_setup(n_members=8)
+    ys = torch.stack(_observations(g, m, truth, torch.eye(4, dtype=F64), 0.3, 5))
+    times = torch.arange(1.0, 6.0)
+    for scheme in (ETKF(), LETKF(radius=1.5, period=4.0)):
+        flt = EnsembleFilter(Linear(m.cuda()), scheme, noise_std=0.3)
+        gpu = run_filter(flt, flt.init(x0.cuda()), times, ys.cuda())
+        cpu = run_filter(EnsembleFilter(Linear(m), scheme, noise_std=0.3),
+                         flt.init(x0), times, ys)
+        torch.testing.assert_close(gpu.analysis_mean.cpu(), cpu.analysis_mean, rtol=0,
+                                   atol=1e-9)
+    flt = EnsembleFilter(Linear(m.cuda()), EnKF(), noise_std=0.3, rotate=True,
+                         inflation=AdaptiveInflation())
+    res = run_filter(flt, flt.init(x0.cuda()), times, ys.cuda())
+    assert res.state.states.is_cuda and bool(torch.isfinite(res.state.states).all())
