@@ -55,6 +55,10 @@ CONFIGS: list[tuple[str, str, Callable[[], Any], int, Any, bool, int, float | No
     ("L63_PertObs_N100_i1.01", "l63", EnKF, 100, 1.01, False, 0, 0.56),
     ("L63_Sqrt_N10_adaptive_rot", "l63", ETKF, 10, "adaptive", True, 0, None),
     ("L63_Sqrt_N10_i1.02_rot_lag2", "l63", ETKF, 10, 1.02, True, 2, None),
+    # the issue's reading of Sakov et al. (2012): unit observation noise (the paper: 2)
+    ("L63_R1_Sqrt_N3_i1.30", "l63u", ETKF, 3, 1.30, False, 0, None),
+    ("L63_R1_Sqrt_N10_i1.02_rot", "l63u", ETKF, 10, 1.02, True, 0, None),
+    ("L63_R1_PertObs_N10_i1.04", "l63u", EnKF, 10, 1.04, False, 0, None),
     ("L96_PertObs_N40_i1.06", "l96", EnKF, 40, 1.06, False, 0, 0.22),
     ("L96_PertObs_N28_i1.08", "l96", EnKF, 28, 1.08, False, 0, 0.24),
     ("L96_Sqrt_N24_i1.013_rot", "l96", ETKF, 24, 1.013, True, 0, 0.18),
@@ -71,8 +75,8 @@ CONFIGS: list[tuple[str, str, Callable[[], Any], int, Any, bool, int, float | No
 
 def _system(name: str, device: str) -> tuple[Any, dict, dict]:
     """The model, its settings and the twin keywords of one system."""
-    if name == "l63":
-        s = SAKOV2012_L63
+    if name in ("l63", "l63u"):
+        s = SAKOV2012_L63 if name == "l63" else {**SAKOV2012_L63, "noise_std": 1.0}
         dt_obs = s["dt"] * s["steps_per_obs"]
         model = Lorenz63(t_obs=[dt_obs], solver=RK4(dt=s["dt"]), device=device)
         return model, s, {"x0": s["x0"], "parameters": s["parameters"], "dt_obs": dt_obs}
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--burn-in", type=int, default=None,
                    help="cycles left out of the averages (default: a tenth)")
-    p.add_argument("--only", choices=("l63", "l96"), default=None)
+    p.add_argument("--only", choices=("l63", "l63u", "l96"), default=None)
     p.add_argument("--select", default=None, metavar="REGEX",
                    help="only the configurations whose id matches REGEX")
     p.add_argument("--batch", type=int, default=16, help="filters in the batch timing")
