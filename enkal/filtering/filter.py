@@ -50,7 +50,8 @@ from .._checks import check_positive_float, check_positive_int, check_seed
 from .._types import FailurePolicy, check_component
 from ..failures import IgnoreFailed, ResampleFailed
 from ..observations import Observations
-from .kernels import apply_local, random_rotation
+from .kernels import random_rotation
+from .local import local_blocks, local_update
 from .schemes import ETKF, AdaptiveInflation
 
 __all__ = ["DynamicalModel", "EnsembleFilter", "FilterState", "CycleInfo"]
@@ -295,12 +296,11 @@ class EnsembleFilter:
             xf = torch.where(ok.unsqueeze(-1), xf, torch.zeros_like(xf))
         xf, pf, infl_states, lam = self._inflate_prior(state, xf, pf, ok, y)
         yh = self._predict(xf).to(torch.float64)
-        w = self._transforms(xf, yh, y, ok, g)
-        xa, pa = self._apply(w, xf, pf)
         # the lag smoother: the earlier analyses (and the previous one) get the same W and Q
         lagged = [*state.window, (state.time, state.states)] if self.lag else []
-        window = [(t, self._apply(w, x.unsqueeze(0) if single else x, None)[0])
-                  for t, x in lagged]
+        xa, pa, lag_x = self._update(xf, pf, yh, y, ok, g,
+                                     [x.unsqueeze(0) if single else x for _, x in lagged])
+        window = [(t, x) for (t, _), x in zip(lagged, lag_x, strict=True)]
         xa, pa, window = self._post(xa, pa, window, g)
         smoothed = None
         if len(window) == self.lag > 0:  # the oldest has seen `lag` later analyses: final
@@ -375,52 +375,41 @@ class EnsembleFilter:
         pf = None if pf is None else _scale_anomalies(pf, ok, scale)
         return xf, pf, tuple(states), float(sum(lams) / len(lams))
 
-    def _transforms(self, xf: torch.Tensor, yh: torch.Tensor, y: torch.Tensor,
-                    ok: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """``(B, E, E)`` (global) or ``(B, N_x, E, E)`` (local) transforms, failed members
-        embedded by the failure policy."""
+    def _update(self, xf: torch.Tensor, pf: torch.Tensor | None, yh: torch.Tensor,
+                y: torch.Tensor, ok: torch.Tensor, g: torch.Generator, lagged: list):
+        """``(X_a, P_a, lagged_a)``: the analysis of every filter, and the same transforms
+        applied to the smoother's window."""
         std = self._noise(y.shape[1], y.device)
-        local = getattr(self.scheme, "local", False)
-        weights = None
-        if local:
-            obs_idx = self.observe if isinstance(self.observe, list) else \
-                (list(range(xf.shape[-1])) if self.observe is None else None)
-            scheme: Any = self.scheme  # a local scheme: LETKF or one with weights()
-            weights = scheme.weights(xf.shape[-1], obs_idx).to(y.device)
-        if bool(ok.all()):  # no failures: every filter (and domain) in one batched call
-            n_b, n_d = xf.shape[0], 1 if weights is None else weights.shape[0]
-            yh_d = yh.unsqueeze(1).expand(-1, n_d, -1, -1).reshape(n_b * n_d, *yh.shape[1:])
-            w = self.scheme.transforms(
-                yh_d, y.repeat_interleave(n_d, dim=0), std, generator=g,
-                weights=None if weights is None else weights.repeat(n_b, 1))
-            return w.reshape(n_b, n_d, *w.shape[1:]) if local else w
+        if getattr(self.scheme, "local", False):
+            xa, lag = local_update(self.scheme, self.failure, self._blocks(xf), xf, yh, y, std,
+                                   ok, g, lagged)
+            return xa, None, lag
+        w = self._transforms(yh, y, std, ok, g).to(xf.dtype)
+        return (w @ xf, None if pf is None else w.to(pf.dtype) @ pf,
+                [w @ x for x in lagged])
+
+    def _blocks(self, xf: torch.Tensor) -> list:
+        """The local scheme's blocks (taper weights), computed once for a state size."""
+        observed = self.observe if isinstance(self.observe, list) else \
+            (list(range(xf.shape[-1])) if self.observe is None else None)
+        key = (xf.shape[-1], xf.device)
+        if getattr(self, "_block_key", None) != key:
+            self._block_cache = local_blocks(self.scheme, xf.shape[-1], observed, xf.device)
+            self._block_key = key
+        return self._block_cache
+
+    def _transforms(self, yh: torch.Tensor, y: torch.Tensor, std: torch.Tensor,
+                    ok: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """``(B, E, E)`` global transforms, failed members embedded by the failure policy."""
+        if bool(ok.all()):  # no failures: every filter in one batched call
+            return self.scheme.transforms(yh, y, std, generator=g)
         out = []
-        for b in range(xf.shape[0]):
+        for b in range(yh.shape[0]):
             rows = ok[b]
-            sub = yh[b][rows].unsqueeze(0)
-            w = self.scheme.transforms(sub, y[b:b + 1], std, generator=g, weights=weights)
-            if not bool(rows.all()):
-                w = self._embed(w, rows, g)
-            out.append(w if local else w[0])
+            w = self.scheme.transforms(yh[b][rows].unsqueeze(0), y[b:b + 1], std,
+                                       generator=g)[0]
+            out.append(w if bool(rows.all()) else self.failure.embed(w, rows, g))
         return torch.stack(out)
-
-    def _embed(self, w: torch.Tensor, ok: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Embed ``(D, E_ok, E_ok)`` transforms in ``(D, E, E)``: the same redraw draws for
-        every domain (a failed member is one coherent draw across the state)."""
-        start = g.get_state()
-        full = []
-        for d in range(w.shape[0]):
-            g.set_state(start)
-            full.append(self.failure.embed(w[d], ok, g))
-        return torch.stack(full)
-
-    def _apply(self, w: torch.Tensor, x: torch.Tensor, p: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if w.ndim == 4:  # local: one transform per state variable, (B, N_x, E, E)
-            xa = torch.stack([apply_local(w[b], x[b]) for b in range(x.shape[0])])
-            return xa, None
-        wt = w.to(x.dtype)
-        return wt @ x, None if p is None else wt.to(p.dtype) @ p
 
     def _post(self, xa: torch.Tensor, pa: torch.Tensor | None, window: list,
               g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, list]:

@@ -41,8 +41,7 @@ import math
 
 import torch
 
-__all__ = ["sqrt_transforms", "perturbed_transforms", "gaspari_cohn", "random_rotation",
-           "apply_local"]
+__all__ = ["sqrt_transforms", "perturbed_transforms", "gaspari_cohn", "random_rotation"]
 
 
 def _whiten(yh: torch.Tensor, y: torch.Tensor, noise_std: torch.Tensor,
@@ -152,10 +151,3 @@ def random_rotation(n: int, generator: torch.Generator, *, device: torch.device 
     q, r = torch.linalg.qr(z)
     o = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
     return torch.full((n, n), 1.0 / n, dtype=torch.float64, device=device) + u @ o @ u.T
-
-
-def apply_local(transforms: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """``X+[:, i] = W_i X[:, i]`` for local transforms ``(N_x, E, E)`` and states
-    ``(E, N_x)``: one batched product (the LETKF's apply)."""
-    w = transforms.to(states.dtype)
-    return (w @ states.T.unsqueeze(-1)).squeeze(-1).T

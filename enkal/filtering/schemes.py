@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._checks import check_positive_float
+from .._checks import check_positive_float, check_positive_int
 from .kernels import gaspari_cohn, perturbed_transforms, sqrt_transforms
 
 __all__ = ["EnKF", "ETKF", "LETKF", "AdaptiveInflation", "AdaptiveInflationState",
@@ -97,6 +97,9 @@ class LETKF:
     taper : callable
         ``taper(distance, radius) -> weights`` in ``[0, 1]``: :func:`gaspari_cohn` (default)
         or :func:`step_taper`.
+    chunk_size : int
+        State variables analysed together (:mod:`enkal.filtering.local`): memory about
+        ``B chunk_size N_ens (N_ens + N_loc)`` numbers, ``N_loc`` the observations in reach.
     """
 
     radius: float
@@ -104,10 +107,12 @@ class LETKF:
     period: float | None = None
     obs_coordinates: tuple[float, ...] | None = None
     taper: Callable[[torch.Tensor, float], torch.Tensor] = gaspari_cohn
+    chunk_size: int = 2048
     local: ClassVar[bool] = True  # one analysis per state variable
 
     def __post_init__(self) -> None:
         check_positive_float(self.radius, "LETKF.radius")
+        check_positive_int(self.chunk_size, "LETKF.chunk_size")
         check_positive_float(self.period, "LETKF.period", allow_none=True)
         if not callable(self.taper):
             raise TypeError(f"LETKF.taper: expected a callable taper(distance, radius), got "
@@ -117,8 +122,10 @@ class LETKF:
             if v is not None:
                 object.__setattr__(self, name, tuple(float(c) for c in v))
 
-    def weights(self, n_state: int, observed: list[int] | None) -> torch.Tensor:
-        """The ``(N_x, N_obs)`` taper weights of every observation for every variable."""
+    def weights(self, n_state: int, observed: list[int] | None,
+                rows: slice | None = None) -> torch.Tensor:
+        """The ``(N_x, N_obs)`` taper weights of every observation for every variable (for
+        the variables ``rows`` only, when given)."""
         coords = torch.arange(n_state, dtype=torch.float64) if self.coordinates is None \
             else torch.tensor(self.coordinates, dtype=torch.float64)
         if coords.numel() != n_state:
@@ -131,7 +138,8 @@ class LETKF:
         else:
             raise ValueError("LETKF.obs_coordinates: required when the observation operator "
                              "is a callable (the observations' positions are unknown)")
-        dist = (coords[:, None] - obs[None, :]).abs()
+        here = coords if rows is None else coords[rows]
+        dist = (here[:, None] - obs[None, :]).abs()
         if self.period is not None:
             dist = torch.minimum(dist % self.period, self.period - dist % self.period)
         return self.taper(dist, self.radius).to(torch.float64)
@@ -139,12 +147,11 @@ class LETKF:
     def transforms(self, predictions: torch.Tensor, values: torch.Tensor,
                    noise_std: torch.Tensor, *, generator: torch.Generator | None = None,
                    weights: torch.Tensor | None = None) -> torch.Tensor:
-        """``(N_x, E, E)`` local transforms for ``predictions`` ``(1, E, N_obs)``."""
+        """``(D, E, E)`` transforms of ``D`` variables from ``predictions`` ``(D, E, N_obs)``
+        and their taper ``weights`` ``(D, N_obs)``."""
         if weights is None:
             raise ValueError("LETKF: weights are required (the filter computes them)")
-        d = weights.shape[0]
-        yh = predictions.expand(d, -1, -1)
-        return sqrt_transforms(yh, values.expand(d, -1), noise_std, weights)
+        return sqrt_transforms(predictions, values, noise_std, weights)
 
 
 @dataclass(frozen=True)
