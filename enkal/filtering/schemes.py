@@ -46,7 +46,9 @@ class EnKF:
     ----------
     centred : bool
         Subtract the members' mean from the perturbations (default), so the analysis mean
-        is the Kalman update of the forecast mean, as in [Sakov2008] and DAPPER.
+        is the Kalman update of the forecast mean, and rescale them by ``sqrt(E / (E-1))``
+        so that each member's perturbation keeps the variance ``R``, as DAPPER's
+        ``EnKF('PertObs')`` does ([Sakov2008] centre them).
     """
 
     centred: bool = True
@@ -60,8 +62,8 @@ class EnKF:
         eps = torch.randn(b, n, m, generator=generator, dtype=torch.float64,
                           device=generator.device)
         eps = eps.to(predictions.device) * noise_std.to(predictions.device, torch.float64)
-        if self.centred:
-            eps = eps - eps.mean(dim=1, keepdim=True)
+        if self.centred:  # each member's perturbation keeps the variance R: sqrt(E/(E-1))
+            eps = (eps - eps.mean(dim=1, keepdim=True)) * math.sqrt(n / (n - 1))
         return perturbed_transforms(predictions, values, noise_std, eps, weights)
 
 
