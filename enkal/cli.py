@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
                     "summary (misfit, spread and alpha per iteration; prior and posterior "
                     "marginals), pair (corner plot of the posterior members), predictive "
                     "(the data with the posterior-predictive band; needs predictions stored "
-                    "in the file).")
+                    "in the file). A filter history gets one figure: truth, observations and "
+                    "analysis over time, and the errors (enkal.plot_filter.series).")
     pl.add_argument("file", help="an enkal history file (the --out of enkal run)")
     pl.add_argument("-o", "--output", metavar="PNG",
                     help="the PNG to write (default: FILE without .h5, with .png); with "
@@ -420,7 +421,15 @@ def _save_figure(fig: Any, path: str) -> None:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from . import plot
+    from .filter_cli import is_filter_history
 
+    if is_filter_history(args.file):  # one figure: the series (enkal.plot_filter)
+        from .plot_filter import series
+
+        path = args.output or os.path.splitext(args.file)[0] + ".png"
+        _save_figure(series(args.file), path)
+        print(f"wrote {path}")
+        return 0
     for kind, path in _plot_outputs(args).items():
         try:
             fig = getattr(plot, kind)(args.file)

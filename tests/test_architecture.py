@@ -26,7 +26,8 @@ COMPONENTS = {"enkal.schedule", "enkal.failures", "enkal.collapse", "enkal.adapt
               "enkal.priors", "enkal.progress", "enkal.sampler", "enkal.filtering.schemes", "enkal.filtering.local",
               "enkal.filtering.progress"}
 LOOP = {"enkal.smoother", "enkal.filtering", "enkal.filtering.filter", "enkal.filtering.run"}
-APPLICATION = {"enkal", "enkal.runner", "enkal.filter_runner", "enkal.filter_cli", "enkal.config",
+APPLICATION = {"enkal", "enkal.runner", "enkal.filter_runner", "enkal.filter_cli",
+               "enkal.plot_filter", "enkal.config",
                "enkal.experiment", "enkal.cli", "enkal.__main__", "enkal.plot", "enkal.inference"}
 MAX_LINES = 600
 
