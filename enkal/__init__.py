@@ -5,7 +5,8 @@ The public API (a contract: docs and external checks use these names):
 * models: :class:`ForwardModel`, :class:`CallableModel`, :func:`evaluate`
 * data: :class:`Observations`, :class:`ParameterLayout` and the constraints
   :class:`Real`, :class:`Positive`, :class:`Bounded`
-* updates: :class:`SquareRoot`, :class:`PerturbedObservations`, :func:`assimilate`
+* updates: :class:`SquareRoot`, :class:`PerturbedObservations`, :func:`assimilate`;
+  :class:`LocalSquareRoot` localizes the square-root update by distance (gridded parameters)
 * schedules: :class:`FixedAnnealing`, :class:`ESMDA`, :class:`DataMisfitController`
 * sampling the posterior: :class:`EnsembleKalmanSampler` with :class:`EKSStable`
 * guards and failures: :class:`CollapseGuard`, :class:`ResampleFailed`,
@@ -41,6 +42,7 @@ from .filter_runner import run_filter
 from .forward import CallableModel, ForwardModel, evaluate
 from .inference import to_inference_data
 from .information import mutual_information, prune_mask, remove_dead_units
+from .localization import LocalSquareRoot
 from .nn import (
     Carry,
     Classification,
@@ -116,6 +118,7 @@ __all__ = [
     "to_inference_data",
     "EnsembleKalmanSampler",
     "EKSStable",
+    "LocalSquareRoot",
     "constrained_gaussian",
     "prior_ensemble",
     "PriorBlock",

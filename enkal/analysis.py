@@ -203,11 +203,17 @@ def analyse(
             mask = new_mask.to(device=parameters.device, dtype=torch.bool)
             n_pruned = int(adapt_info.get("n_pruned", 0))
 
-    result, n_resampled = _update(parameters, used, observations, ok, rule=rule,
-                                  failure=failure, generator=generator, guard=guard,
-                                  mask=mask, sections=[sections[k] for k in active],
-                                  alphas=[alphas[k] for k in active], out=out, mean=mean,
-                                  chunk_size=chunk_size)
+    if getattr(rule, "local", False):  # one transform per parameter (enkal.localization)
+        result, n_resampled = _local(parameters, predictions, observations, ok, rule=rule,
+                                     failure=failure, generator=generator, guard=guard,
+                                     mask=mask, sections=sections, alpha=alphas[0],
+                                     mean=mean, out=out)
+    else:
+        result, n_resampled = _update(parameters, used, observations, ok, rule=rule,
+                                      failure=failure, generator=generator, guard=guard,
+                                      mask=mask, sections=[sections[k] for k in active],
+                                      alphas=[alphas[k] for k in active], out=out,
+                                      mean=mean, chunk_size=chunk_size)
     if mask is not None and not bool(mask.all()):
         if mean is not None:
             result[~mask] = 0
@@ -261,6 +267,28 @@ def _update(parameters: torch.Tensor, used: torch.Tensor, observations: Observat
     if target is None:  # no section was updated: the ensemble carries over
         target = parameters if out is None else out
     return target, n_resampled
+
+
+def _local(parameters: torch.Tensor, predictions: torch.Tensor, observations: Observations,
+           ok: torch.Tensor, *, rule: Any, failure: FailurePolicy, generator: torch.Generator,
+           guard: Guard | None, mask: torch.Tensor | None, sections: Sequence,
+           alpha: float, mean: torch.Tensor | None, out: torch.Tensor | None
+           ) -> tuple[torch.Tensor, int]:
+    """A local rule's update (``rule.update``: one transform per parameter), guarded; it
+    takes all columns at once (no sections, no ``mean=``)."""
+    if mean is not None or len(sections) != 1 or \
+            list(sections[0]) != [slice(0, parameters.shape[1])]:
+        raise ValueError(f"rule: {type(rule).__name__} updates each parameter with its own "
+                         "transform; sections and mean-only updates are not supported")
+    result = rule.update(parameters, predictions, observations, ok=ok, alpha=alpha,
+                         generator=generator, failure=failure)
+    if out is not None:
+        out.copy_(result)
+        result = out
+    n_resampled = 0
+    if guard is not None:
+        n_resampled = guard.apply(result, generator=generator, mask=mask, inplace=True)[1]
+    return result, n_resampled
 
 
 def _transform(rule: UpdateRule, used: torch.Tensor, observations: Observations, *,

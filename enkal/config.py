@@ -22,6 +22,7 @@ from typing import Any
 from .collapse import CollapseGuard
 from .executors import Dask, InProcess
 from .failures import IgnoreFailed, Raise, ResampleFailed
+from .localization import LocalSquareRoot
 from .sampler import EKSStable, EnsembleKalmanSampler
 from .schedule import ESMDA, DataMisfitController, FixedAnnealing
 from .update import PerturbedObservations, SquareRoot
@@ -35,7 +36,8 @@ __all__ = ["STRATEGIES", "build_strategy", "check_keys", "load_toml", "describe"
 
 STRATEGIES: dict[str, dict[str, type]] = {
     "rule": {"SquareRoot": SquareRoot, "PerturbedObservations": PerturbedObservations,
-             "EnsembleKalmanSampler": EnsembleKalmanSampler},
+             "EnsembleKalmanSampler": EnsembleKalmanSampler,
+             "LocalSquareRoot": LocalSquareRoot},
     "schedule": {"FixedAnnealing": FixedAnnealing, "ESMDA": ESMDA,
                  "DataMisfitController": DataMisfitController, "EKSStable": EKSStable},
     "guard": {"CollapseGuard": CollapseGuard},

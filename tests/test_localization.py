@@ -1,0 +1,112 @@
+"""Distance localization of the smoother (enkal.localization.LocalSquareRoot)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from enkal import (
+    ESMDA,
+    EnsembleSmoother,
+    Observations,
+    Raise,
+    ResampleFailed,
+    SquareRoot,
+)
+from enkal.config import build_strategy
+from enkal.errors import FailedMembersError
+from enkal.localization import LocalSquareRoot
+
+F64 = torch.float64
+P, SITES = 200, torch.arange(5, 200, 10)  # a 1-D field, observed at 20 sites
+
+
+def _field(seed: int, n_members: int = 20, ell: float = 5.0, noise: float = 0.2):
+    """A Gaussian field with squared-exponential correlation ``ell``, point observations,
+    an ensemble from the prior, and the exact posterior mean (Kalman, the true prior)."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.arange(P, dtype=F64)
+    c = torch.exp(-0.5 * ((i[:, None] - i[None, :]) / ell) ** 2) + 1e-8 * torch.eye(P, dtype=F64)
+    chol = torch.linalg.cholesky(c)
+    truth = chol @ torch.randn(P, generator=g, dtype=F64)
+    h = torch.zeros(len(SITES), P, dtype=F64)
+    h[torch.arange(len(SITES)), SITES] = 1.0
+    y = h @ truth + noise * torch.randn(len(SITES), generator=g, dtype=F64)
+    s = h @ c @ h.T + noise ** 2 * torch.eye(len(SITES), dtype=F64)
+    posterior_mean = c @ h.T @ torch.linalg.solve(s, y)
+    x = (chol @ torch.randn(P, n_members, generator=g, dtype=F64)).T
+    return x, x @ h.T, Observations(y, noise_std=noise), posterior_mean
+
+
+def _step(rule, x, yh, obs, **kwargs):
+    smoother = EnsembleSmoother(obs, rule=rule, schedule=ESMDA.constant(2), seed=3, **kwargs)
+    return smoother.step(smoother.init(x), yh)[0].parameters
+
+
+def _local(**kwargs):
+    return LocalSquareRoot(obs_coordinates=tuple(float(s) for s in SITES), **kwargs)
+
+
+def test_a_taper_of_one_is_the_global_square_root():
+    x, yh, obs, _ = _field(0)
+    flat = _local(radius=1.0, taper=lambda d, r: torch.ones_like(d))
+    torch.testing.assert_close(_step(flat, x, yh, obs), _step(SquareRoot(), x, yh, obs),
+                               rtol=0, atol=1e-10)
+
+
+def test_parameters_out_of_reach_keep_their_prior():
+    # radius 1: the taper reaches 2 sites; site 0 is 5 from the nearest observation
+    x, yh, obs, _ = _field(1)
+    new = _step(_local(radius=1.0), x, yh, obs)
+    far = torch.tensor([i for i in range(P) if min(abs(i - int(s)) for s in SITES) >= 2])
+    torch.testing.assert_close(new[:, far], x[:, far], rtol=0, atol=1e-12)
+    assert (new[:, SITES] - x[:, SITES]).abs().max() > 0.1
+
+
+def test_localization_removes_spurious_correlations():
+    # E = 20 members, 200 parameters: the global update spreads sampling noise over the
+    # whole field; measured over 10 seeds the localized posterior mean is 3.5-4x closer to
+    # the exact one (0.17-0.21 against 0.68 RMS); over these 4 seeds we ask for 2x
+    errors = {"global": 0.0, "local": 0.0}
+    for seed in range(4):
+        x, yh, obs, exact = _field(seed)
+        for name, rule in (("global", SquareRoot()), ("local", _local(radius=10.0))):
+            smoother = EnsembleSmoother(obs, rule=rule, schedule=ESMDA.constant(1), seed=0)
+            new = smoother.step(smoother.init(x), yh)[0].parameters
+            errors[name] += float((new.mean(0) - exact).square().mean().sqrt()) / 4
+    assert errors["local"] < 0.5 * errors["global"], errors
+
+
+def test_blocks_of_any_size_give_the_same_update():
+    x, yh, obs, _ = _field(2)
+    a = _step(_local(radius=4.0, chunk_size=7), x, yh, obs)
+    b = _step(_local(radius=4.0, chunk_size=4096), x, yh, obs)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_failed_members_are_redrawn_or_stop_the_run():
+    x, yh, obs, _ = _field(3)
+    yh = yh.clone()
+    yh[4] = math.nan
+    new = _step(_local(radius=4.0), x, yh, obs, failure=ResampleFailed())
+    assert bool(torch.isfinite(new).all())
+    with pytest.raises(FailedMembersError):
+        _step(_local(radius=4.0), x, yh, obs, failure=Raise())
+
+
+def test_from_a_configuration_and_bad_input():
+    rule = build_strategy("rule", {"type": "LocalSquareRoot", "radius": 3.0,
+                                   "obs_coordinates": [0, 10]}, where="[smoother]")
+    assert rule.obs_coordinates == (0.0, 10.0)
+    with pytest.raises(ValueError, match="obs_coordinates: required"):
+        LocalSquareRoot(radius=1.0)
+    x, yh, obs, _ = _field(0)
+    with pytest.raises(ValueError, match="expected 20 positions"):
+        _step(LocalSquareRoot(radius=1.0, obs_coordinates=(0.0, 1.0)), x, yh, obs)
+    dense = Observations(obs.values, noise_cov=0.04 * torch.eye(20, dtype=F64))
+    with pytest.raises(ValueError, match="diagonal noise"):
+        _step(_local(radius=1.0), x, yh, dense)
+    with pytest.raises(TypeError, match="one transform per parameter"):
+        _local(radius=1.0).transform(yh, obs)
