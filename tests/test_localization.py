@@ -110,3 +110,24 @@ def test_from_a_configuration_and_bad_input():
         _step(_local(radius=1.0), x, yh, dense)
     with pytest.raises(TypeError, match="one transform per parameter"):
         _local(radius=1.0).transform(yh, obs)
+
+
+def test_the_localization_benchmark_runs(tmp_path):
+    """bench/localization.py --quick: the table (localized far closer to the exact posterior
+    than the global update, as measured) and the JSON line."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(root / "bench" / "localization.py"), "--quick",
+                           "--json", str(tmp_path / "l.json")], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=root / "bench")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in json.loads((tmp_path / "l.json").read_text())["rows"]}
+    assert rows["enkal LocalSquareRoot r=10"]["mean_err"] < \
+        0.5 * rows["enkal SquareRoot"]["mean_err"]
+    assert proc.stdout.strip().splitlines()[-1].startswith("BENCH_JSON ")
