@@ -15,8 +15,9 @@ is scored against it over ``--seeds`` data sets:
 * the wall time of the update.
 
 Methods on the same prior draws and data: enkal's global ``SquareRoot`` and
-``PerturbedObservations``, ``LocalSquareRoot`` (Gaspari-Cohn half-widths ``--radii``), and
-iterative_ensemble_smoother's ``ESMDA`` and ``AdaptiveESMDA`` (correlation thresholding at
+``PerturbedObservations``, ``LocalSquareRoot`` (Gaspari-Cohn half-widths ``--radii``),
+``CorrelationLocalSquareRoot`` (correlation thresholding at ``3 / sqrt(E)``, no positions),
+and iterative_ensemble_smoother's ``ESMDA`` and ``AdaptiveESMDA`` (correlation thresholding at
 ``3 / sqrt(E)``, its default) when installed. The last line is ``BENCH_JSON {...}``.
 
 Run ``python bench/localization.py [--n 200 2000] [--members 20 50] [--seeds 20]``;
@@ -38,6 +39,7 @@ from _common import emit, environment
 
 from enkal import (
     ESMDA,
+    CorrelationLocalSquareRoot,
     EnsembleSmoother,
     LocalSquareRoot,
     Observations,
@@ -93,6 +95,7 @@ def methods(radii: list[float]) -> dict[str, Callable]:
            "enkal PerturbedObservations": _enkal(PerturbedObservations())}
     for r in radii:
         out[f"enkal LocalSquareRoot r={r:g}"] = None  # filled per problem (needs the sites)
+    out["enkal CorrelationLocalSquareRoot"] = _enkal(CorrelationLocalSquareRoot())
     try:
         import iterative_ensemble_smoother  # noqa: F401
     except ImportError:

@@ -6,7 +6,8 @@ The public API (a contract: docs and external checks use these names):
 * data: :class:`Observations`, :class:`ParameterLayout` and the constraints
   :class:`Real`, :class:`Positive`, :class:`Bounded`
 * updates: :class:`SquareRoot`, :class:`PerturbedObservations`, :func:`assimilate`;
-  :class:`LocalSquareRoot` localizes the square-root update by distance (gridded parameters)
+  :class:`LocalSquareRoot` localizes the square-root update by distance (gridded parameters),
+  :class:`CorrelationLocalSquareRoot` by the ensemble's own correlations
 * schedules: :class:`FixedAnnealing`, :class:`ESMDA`, :class:`DataMisfitController`
 * sampling the posterior: :class:`EnsembleKalmanSampler` with :class:`EKSStable`
 * guards and failures: :class:`CollapseGuard`, :class:`ResampleFailed`,
@@ -42,7 +43,7 @@ from .filter_runner import run_filter
 from .forward import CallableModel, ForwardModel, evaluate
 from .inference import to_inference_data
 from .information import mutual_information, prune_mask, remove_dead_units
-from .localization import LocalSquareRoot
+from .localization import CorrelationLocalSquareRoot, LocalSquareRoot
 from .nn import (
     Carry,
     Classification,
@@ -119,6 +120,7 @@ __all__ = [
     "EnsembleKalmanSampler",
     "EKSStable",
     "LocalSquareRoot",
+    "CorrelationLocalSquareRoot",
     "constrained_gaussian",
     "prior_ensemble",
     "PriorBlock",

@@ -22,7 +22,7 @@ from typing import Any
 from .collapse import CollapseGuard
 from .executors import Dask, InProcess
 from .failures import IgnoreFailed, Raise, ResampleFailed
-from .localization import LocalSquareRoot
+from .localization import CorrelationLocalSquareRoot, LocalSquareRoot
 from .sampler import EKSStable, EnsembleKalmanSampler
 from .schedule import ESMDA, DataMisfitController, FixedAnnealing
 from .update import PerturbedObservations, SquareRoot
@@ -37,7 +37,8 @@ __all__ = ["STRATEGIES", "build_strategy", "check_keys", "load_toml", "describe"
 STRATEGIES: dict[str, dict[str, type]] = {
     "rule": {"SquareRoot": SquareRoot, "PerturbedObservations": PerturbedObservations,
              "EnsembleKalmanSampler": EnsembleKalmanSampler,
-             "LocalSquareRoot": LocalSquareRoot},
+             "LocalSquareRoot": LocalSquareRoot,
+             "CorrelationLocalSquareRoot": CorrelationLocalSquareRoot},
     "schedule": {"FixedAnnealing": FixedAnnealing, "ESMDA": ESMDA,
                  "DataMisfitController": DataMisfitController, "EKSStable": EKSStable},
     "guard": {"CollapseGuard": CollapseGuard},

@@ -33,16 +33,19 @@ here).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from .filtering.local import local_blocks, local_update
+from ._checks import check_fraction, check_positive_int
+from .filtering.kernels import sqrt_transforms
+from .filtering.local import Block, local_blocks, local_update
 from .filtering.schemes import LETKF
 from .observations import Observations
 
-__all__ = ["LocalSquareRoot"]
+__all__ = ["LocalSquareRoot", "CorrelationLocalSquareRoot"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +105,82 @@ class LocalSquareRoot(LETKF):
 def _blocks(rule: LocalSquareRoot, n_par: int, device: torch.device) -> list:
     """The rule's blocks for ``n_par`` parameters (the taper weights: computed once)."""
     return local_blocks(rule, n_par, None, device)
+
+
+@dataclass(frozen=True)
+class CorrelationLocalSquareRoot:
+    r"""A smoother update rule localized by the ensemble's own correlations, per parameter.
+
+    Parameter ``i`` is updated by the square-root analysis with only the observations whose
+    predictions its members correlate with, ``|corr(X[:, i], Yh[:, j])| >= threshold`` (a
+    0/1 taper), as iterative_ensemble_smoother's ``AdaptiveESMDA`` thresholds its gain
+    (Vossepoel, Evensen & van Leeuwen 2025); with ``E`` members a correlation of zero has a
+    sampling sd of about ``1/sqrt(E)``, so the default threshold ``3/sqrt(E)`` keeps what is
+    three of them from zero. No positions needed: it works for any parameters. The
+    correlations are recomputed every update, in blocks of ``chunk_size`` parameters.
+
+    Parameters
+    ----------
+    threshold : float in (0, 1], optional
+        Default ``min(1, 3 / sqrt(E))``.
+    chunk_size : int
+    """
+
+    threshold: float | None = None
+    chunk_size: int = 2048
+    local: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check_fraction(self.threshold, "CorrelationLocalSquareRoot.threshold")
+        check_positive_int(self.chunk_size, "CorrelationLocalSquareRoot.chunk_size")
+
+    def transform(self, predictions: torch.Tensor, observations: Observations, *,
+                  alpha: float = 1.0, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+        """Not one matrix: each parameter has its own transform."""
+        raise TypeError("CorrelationLocalSquareRoot has one transform per parameter, not "
+                        "one W: use it as the rule of EnsembleSmoother (enkal.run)")
+
+    def transforms(self, predictions: torch.Tensor, values: torch.Tensor,
+                   noise_std: torch.Tensor, *, generator: torch.Generator | None = None,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+        return sqrt_transforms(predictions, values, noise_std, weights)
+
+    def update(self, parameters: torch.Tensor, predictions: torch.Tensor,
+               observations: Observations, *, ok: torch.Tensor, alpha: float,
+               generator: torch.Generator, failure: Any) -> torch.Tensor:
+        """``X+`` from ``X`` and its ``predictions`` (failed members' rows ignored)."""
+        if not observations.is_diagonal:
+            raise ValueError("observations: CorrelationLocalSquareRoot needs a diagonal "
+                             "noise (noise_std=...)")
+        device = parameters.device
+        yh = torch.where(ok.unsqueeze(1), predictions.detach().to(torch.float64),
+                         torch.zeros((), dtype=torch.float64, device=device))
+        n_ok = int(ok.sum())
+        threshold = self.threshold if self.threshold is not None else \
+            min(1.0, 3.0 / math.sqrt(n_ok))
+        blocks = _correlation_blocks(parameters[ok].to(torch.float64), yh[ok], threshold,
+                                     self.chunk_size)
+        std = observations.noise_std.to(device=device, dtype=torch.float64) * alpha ** 0.5
+        y = observations.values.to(device=device, dtype=torch.float64)
+        xa, _ = local_update(self, failure, blocks, parameters.unsqueeze(0), yh.unsqueeze(0),
+                             y.unsqueeze(0), std.expand(observations.size), ok.unsqueeze(0),
+                             generator)
+        return xa[0]
+
+
+def _correlation_blocks(x: torch.Tensor, yh: torch.Tensor, threshold: float,
+                        chunk: int) -> list[Block]:
+    """Blocks whose 0/1 weights keep ``|corr| >= threshold`` (members ``x`` ``(E, N_par)``,
+    ``yh`` ``(E, N_obs)``)."""
+    dy = yh - yh.mean(0)
+    dy = dy / dy.norm(dim=0).clamp_min(1e-300)
+    blocks = []
+    for start in range(0, x.shape[1], chunk):
+        rows = slice(start, min(start + chunk, x.shape[1]))
+        dx = x[:, rows] - x[:, rows].mean(0)
+        dx = dx / dx.norm(dim=0).clamp_min(1e-300)
+        keep = (dx.T @ dy).abs() >= threshold  # (chunk, N_obs)
+        cols = torch.nonzero(keep.any(dim=0)).squeeze(1)
+        blocks.append(Block(rows, cols, keep[:, cols].to(torch.float64)))
+    return blocks

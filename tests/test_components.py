@@ -41,7 +41,7 @@ from enkal import (
     StructureAdaptation,
 )
 from enkal._types import RunEnd, encode_state
-from enkal.localization import LocalSquareRoot
+from enkal.localization import CorrelationLocalSquareRoot, LocalSquareRoot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -184,7 +184,9 @@ class Collect:
 # -- the registry --------------------------------------------------------------------------------
 SCHEDULE = ESMDA.constant(6)
 LOCAL = LocalSquareRoot(radius=2.0, obs_coordinates=tuple(float(i) for i in range(N_OBS)))
-RULES = [SquareRoot(), SquareRoot(truncation=0.95), PerturbedObservations(), Damped(), LOCAL]
+CORRELATION = CorrelationLocalSquareRoot(threshold=0.3)
+RULES = [SquareRoot(), SquareRoot(truncation=0.95), PerturbedObservations(), Damped(), LOCAL,
+         CORRELATION]
 SCHEDULES = [ESMDA.constant(6), FixedAnnealing(factor=0.7, initial=2.0, floor=0.5),
              DataMisfitController(), RelativeNoise(gamma=2.0, steps=4), Halving()]
 FAILURES = [ResampleFailed(), IgnoreFailed(), Raise(), KeepFailed()]
@@ -403,7 +405,7 @@ def test_user_components_resume_from_files_bit_for_bit(tmp_path, entry, source):
 
 # -- the network optimizer takes the same components ------------------------------------------
 # (the data-misfit controller finishes in a few steps: stepping it on raises, as it should)
-NN_ENTRIES = ([("rule", c) for c in RULES if c is not LOCAL]  # local: no sections
+NN_ENTRIES = ([("rule", c) for c in RULES if not getattr(c, "local", False)]  # no sections
               + [("schedule", c) for c in SCHEDULES if not isinstance(c, DataMisfitController)]
               + [("failure", c) for c in FAILURES if not isinstance(c, Raise)])
 
