@@ -41,7 +41,7 @@ import torch
 
 from ._checks import check_fraction, check_positive_int
 from .filtering.kernels import sqrt_transforms
-from .filtering.local import Block, local_blocks, local_update
+from .filtering.local import Block, compact_block, local_blocks, local_update
 from .filtering.schemes import LETKF
 from .observations import Observations
 
@@ -181,6 +181,5 @@ def _correlation_blocks(x: torch.Tensor, yh: torch.Tensor, threshold: float,
         dx = x[:, rows] - x[:, rows].mean(0)
         dx = dx / dx.norm(dim=0).clamp_min(1e-300)
         keep = (dx.T @ dy).abs() >= threshold  # (chunk, N_obs)
-        cols = torch.nonzero(keep.any(dim=0)).squeeze(1)
-        blocks.append(Block(rows, cols, keep[:, cols].to(torch.float64)))
+        blocks.append(compact_block(rows, keep.to(torch.float64), x.device))
     return blocks

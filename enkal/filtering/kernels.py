@@ -25,7 +25,11 @@ R-localization, [Hunt2007]; ``rho = 0`` removes it). With the eigendecomposition
   / r))`` for draws ``eps ~ N(0, R)``.
 
 ``Pi = I - 1 1^T / E``. The full ``E x E`` eigenbasis is kept: directions with ``Lam = 0``
-(more members than observations) get the identity, as they should.
+(more members than observations) get the identity, as they should. With fewer observations
+than members (a local analysis sees a handful) the same ``W`` comes from the small
+``S^T S = U Lam U^T`` instead: ``w = S (I + S^T S)^-1 d / sqrt(E - 1)`` and
+``T = I + S U g(Lam) U^T S^T``, ``g(l) = ((1 + l)^-1/2 - 1) / l`` (finite at ``l = 0``), at
+``O(E N_obs^2 + E^2 N_obs)`` instead of ``O(E^3)``.
 
 >>> import torch
 >>> g = torch.Generator().manual_seed(0)
@@ -81,15 +85,36 @@ def sqrt_transforms(predictions: torch.Tensor, values: torch.Tensor, noise_std: 
     weights : Tensor, shape (B, N_obs), optional
         Localization weights ``rho`` in ``[0, 1]``.
     """
-    n = predictions.shape[-2]
+    n, m = predictions.shape[-2:]
     s, d, _ = _whiten(predictions, values, noise_std, weights)
-    lam, v = _basis(s)
-    sd = (s @ d.unsqueeze(-1)).squeeze(-1)  # (B, E)
-    vt_sd = (v.transpose(-1, -2) @ sd.unsqueeze(-1)).squeeze(-1)
-    w = (v @ (vt_sd / (lam + 1.0)).unsqueeze(-1)).squeeze(-1) / math.sqrt(n - 1)
-    t = (v * (lam + 1.0).rsqrt().unsqueeze(-2)) @ v.transpose(-1, -2)
+    if m < n:  # fewer observations than members: the N_obs x N_obs form (module docstring)
+        t, w = _sqrt_dual(s, d)
+    else:
+        lam, v = _basis(s)
+        sd = (s @ d.unsqueeze(-1)).squeeze(-1)  # (B, E)
+        vt_sd = (v.transpose(-1, -2) @ sd.unsqueeze(-1)).squeeze(-1)
+        w = (v @ (vt_sd / (lam + 1.0)).unsqueeze(-1)).squeeze(-1)
+        t = (v * (lam + 1.0).rsqrt().unsqueeze(-2)) @ v.transpose(-1, -2)
+    w = w / math.sqrt(n - 1)
     return (t - t.sum(dim=-1, keepdim=True) / n) + (1.0 / n) \
         + (w - w.mean(dim=-1, keepdim=True)).unsqueeze(-2)
+
+
+def _sqrt_dual(s: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T, w sqrt(E-1))`` from the small ``S^T S = U Lam U^T`` (``N_obs x N_obs``):
+    ``w = S (I + S^T S)^-1 d`` and ``T = I + S U g(Lam) U^T S^T`` with
+    ``g(l) = ((1 + l)^-1/2 - 1) / l = -1 / (sqrt(1 + l) (1 + sqrt(1 + l)))``, finite at 0."""
+    n = s.shape[-2]
+    gram = s.transpose(-1, -2) @ s
+    lam, u = torch.linalg.eigh(gram)
+    lam = lam.clamp_min(0.0)
+    root = (lam + 1.0).sqrt()
+    ut_d = (u.transpose(-1, -2) @ d.unsqueeze(-1)).squeeze(-1)
+    w = (s @ (u @ (ut_d / (lam + 1.0)).unsqueeze(-1))).squeeze(-1)
+    su = s @ u
+    t = torch.eye(n, dtype=s.dtype, device=s.device) \
+        + (su * (-1.0 / (root * (1.0 + root))).unsqueeze(-2)) @ su.transpose(-1, -2)
+    return t, w
 
 
 def perturbed_transforms(predictions: torch.Tensor, values: torch.Tensor,

@@ -22,29 +22,35 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["Block", "local_blocks", "local_update"]
+__all__ = ["Block", "compact_block", "local_blocks", "local_update"]
 
 
 class Block(NamedTuple):
-    """State variables ``rows``, the observations ``cols`` they can see, and their taper
-    weights ``(rows, len(cols))``."""
+    """State variables ``rows`` (``D`` of them), for each the observations it can see,
+    ``cols`` ``(D, k)`` (padded with weight 0), and their taper ``weights`` ``(D, k)``."""
 
     rows: slice
     cols: torch.Tensor
     weights: torch.Tensor
 
 
+def compact_block(rows: slice, weights: torch.Tensor, device: torch.device) -> Block:
+    """A block from dense weights ``(D, N_obs)``: each variable keeps only its observations
+    with a positive weight, ``k`` = the most any of them has (the rest padded with 0)."""
+    positive = weights > 0
+    k = max(int(positive.sum(dim=1).max()) if weights.numel() else 0, 1)
+    # the positive columns first, in their order: a stable sort of the 0/1 flags
+    order = torch.sort((~positive).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    w = torch.gather(weights, 1, order) * torch.gather(positive, 1, order)
+    return Block(rows, order.to(device), w.to(device=device, dtype=torch.float64))
+
+
 def local_blocks(scheme: Any, n_state: int, observed: list[int] | None,
                  device: torch.device) -> list[Block]:
     """The blocks of a local scheme (``scheme.weights(n_state, observed, rows=)``)."""
     chunk = int(getattr(scheme, "chunk_size", n_state) or n_state)
-    blocks = []
-    for start in range(0, n_state, chunk):
-        rows = slice(start, min(start + chunk, n_state))
-        w = scheme.weights(n_state, observed, rows=rows)
-        cols = torch.nonzero((w > 0).any(dim=0)).squeeze(1)
-        blocks.append(Block(rows, cols.to(device), w[:, cols].to(device)))
-    return blocks
+    return [compact_block(rows, scheme.weights(n_state, observed, rows=rows), device)
+            for rows in (slice(a, min(a + chunk, n_state)) for a in range(0, n_state, chunk))]
 
 
 def local_update(scheme: Any, failure: Any, blocks: Sequence[Block], xf: torch.Tensor,
@@ -74,21 +80,19 @@ def _block_transforms(scheme: Any, failure: Any, block: Block, yh: torch.Tensor,
                       seeds: list) -> torch.Tensor:
     """``(B, D, E, E)`` transforms of one block's ``D`` variables."""
     n_b, n = yh.shape[:2]
-    n_d = block.rows.stop - block.rows.start
-    sub_y = yh[:, :, block.cols]
-    values = y[:, block.cols]
-    std = noise_std[block.cols]
+    n_d, k = block.cols.shape
+    # each variable's own observations: (B, E, D, k) -> (B, D, E, k)
+    sub_y = yh[:, :, block.cols].permute(0, 2, 1, 3)
+    values = y[:, block.cols]  # (B, D, k)
+    std = noise_std[block.cols]  # (D, k)
     if all(s is None for s in seeds):  # no failures: all filters and variables at once
-        yh_d = sub_y.unsqueeze(1).expand(-1, n_d, -1, -1).reshape(n_b * n_d, n, -1)
-        w = scheme.transforms(yh_d, values.repeat_interleave(n_d, dim=0), std,
-                              weights=block.weights.repeat(n_b, 1))
+        w = scheme.transforms(sub_y.reshape(n_b * n_d, n, k), values.reshape(n_b * n_d, k),
+                              std.repeat(n_b, 1), weights=block.weights.repeat(n_b, 1))
         return w.reshape(n_b, n_d, n, n)
     full = []
     for b in range(n_b):
         rows = ok[b]
-        members = sub_y[b][rows]
-        w = scheme.transforms(members.unsqueeze(0).expand(n_d, -1, -1),
-                              values[b:b + 1].expand(n_d, -1), std, weights=block.weights)
+        w = scheme.transforms(sub_y[b][:, rows], values[b], std, weights=block.weights)
         if seeds[b] is not None:
             w = torch.stack([failure.embed(w[d], rows, _seeded(seeds[b], w.device))
                              for d in range(n_d)])
