@@ -378,3 +378,23 @@ def test_letkf_in_blocks_equals_letkf_at_once(fail):
     torch.testing.assert_close(a.state.states, b.state.states, rtol=0, atol=1e-12)
     torch.testing.assert_close(a.smoothed_mean[:2], b.smoothed_mean[:2], rtol=0, atol=1e-12)
     assert bool(torch.isfinite(a.state.states).all())
+
+
+@pytest.mark.parametrize("period", [None, 30.0])
+def test_local_blocks_look_only_within_reach(period):
+    # the windowed search (sorted observations, wrapped on a ring) finds exactly the
+    # observations a dense computation gives a positive weight, for every variable
+    from enkal.filtering.local import local_blocks
+
+    g = torch.Generator().manual_seed(0)
+    obs = tuple(float(v) for v in torch.rand(40, generator=g, dtype=F64) * 30)
+    scheme = LETKF(radius=2.0, period=period, obs_coordinates=obs, chunk_size=7)
+    dense = scheme.weights(30, None)
+    for block in local_blocks(scheme, 30, None, torch.device("cpu")):
+        for d, i in enumerate(range(block.rows.start, block.rows.stop)):
+            kept = {int(c) for c, w in zip(block.cols[d], block.weights[d], strict=True)
+                    if w > 0}
+            assert kept == {int(j) for j in torch.nonzero(dense[i] > 0)}
+            for c, w in zip(block.cols[d], block.weights[d], strict=True):
+                if w > 0:
+                    assert float(w) == float(dense[i, int(c)])

@@ -34,23 +34,62 @@ class Block(NamedTuple):
     weights: torch.Tensor
 
 
-def compact_block(rows: slice, weights: torch.Tensor, device: torch.device) -> Block:
-    """A block from dense weights ``(D, N_obs)``: each variable keeps only its observations
-    with a positive weight, ``k`` = the most any of them has (the rest padded with 0)."""
+def compact_block(rows: slice, weights: torch.Tensor, device: torch.device,
+                  col_ids: torch.Tensor | None = None) -> Block:
+    """A block from dense weights ``(D, n)`` of the observations ``col_ids`` (default
+    ``0 .. n-1``): each variable keeps only its observations with a positive weight, ``k`` =
+    the most any of them has (the rest padded with weight 0)."""
+    if weights.shape[1] == 0:  # nothing in reach: one observation of weight 0
+        weights = torch.zeros(weights.shape[0], 1, dtype=torch.float64)
+        col_ids = torch.zeros(1, dtype=torch.long)
     positive = weights > 0
-    k = max(int(positive.sum(dim=1).max()) if weights.numel() else 0, 1)
+    k = max(int(positive.sum(dim=1).max()), 1)
     # the positive columns first, in their order: a stable sort of the 0/1 flags
     order = torch.sort((~positive).to(torch.int8), dim=1, stable=True).indices[:, :k]
     w = torch.gather(weights, 1, order) * torch.gather(positive, 1, order)
-    return Block(rows, order.to(device), w.to(device=device, dtype=torch.float64))
+    cols = order if col_ids is None else col_ids[order]
+    return Block(rows, cols.to(device), w.to(device=device, dtype=torch.float64))
 
 
 def local_blocks(scheme: Any, n_state: int, observed: list[int] | None,
                  device: torch.device) -> list[Block]:
-    """The blocks of a local scheme (``scheme.weights(n_state, observed, rows=)``)."""
+    """The blocks of a local scheme: ``scheme.positions(n_state, observed)``, its
+    ``taper_weights(here, obs)`` and, when it has one, its ``reach`` (the distance beyond
+    which the weight is 0): then each block looks only at the observations within reach of
+    its variables (a sorted search), so the weights cost ``O(N_x N_loc)``, not
+    ``O(N_x N_obs)``."""
     chunk = int(getattr(scheme, "chunk_size", n_state) or n_state)
-    return [compact_block(rows, scheme.weights(n_state, observed, rows=rows), device)
-            for rows in (slice(a, min(a + chunk, n_state)) for a in range(0, n_state, chunk))]
+    coords, obs = scheme.positions(n_state, observed)
+    order = torch.argsort(obs)
+    sorted_obs = obs[order]
+    reach = getattr(scheme, "reach", None)
+    period = getattr(scheme, "period", None)
+    blocks = []
+    for a in range(0, n_state, chunk):
+        rows = slice(a, min(a + chunk, n_state))
+        here = coords[rows]
+        cand = None if reach is None else \
+            _within(sorted_obs, order, float(here.min()) - reach, float(here.max()) + reach,
+                    period)
+        w = scheme.taper_weights(here, obs if cand is None else obs[cand])
+        blocks.append(compact_block(rows, w, device, cand))
+    return blocks
+
+
+def _within(sorted_obs: torch.Tensor, order: torch.Tensor, lo: float, hi: float,
+            period: float | None) -> torch.Tensor:
+    """Indices of the observations with a coordinate in ``[lo, hi]`` (on a ring of length
+    ``period``: in that interval shifted by a whole number of periods)."""
+    shifts = [0.0] if period is None else [-period, 0.0, period]
+    if period is not None and hi - lo >= period:
+        return order
+    parts = []
+    for shift in shifts:
+        i0 = int(torch.searchsorted(sorted_obs, torch.tensor(lo + shift, dtype=torch.float64)))
+        i1 = int(torch.searchsorted(sorted_obs, torch.tensor(hi + shift, dtype=torch.float64),
+                                    right=True))
+        parts.append(order[i0:i1])
+    return torch.unique(torch.cat(parts))
 
 
 def local_update(scheme: Any, failure: Any, blocks: Sequence[Block], xf: torch.Tensor,

@@ -124,27 +124,42 @@ class LETKF:
             if v is not None:
                 object.__setattr__(self, name, tuple(float(c) for c in v))
 
-    def weights(self, n_state: int, observed: list[int] | None,
-                rows: slice | None = None) -> torch.Tensor:
-        """The ``(N_x, N_obs)`` taper weights of every observation for every variable (for
-        the variables ``rows`` only, when given)."""
+    def positions(self, n_state: int, observed: list[int] | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The coordinates of the ``N_x`` variables and of the ``N_obs`` observations."""
         coords = torch.arange(n_state, dtype=torch.float64) if self.coordinates is None \
             else torch.tensor(self.coordinates, dtype=torch.float64)
         if coords.numel() != n_state:
             raise ValueError(f"LETKF.coordinates: expected {n_state} positions (one per state "
                              f"variable), got {coords.numel()}")
         if self.obs_coordinates is not None:
-            obs = torch.tensor(self.obs_coordinates, dtype=torch.float64)
-        elif observed is not None:
-            obs = coords[observed]
-        else:
-            raise ValueError("LETKF.obs_coordinates: required when the observation operator "
-                             "is a callable (the observations' positions are unknown)")
-        here = coords if rows is None else coords[rows]
+            return coords, torch.tensor(self.obs_coordinates, dtype=torch.float64)
+        if observed is not None:
+            return coords, coords[observed]
+        raise ValueError("LETKF.obs_coordinates: required when the observation operator is "
+                         "a callable (the observations' positions are unknown)")
+
+    @property
+    def reach(self) -> float | None:
+        """The distance beyond which the taper is 0 (``None``: unknown, a user's taper)."""
+        known: dict[Any, float] = {gaspari_cohn: 2.0, step_taper: 1.0}
+        factor = known.get(self.taper)
+        return None if factor is None else factor * self.radius
+
+    def taper_weights(self, here: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        """Weights ``(len(here), len(obs))`` of observations at ``obs`` for variables at
+        ``here`` (distances wrapped with ``period``)."""
         dist = (here[:, None] - obs[None, :]).abs()
         if self.period is not None:
             dist = torch.minimum(dist % self.period, self.period - dist % self.period)
         return self.taper(dist, self.radius).to(torch.float64)
+
+    def weights(self, n_state: int, observed: list[int] | None,
+                rows: slice | None = None) -> torch.Tensor:
+        """The ``(N_x, N_obs)`` taper weights of every observation for every variable (for
+        the variables ``rows`` only, when given)."""
+        coords, obs = self.positions(n_state, observed)
+        return self.taper_weights(coords if rows is None else coords[rows], obs)
 
     def transforms(self, predictions: torch.Tensor, values: torch.Tensor,
                    noise_std: torch.Tensor, *, generator: torch.Generator | None = None,
