@@ -75,30 +75,49 @@ class LocalSquareRoot(LETKF):
                   alpha: float = 1.0, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
         """Not one matrix: a local rule updates each parameter with its own transform."""
-        raise TypeError("LocalSquareRoot has one transform per parameter, not one W: use it "
-                        "as the rule of EnsembleSmoother (enkal.run), which calls update()")
+        return _no_single_transform(self)
 
     def update(self, parameters: torch.Tensor, predictions: torch.Tensor,
                observations: Observations, *, ok: torch.Tensor, alpha: float,
                generator: torch.Generator, failure: Any) -> torch.Tensor:
         """``X+`` ``(N_ens, N_par)`` from ``X`` and its ``predictions`` (rows of failed
         members, ``~ok``, are ignored and redrawn by ``failure.embed``)."""
-        if not observations.is_diagonal:
-            raise ValueError("observations: LocalSquareRoot needs a diagonal noise "
-                             "(noise_std=...); a taper of a full covariance is not defined")
         n_obs = observations.size
         if self.obs_coordinates is not None and len(self.obs_coordinates) != n_obs:
             raise ValueError(f"LocalSquareRoot.obs_coordinates: expected {n_obs} positions "
                              f"(one per observation), got {len(self.obs_coordinates)}")
-        device = parameters.device
-        yh = torch.where(ok.unsqueeze(1), predictions.detach().to(torch.float64),
-                         torch.zeros((), dtype=torch.float64, device=device))
-        std = observations.noise_std.to(device=device, dtype=torch.float64) * alpha ** 0.5
-        y = observations.values.to(device=device, dtype=torch.float64)
-        blocks = _blocks(self, parameters.shape[1], device)
-        xa, _ = local_update(self, failure, blocks, parameters.unsqueeze(0), yh.unsqueeze(0),
-                             y.unsqueeze(0), std.expand(n_obs), ok.unsqueeze(0), generator)
-        return xa[0]
+        yh = _inputs(self, predictions, observations, ok)
+        return _apply(self, _blocks(self, parameters.shape[1], parameters.device),
+                      parameters, yh, observations, ok, alpha, generator, failure)
+
+
+def _no_single_transform(rule: Any) -> torch.Tensor:
+    raise TypeError(f"{type(rule).__name__} has one transform per parameter, not one W: use "
+                    "it as the rule of EnsembleSmoother (enkal.run), which calls update()")
+
+
+def _inputs(rule: Any, predictions: torch.Tensor, observations: Observations,
+            ok: torch.Tensor) -> torch.Tensor:
+    """The predictions in float64 with failed members' rows zeroed (checked: diagonal
+    noise)."""
+    if not observations.is_diagonal:
+        raise ValueError(f"observations: {type(rule).__name__} needs a diagonal noise "
+                         "(noise_std=...); a taper of a full covariance is not defined")
+    return torch.where(ok.unsqueeze(1), predictions.detach().to(torch.float64),
+                       torch.zeros((), dtype=torch.float64, device=predictions.device))
+
+
+def _apply(rule: Any, blocks: list, parameters: torch.Tensor, yh: torch.Tensor,
+           observations: Observations, ok: torch.Tensor, alpha: float,
+           generator: torch.Generator, failure: Any) -> torch.Tensor:
+    """The local analyses of ``blocks``, the noise scaled by the schedule's ``alpha``."""
+    device = parameters.device
+    std = observations.noise_std.to(device=device, dtype=torch.float64) * alpha ** 0.5
+    y = observations.values.to(device=device, dtype=torch.float64)
+    xa, _ = local_update(rule, failure, blocks, parameters.unsqueeze(0), yh.unsqueeze(0),
+                         y.unsqueeze(0), std.expand(observations.size), ok.unsqueeze(0),
+                         generator)
+    return xa[0]
 
 
 @functools.lru_cache(maxsize=8)
@@ -138,8 +157,7 @@ class CorrelationLocalSquareRoot:
                   alpha: float = 1.0, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
         """Not one matrix: each parameter has its own transform."""
-        raise TypeError("CorrelationLocalSquareRoot has one transform per parameter, not "
-                        "one W: use it as the rule of EnsembleSmoother (enkal.run)")
+        return _no_single_transform(self)
 
     def transforms(self, predictions: torch.Tensor, values: torch.Tensor,
                    noise_std: torch.Tensor, *, generator: torch.Generator | None = None,
@@ -150,23 +168,13 @@ class CorrelationLocalSquareRoot:
                observations: Observations, *, ok: torch.Tensor, alpha: float,
                generator: torch.Generator, failure: Any) -> torch.Tensor:
         """``X+`` from ``X`` and its ``predictions`` (failed members' rows ignored)."""
-        if not observations.is_diagonal:
-            raise ValueError("observations: CorrelationLocalSquareRoot needs a diagonal "
-                             "noise (noise_std=...)")
-        device = parameters.device
-        yh = torch.where(ok.unsqueeze(1), predictions.detach().to(torch.float64),
-                         torch.zeros((), dtype=torch.float64, device=device))
-        n_ok = int(ok.sum())
+        yh = _inputs(self, predictions, observations, ok)
         threshold = self.threshold if self.threshold is not None else \
-            min(1.0, 3.0 / math.sqrt(n_ok))
+            min(1.0, 3.0 / math.sqrt(int(ok.sum())))
         blocks = _correlation_blocks(parameters[ok].to(torch.float64), yh[ok], threshold,
                                      self.chunk_size)
-        std = observations.noise_std.to(device=device, dtype=torch.float64) * alpha ** 0.5
-        y = observations.values.to(device=device, dtype=torch.float64)
-        xa, _ = local_update(self, failure, blocks, parameters.unsqueeze(0), yh.unsqueeze(0),
-                             y.unsqueeze(0), std.expand(observations.size), ok.unsqueeze(0),
-                             generator)
-        return xa[0]
+        return _apply(self, blocks, parameters, yh, observations, ok, alpha, generator,
+                      failure)
 
 
 def _correlation_blocks(x: torch.Tensor, yh: torch.Tensor, threshold: float,
