@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 from pathlib import Path
 
@@ -217,8 +218,11 @@ def test_ctrl_c_during_an_append_leaves_no_torn_row_and_says_interrupted(tmp_pat
     real = storage.history._write_row
 
     def interrupted(f, row, iteration, *args, **kwargs):
-        if iteration == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # delivered in the middle of the append
+        if iteration == 3:  # delivered in the middle of the append, to this (the main) thread:
+            # os.kill lets the OS pick any thread of the process (tqdm's monitor, Dask's
+            # offload thread, left by earlier tests), whose C handler only flags it for the
+            # main thread to notice later; that race made this test fail now and then
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         return real(f, row, iteration, *args, **kwargs)
 
     monkeypatch.setattr(storage.history, "_write_row", interrupted)
