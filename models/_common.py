@@ -285,7 +285,9 @@ class SimulatorModel(ForwardModel):
             raise ValueError("parameters: the model's parameters are needed to propagate; "
                              "pass the known physical values, e.g. torch.tensor([10., 28., "
                              "8 / 3]) for Lorenz-63, or one row per member")
-        theta = torch.as_tensor(parameters).to(dtype=self.dtype)
+        # a list of Python floats is float64 (torch.as_tensor would make it float32: 8/3 rounded)
+        theta = (parameters if isinstance(parameters, torch.Tensor) else
+                 torch.as_tensor(parameters, dtype=torch.float64)).to(dtype=self.dtype)
         if theta.ndim == 1:
             theta = theta.unsqueeze(0).expand(states.shape[0], -1)
         if theta.ndim != 2 or theta.shape[0] != states.shape[0]:

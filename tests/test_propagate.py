@@ -133,3 +133,11 @@ def test_bad_input_is_refused():
     ou = OrnsteinUhlenbeck(t_obs=[1.0], dt=0.01)
     with pytest.raises(ValueError, match="generator"):
         ou.propagate(torch.ones(2, 1, dtype=F64), 0.0, 0.1, parameters=torch.ones(3))
+
+
+def test_a_list_of_parameters_is_read_in_float64():
+    # torch.as_tensor([8 / 3]) is float32: 8/3 would be rounded before the float64 model ran
+    model = Lorenz63(t_obs=[0.1], solver=RK4(dt=0.01))
+    x0 = torch.tensor([[1.0, 2.0, 3.0]], dtype=F64)
+    assert torch.equal(model.propagate(x0, 0.0, 0.1, parameters=[10.0, 28.0, 8.0 / 3.0]),
+                       model.propagate(x0, 0.0, 0.1, parameters=THETA))
