@@ -238,6 +238,9 @@ def test_failed_forecasts_go_through_the_failure_policy():
     res = run_filter(flt, flt.init(x0), torch.arange(1.0, 5.0), ys)
     assert res.n_failed.tolist() == [0, 1, 0, 0]
     assert bool(torch.isfinite(res.state.states).all())
+    # the forecast's moments are those of the successful members (not NaN)
+    assert bool(torch.isfinite(res.forecast_mean).all()) and \
+        bool(torch.isfinite(res.forecast_spread).all())
     flt = EnsembleFilter(Failing(m), ETKF(), noise_std=0.3, failure=Raise())
     with pytest.raises(FailedMembersError):
         run_filter(flt, flt.init(x0), torch.arange(1.0, 5.0), ys)

@@ -116,9 +116,17 @@ class CycleInfo:
     parameters_spread: torch.Tensor | None = None
 
 
-def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation (``E - 1``) over members, ``(B, E, n) -> (B, n)``."""
-    return x.mean(dim=1), x.std(dim=1)
+def _moments(x: torch.Tensor, ok: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation (``E - 1``) over members, ``(B, E, n) -> (B, n)``; with
+    ``ok`` ``(B, E)`` over the successful members only (a failed forecast is NaN)."""
+    if ok is None or bool(ok.all()):
+        return x.mean(dim=1), x.std(dim=1)
+    w = ok.unsqueeze(-1).to(x.dtype)
+    n = w.sum(dim=1)
+    mean = (torch.where(ok.unsqueeze(-1), x, 0.0) * w).sum(dim=1) / n
+    dev = torch.where(ok.unsqueeze(-1), x - mean.unsqueeze(1), 0.0)
+    return mean, (dev.square().sum(dim=1) / (n - 1)).sqrt()
 
 
 class EnsembleFilter:
@@ -289,13 +297,14 @@ class EnsembleFilter:
         pf = None if state.parameters is None else \
             (state.parameters.unsqueeze(0) if single else state.parameters)
         y = self._values(values, xf)
-        f_mean, f_std = _moments(xf)
-        ok = self._classify(xf, y)
+        ok, yh = self._classify(xf, y)  # yh: the predictions of the successful members
+        f_mean, f_std = _moments(xf, ok)
         n_failed = int((~ok).sum())
         if n_failed:  # failed rows hold NaN: zero them (their weight in W is zero)
             xf = torch.where(ok.unsqueeze(-1), xf, torch.zeros_like(xf))
-        xf, pf, infl_states, lam = self._inflate_prior(state, xf, pf, ok, y)
-        yh = self._predict(xf).to(torch.float64)
+        xf, pf, infl_states, lam = self._inflate_prior(state, xf, pf, ok, y, yh)
+        if infl_states:  # the forecast was inflated: predict it again
+            yh = self._predict(xf).to(torch.float64)
         # the lag smoother: the earlier analyses (and the previous one) get the same W and Q
         lagged = [*state.window, (state.time, state.states)] if self.lag else []
         xa, pa, lag_x = self._update(xf, pf, yh, y, ok, g,
@@ -341,8 +350,11 @@ class EnsembleFilter:
     def _noise(self, m: int, device: torch.device) -> torch.Tensor:
         return self.noise_std.to(device).expand(m)
 
-    def _classify(self, xf: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``(B, E)`` successful members: finite forecasts whose predictions pass the policy."""
+    def _classify(self, xf: torch.Tensor, y: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, E)`` successful members (finite forecasts whose predictions pass the
+        policy), and the predictions ``(B, E, N_obs)`` (float64; rows of failed members are
+        not to be used)."""
         finite = torch.isfinite(xf).all(dim=-1)
         safe = torch.where(finite.unsqueeze(-1), xf, torch.zeros_like(xf))
         yh = self._predict(safe).to(torch.float64)
@@ -352,17 +364,17 @@ class EnsembleFilter:
         std = self._noise(y.shape[1], y.device)
         batch = getattr(self.failure, "classify_batch", None)
         if callable(batch):  # the built-in policies screen all filters at once
-            return batch(yh, finite, y, std)
+            return batch(yh, finite, y, std), yh
         return torch.stack([
             self.failure.classify(yh[b], finite[b], Observations(y[b], noise_std=std))
-            for b in range(xf.shape[0])])
+            for b in range(xf.shape[0])]), yh
 
     def _inflate_prior(self, state: FilterState, xf: torch.Tensor, pf: torch.Tensor | None,
-                       ok: torch.Tensor, y: torch.Tensor):
-        """Adaptive prior inflation: ``(xf, pf, inflation states, mean lambda)``."""
+                       ok: torch.Tensor, y: torch.Tensor, yh: torch.Tensor):
+        """Adaptive prior inflation from the forecast's predictions ``yh``: ``(xf, pf,
+        inflation states, mean lambda)``."""
         if not isinstance(self.inflation, AdaptiveInflation):
             return xf, pf, (), float(self.inflation)
-        yh = self._predict(xf).to(torch.float64)
         std = self._noise(yh.shape[-1], yh.device)
         lams, states = [], []
         for b, st in enumerate(state.inflation):
