@@ -10,6 +10,8 @@ The public API (a contract: docs and external checks use these names):
   :class:`CorrelationLocalSquareRoot` by the ensemble's own correlations
 * schedules: :class:`FixedAnnealing`, :class:`ESMDA`, :class:`DataMisfitController`
 * sampling the posterior: :class:`EnsembleKalmanSampler` with :class:`EKSStable`
+* few-forward inversion: :class:`GaussNewton` and :class:`UnscentedKalmanInversion` with
+  :class:`Iterations`
 * guards and failures: :class:`CollapseGuard`, :class:`ResampleFailed`,
   :class:`IgnoreFailed`, :class:`Raise`
 * the loop: :class:`EnsembleSmoother`; :func:`run`, the one call that records a run to HDF5
@@ -43,6 +45,7 @@ from .filter_runner import run_filter
 from .forward import CallableModel, ForwardModel, evaluate
 from .inference import to_inference_data
 from .information import mutual_information, prune_mask, remove_dead_units
+from .inversion import GaussNewton, UnscentedKalmanInversion
 from .localization import CorrelationLocalSquareRoot, LocalSquareRoot
 from .nn import (
     Carry,
@@ -59,7 +62,7 @@ from .observations import Observations
 from .priors import PriorBlock, constrained_gaussian, prior_ensemble
 from .runner import run
 from .sampler import EKSStable, EnsembleKalmanSampler
-from .schedule import ESMDA, DataMisfitController, FixedAnnealing
+from .schedule import ESMDA, DataMisfitController, FixedAnnealing, Iterations
 from .smoother import EnsembleSmoother, SmootherResult, SmootherState, StepInfo
 from .storage import History, open_dataset, save, to_xarray
 from .storage import open_dataset as open  # noqa: A001 - enkal.open(path), as documented
@@ -119,6 +122,9 @@ __all__ = [
     "to_inference_data",
     "EnsembleKalmanSampler",
     "EKSStable",
+    "GaussNewton",
+    "UnscentedKalmanInversion",
+    "Iterations",
     "LocalSquareRoot",
     "CorrelationLocalSquareRoot",
     "constrained_gaussian",

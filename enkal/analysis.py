@@ -203,7 +203,7 @@ def analyse(
             mask = new_mask.to(device=parameters.device, dtype=torch.bool)
             n_pruned = int(adapt_info.get("n_pruned", 0))
 
-    if getattr(rule, "local", False):  # one transform per parameter (enkal.localization)
+    if _direct(rule):  # X+ built by the rule (enkal.localization, UKI), not one W
         result, n_resampled = _local(parameters, predictions, observations, ok, rule=rule,
                                      failure=failure, generator=generator, guard=guard,
                                      mask=mask, sections=sections, alpha=alphas[0],
@@ -269,17 +269,25 @@ def _update(parameters: torch.Tensor, used: torch.Tensor, observations: Observat
     return target, n_resampled
 
 
+def _direct(rule: Any) -> bool:
+    """A rule that builds ``X+`` itself (``rule.update``): a local rule (one transform per
+    parameter) or one that rebuilds the ensemble (sigma points)."""
+    return bool(getattr(rule, "local", False) or getattr(rule, "direct", False))
+
+
 def _local(parameters: torch.Tensor, predictions: torch.Tensor, observations: Observations,
            ok: torch.Tensor, *, rule: Any, failure: FailurePolicy, generator: torch.Generator,
            guard: Guard | None, mask: torch.Tensor | None, sections: Sequence,
            alpha: float, mean: torch.Tensor | None, out: torch.Tensor | None
            ) -> tuple[torch.Tensor, int]:
-    """A local rule's update (``rule.update``: one transform per parameter), guarded; it
-    takes all columns at once (no sections, no ``mean=``)."""
+    """A direct rule's update (``rule.update``: a local rule's one transform per parameter,
+    or UKI's new sigma points), guarded; it takes all columns at once (no sections, no
+    ``mean=``)."""
     if mean is not None or len(sections) != 1 or \
             list(sections[0]) != [slice(0, parameters.shape[1])]:
-        raise ValueError(f"rule: {type(rule).__name__} updates each parameter with its own "
-                         "transform; sections and mean-only updates are not supported")
+        raise ValueError(f"rule: {type(rule).__name__} builds the new ensemble itself, all "
+                         "parameters at once; sections and mean-only updates are not "
+                         "supported")
     result = rule.update(parameters, predictions, observations, ok=ok, alpha=alpha,
                          generator=generator, failure=failure)
     if out is not None:

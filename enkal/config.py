@@ -22,9 +22,10 @@ from typing import Any
 from .collapse import CollapseGuard
 from .executors import Dask, InProcess
 from .failures import IgnoreFailed, Raise, ResampleFailed
+from .inversion import GaussNewton, UnscentedKalmanInversion
 from .localization import CorrelationLocalSquareRoot, LocalSquareRoot
 from .sampler import EKSStable, EnsembleKalmanSampler
-from .schedule import ESMDA, DataMisfitController, FixedAnnealing
+from .schedule import ESMDA, DataMisfitController, FixedAnnealing, Iterations
 from .update import PerturbedObservations, SquareRoot
 
 if sys.version_info >= (3, 11):
@@ -38,9 +39,11 @@ STRATEGIES: dict[str, dict[str, type]] = {
     "rule": {"SquareRoot": SquareRoot, "PerturbedObservations": PerturbedObservations,
              "EnsembleKalmanSampler": EnsembleKalmanSampler,
              "LocalSquareRoot": LocalSquareRoot,
-             "CorrelationLocalSquareRoot": CorrelationLocalSquareRoot},
+             "CorrelationLocalSquareRoot": CorrelationLocalSquareRoot,
+             "GaussNewton": GaussNewton, "UnscentedKalmanInversion": UnscentedKalmanInversion},
     "schedule": {"FixedAnnealing": FixedAnnealing, "ESMDA": ESMDA,
-                 "DataMisfitController": DataMisfitController, "EKSStable": EKSStable},
+                 "DataMisfitController": DataMisfitController, "EKSStable": EKSStable,
+                 "Iterations": Iterations},
     "guard": {"CollapseGuard": CollapseGuard},
     "failure": {"ResampleFailed": ResampleFailed, "IgnoreFailed": IgnoreFailed, "Raise": Raise},
     "executor": {"InProcess": InProcess, "Dask": Dask},

@@ -41,7 +41,9 @@ from .observations import Observations
 __all__ = ["EnsembleKalmanSampler", "EKSStable", "EKSStableState"]
 
 
-def _vector(v: Any, name: str) -> tuple[float, ...]:
+def vector(v: Any, name: str) -> tuple[float, ...]:
+    """``v`` (a number or a sequence of numbers) as a tuple of finite floats, or a
+    ``TypeError``/``ValueError`` naming ``name``."""
     values = (v,) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
     try:
         out = tuple(float(x) for x in values)
@@ -51,6 +53,31 @@ def _vector(v: Any, name: str) -> tuple[float, ...]:
     if not out or not all(math.isfinite(x) for x in out):
         raise ValueError(f"{name}: expected finite numbers, got {v!r}"[:200])
     return out
+
+
+def prior_vectors(mean: tuple[float, ...], std: tuple[float, ...], n_par: int,
+                  like: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prior's mean and std as float64 ``(N_par,)`` tensors on ``like``'s device (one
+    value broadcast, or exactly ``N_par``: else a ``ValueError`` naming ``name``)."""
+    out = []
+    for what, v in (("prior_mean", mean), ("prior_std", std)):
+        if len(v) not in (1, n_par):
+            raise ValueError(f"{name}.{what}: expected 1 or {n_par} values (N_par), got "
+                             f"{len(v)}")
+        out.append(torch.tensor(v, dtype=torch.float64, device=like.device).expand(n_par))
+    return out[0], out[1]
+
+
+def block_moments(blocks: Any) -> tuple[list[float], list[float]]:
+    """The unconstrained prior mean and std of every parameter of ``blocks`` (the
+    :class:`~enkal.PriorBlock` list of :func:`enkal.constrained_gaussian`)."""
+    mean: list[float] = []
+    std: list[float] = []
+    for b in blocks:
+        n = math.prod(b.shape)
+        mean += [b.u_mean] * n
+        std += [b.u_std] * n
+    return mean, std
 
 
 def _interaction(predictions: torch.Tensor, observations: Observations) -> torch.Tensor:
@@ -88,9 +115,9 @@ class EnsembleKalmanSampler:
     needs_parameters: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "prior_mean", _vector(self.prior_mean,
+        object.__setattr__(self, "prior_mean", vector(self.prior_mean,
                                                        "EnsembleKalmanSampler.prior_mean"))
-        std = _vector(self.prior_std, "EnsembleKalmanSampler.prior_std")
+        std = vector(self.prior_std, "EnsembleKalmanSampler.prior_std")
         if min(std) <= 0:
             raise ValueError(f"EnsembleKalmanSampler.prior_std: expected values > 0, got "
                              f"{min(std)}")
@@ -103,21 +130,8 @@ class EnsembleKalmanSampler:
     def from_blocks(cls, blocks: Any, *, correction: bool = True) -> EnsembleKalmanSampler:
         """The sampler of the prior :func:`enkal.prior_ensemble` draws from ``blocks`` (the
         :class:`~enkal.PriorBlock` list of :func:`enkal.constrained_gaussian`)."""
-        mean, std = [], []
-        for b in blocks:
-            n = math.prod(b.shape)
-            mean += [b.u_mean] * n
-            std += [b.u_std] * n
+        mean, std = block_moments(blocks)
         return cls(mean, std, correction=correction)
-
-    def _prior(self, n_par: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = []
-        for name, v in (("prior_mean", self.prior_mean), ("prior_std", self.prior_std)):
-            if len(v) not in (1, n_par):
-                raise ValueError(f"EnsembleKalmanSampler.{name}: expected 1 or {n_par} values "
-                                 f"(N_par), got {len(v)}")
-            out.append(torch.tensor(v, dtype=torch.float64, device=like.device).expand(n_par))
-        return out[0], out[1]
 
     def transform(self, predictions: torch.Tensor, observations: Observations, *,
                   alpha: float, generator: torch.Generator | None,
@@ -132,7 +146,8 @@ class EnsembleKalmanSampler:
                              f"alpha = {alpha}")
         x = parameters.to(torch.float64)
         e, n_par = x.shape
-        m0, s0 = self._prior(n_par, x)
+        m0, s0 = prior_vectors(self.prior_mean, self.prior_std, n_par, x,
+                               "EnsembleKalmanSampler")
         dt = 1.0 / alpha
         a = x - x.mean(dim=0, keepdim=True)
         a_s = a / (s0 * s0)  # A S0^-1

@@ -49,6 +49,7 @@ __all__ = [
     "FixedAnnealing",
     "ESMDA",
     "DataMisfitController",
+    "Iterations",
     "Schedule",
     "max_parameter_variance",
     "planned_updates",
@@ -195,6 +196,55 @@ class ESMDA:
 
     def done(self, state: ESMDAState) -> bool:
         return state.iteration >= len(self.alphas)
+
+
+# -- a fixed number of iterations at one inflation ----------------------------------------
+@dataclass(frozen=True)
+class IterationsState:
+    iteration: int = 0
+
+
+@dataclass(frozen=True)
+class Iterations:
+    """``steps`` updates, each with the same noise inflation ``alpha``.
+
+    For the iterative rules that are not tempering schemes: :class:`~enkal.GaussNewton`
+    (``alpha = 1``, the data once per linearisation) and
+    :class:`~enkal.UnscentedKalmanInversion` (``alpha = 2``, EKP's default step). Unlike
+    :class:`ESMDA`, ``sum 1/alpha`` is not 1: each iteration sees the data in full.
+
+    Parameters
+    ----------
+    steps : int
+        The number of updates; the schedule is done after them.
+    alpha : float
+        The noise inflation of every update (``> 0``).
+    """
+
+    steps: int = 10
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.steps, "Iterations.steps")
+        check_positive_float(self.alpha, "Iterations.alpha")
+        object.__setattr__(self, "alpha", float(self.alpha))
+
+    @property
+    def planned_updates(self) -> int:
+        """``steps``: done after that many updates."""
+        return self.steps
+
+    def init(self) -> IterationsState:
+        return IterationsState()
+
+    def step(self, state: IterationsState, *, parameters: torch.Tensor,
+             predictions: torch.Tensor, observations: Observations):
+        if self.done(state):
+            raise ScheduleExhaustedError(f"Iterations: all {self.steps} updates are done")
+        return self.alpha, IterationsState(state.iteration + 1), {"step": state.iteration + 1}
+
+    def done(self, state: IterationsState) -> bool:
+        return state.iteration >= self.steps
 
 
 # -- data-misfit controller (Iglesias & Yang 2021) ---------------------------------------

@@ -321,7 +321,8 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None,
         raise type(err)(f"[data] noise_std: {err}") from None
     kwargs = {k: build_strategy(k, smoother_cfg[k], where="[smoother]")
               for k in ("rule", "schedule", "guard", "failure") if k in smoother_cfg}
-    kwargs.update(_sampler_prior(smoother_cfg.get("rule"), u_mean, u_std))
+    kwargs.update(_rule_prior(smoother_cfg.get("rule"), u_mean, u_std))
+    prior = _sigma_points(kwargs.get("rule"), prior, n_members)
     smoother = enkal.EnsembleSmoother(observations, seed=seed,
                                       chunk_size=smoother_cfg.get("chunk_size"), **kwargs)
     executor = None
@@ -335,14 +336,31 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None,
     )
 
 
-def _sampler_prior(spec: Any, u_mean: torch.Tensor, u_std: torch.Tensor) -> dict:
-    """An Ensemble Kalman Sampler given without a prior samples the posterior of the
-    configuration's own prior, ``[parameters]`` (its unconstrained moments)."""
-    if not isinstance(spec, dict) or spec.get("type") != "EnsembleKalmanSampler" or \
+#: rules that know the Gaussian prior (given in a configuration without one, they take the
+#: ``[parameters]`` prior's unconstrained moments)
+PRIOR_RULES = ("EnsembleKalmanSampler", "GaussNewton", "UnscentedKalmanInversion")
+
+
+def _rule_prior(spec: Any, u_mean: torch.Tensor, u_std: torch.Tensor) -> dict:
+    """A rule of :data:`PRIOR_RULES` given without a prior works with the configuration's own
+    prior, ``[parameters]`` (its unconstrained moments)."""
+    if not isinstance(spec, dict) or spec.get("type") not in PRIOR_RULES or \
             "prior_mean" in spec or "prior_std" in spec:
         return {}
-    return {"rule": enkal.EnsembleKalmanSampler(u_mean.tolist(), u_std.tolist(),
-                                                correction=spec.get("correction", True))}
+    cls = getattr(enkal, spec["type"])
+    options = {k: v for k, v in spec.items() if k != "type"}
+    return {"rule": cls(u_mean.tolist(), u_std.tolist(), **options)}
+
+
+def _sigma_points(rule: Any, prior: torch.Tensor, n_members: int) -> torch.Tensor:
+    """UKI starts from its sigma points of the prior (``ensemble_size = 2 N_par + 1``)."""
+    if not isinstance(rule, enkal.UnscentedKalmanInversion):
+        return prior
+    n_par = prior.shape[1]
+    if n_members != 2 * n_par + 1:
+        raise ValueError(f"[smoother] ensemble_size: UnscentedKalmanInversion needs 2 N_par + "
+                         f"1 = {2 * n_par + 1} members (its sigma points), got {n_members}")
+    return rule.initial_ensemble(n_par, dtype=prior.dtype)
 
 
 def _model_name(section: dict) -> str:

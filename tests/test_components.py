@@ -26,8 +26,10 @@ from enkal import (
     DataMisfitController,
     EnsembleSmoother,
     FixedAnnealing,
+    GaussNewton,
     IgnoreFailed,
     InProcess,
+    Iterations,
     MultiDevice,
     MutualInformation,
     Observations,
@@ -39,6 +41,7 @@ from enkal import (
     Significance,
     SquareRoot,
     StructureAdaptation,
+    UnscentedKalmanInversion,
 )
 from enkal._types import RunEnd, encode_state
 from enkal.localization import CorrelationLocalSquareRoot, LocalSquareRoot
@@ -186,9 +189,10 @@ SCHEDULE = ESMDA.constant(6)
 LOCAL = LocalSquareRoot(radius=2.0, obs_coordinates=tuple(float(i) for i in range(N_OBS)))
 CORRELATION = CorrelationLocalSquareRoot(threshold=0.3)
 RULES = [SquareRoot(), SquareRoot(truncation=0.95), PerturbedObservations(), Damped(), LOCAL,
-         CORRELATION]
+         CORRELATION, GaussNewton(0.0, 1.0, step=0.5), UnscentedKalmanInversion(0.0, 1.0)]
 SCHEDULES = [ESMDA.constant(6), FixedAnnealing(factor=0.7, initial=2.0, floor=0.5),
-             DataMisfitController(), RelativeNoise(gamma=2.0, steps=4), Halving()]
+             DataMisfitController(), RelativeNoise(gamma=2.0, steps=4), Halving(),
+             Iterations(6, alpha=2.0)]
 FAILURES = [ResampleFailed(), IgnoreFailed(), Raise(), KeepFailed()]
 ADAPTS = [StructureAdaptation(every=2, fraction=0.25, score=MutualInformation()),
           StructureAdaptation(every=2, fraction=0.25, score=Significance()),
@@ -255,7 +259,15 @@ def _prior(dtype=torch.float64, *, failing: bool = True) -> torch.Tensor:
 
 
 def _failing(kind, comp) -> bool:
-    return not isinstance(comp, Raise)
+    return not isinstance(comp, (Raise, UnscentedKalmanInversion))
+
+
+def _start(kind, comp, dtype=torch.float64) -> torch.Tensor:
+    """The first ensemble: UKI's sigma points (none may fail), else the prior draw with a
+    failing member 0 (unless the component stops on failures)."""
+    if isinstance(comp, UnscentedKalmanInversion):
+        return comp.initial_ensemble(N_PAR, dtype=dtype)
+    return _prior(dtype, failing=_failing(kind, comp))
 
 
 def _steps(smoother, state, n, model=MODEL):
@@ -291,7 +303,7 @@ def _same_state(a, b) -> None:
 def test_state_dict_round_trips_through_json(entry):
     kind, comp = entry
     smoother = _smoother(kind, comp)
-    state = _steps(smoother, smoother.init(_prior(failing=_failing(kind, comp))), 3)
+    state = _steps(smoother, smoother.init(_start(kind, comp)), 3)
     d = smoother.state_dict(state)
     json.dumps(d["schedule"]), json.dumps(d.get("adapt"))  # JSON-able, as files keep it
     back = smoother.load_state_dict(_json_round_trip(d))
@@ -302,7 +314,7 @@ def test_state_dict_round_trips_through_json(entry):
 def test_resume_from_a_state_dict_is_bitwise(entry):
     kind, comp = entry
     smoother = _smoother(kind, comp)
-    prior = _prior(failing=_failing(kind, comp))
+    prior = _start(kind, comp)
     straight = _steps(smoother, smoother.init(prior), 5)
     half = _steps(smoother, smoother.init(prior), 2)
     resumed = smoother.load_state_dict(_json_round_trip(smoother.state_dict(half)))
@@ -313,7 +325,7 @@ def test_resume_from_a_state_dict_is_bitwise(entry):
 def test_seeded_runs_repeat_and_inputs_are_not_mutated(entry):
     kind, comp = entry
     smoother = _smoother(kind, comp)
-    prior = _prior(failing=_failing(kind, comp))
+    prior = _start(kind, comp)
     keep = prior.clone()
     a = smoother.run(MODEL, prior, max_iterations=4)
     b = smoother.run(MODEL, prior, max_iterations=4)
@@ -335,7 +347,7 @@ def test_dtype_and_device_are_kept(entry, dtype):
     smoother = _smoother(kind, comp)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        prior = _prior(dtype, failing=_failing(kind, comp)).to(device)
+        prior = _start(kind, comp, dtype).to(device)
         state = smoother.init(prior)
         y, ok = enkal.evaluate(_model(dtype), state.parameters.cpu())
         new, info = smoother.step(state, y.to(device), ok=ok.to(device))
@@ -405,7 +417,8 @@ def test_user_components_resume_from_files_bit_for_bit(tmp_path, entry, source):
 
 # -- the network optimizer takes the same components ------------------------------------------
 # (the data-misfit controller finishes in a few steps: stepping it on raises, as it should)
-NN_ENTRIES = ([("rule", c) for c in RULES if not getattr(c, "local", False)]  # no sections
+NN_ENTRIES = ([("rule", c) for c in RULES  # rules that take sections
+               if not any(getattr(c, a, False) for a in ("local", "direct", "needs_parameters"))]
               + [("schedule", c) for c in SCHEDULES if not isinstance(c, DataMisfitController)]
               + [("failure", c) for c in FAILURES if not isinstance(c, Raise)])
 
