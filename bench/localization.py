@@ -17,6 +17,8 @@ is scored against it over ``--seeds`` data sets:
 Methods on the same prior draws and data: enkal's global ``SquareRoot`` and
 ``PerturbedObservations``, ``LocalSquareRoot`` (Gaspari-Cohn half-widths ``--radii``),
 ``CorrelationLocalSquareRoot`` (correlation thresholding at ``3 / sqrt(E)``, no positions),
+``SECLocalSquareRoot`` (sampling-error correction: SECNice's tuning-free taper, and Lee's
+``|r|^2``),
 and iterative_ensemble_smoother's ``ESMDA`` and ``AdaptiveESMDA`` (correlation thresholding at
 ``3 / sqrt(E)``, its default) when installed. The last line is ``BENCH_JSON {...}``.
 
@@ -44,6 +46,7 @@ from enkal import (
     LocalSquareRoot,
     Observations,
     PerturbedObservations,
+    SECLocalSquareRoot,
     SquareRoot,
 )
 
@@ -96,6 +99,8 @@ def methods(radii: list[float]) -> dict[str, Callable]:
     for r in radii:
         out[f"enkal LocalSquareRoot r={r:g}"] = None  # filled per problem (needs the sites)
     out["enkal CorrelationLocalSquareRoot"] = _enkal(CorrelationLocalSquareRoot())
+    out["enkal SECLocalSquareRoot (SECNice)"] = _enkal(SECLocalSquareRoot())
+    out["enkal SECLocalSquareRoot a=2"] = _enkal(SECLocalSquareRoot(exponent=2.0))
     try:
         import iterative_ensemble_smoother  # noqa: F401
     except ImportError:

@@ -7,7 +7,8 @@ The public API (a contract: docs and external checks use these names):
   :class:`Real`, :class:`Positive`, :class:`Bounded`
 * updates: :class:`SquareRoot`, :class:`PerturbedObservations`, :func:`assimilate`;
   :class:`LocalSquareRoot` localizes the square-root update by distance (gridded parameters),
-  :class:`CorrelationLocalSquareRoot` by the ensemble's own correlations
+  :class:`CorrelationLocalSquareRoot` by the ensemble's own correlations,
+  :class:`SECLocalSquareRoot` by sampling-error correction of them (tuning-free)
 * schedules: :class:`FixedAnnealing`, :class:`ESMDA`, :class:`DataMisfitController`
 * sampling the posterior: :class:`EnsembleKalmanSampler` with :class:`EKSStable`
 * few-forward inversion: :class:`GaussNewton` and :class:`UnscentedKalmanInversion` with
@@ -46,7 +47,7 @@ from .forward import CallableModel, ForwardModel, evaluate
 from .inference import to_inference_data
 from .information import mutual_information, prune_mask, remove_dead_units
 from .inversion import GaussNewton, UnscentedKalmanInversion
-from .localization import CorrelationLocalSquareRoot, LocalSquareRoot
+from .localization import CorrelationLocalSquareRoot, LocalSquareRoot, SECLocalSquareRoot
 from .nn import (
     Carry,
     Classification,
@@ -127,6 +128,7 @@ __all__ = [
     "Iterations",
     "LocalSquareRoot",
     "CorrelationLocalSquareRoot",
+    "SECLocalSquareRoot",
     "constrained_gaussian",
     "prior_ensemble",
     "PriorBlock",

@@ -23,7 +23,7 @@ from .collapse import CollapseGuard
 from .executors import Dask, InProcess
 from .failures import IgnoreFailed, Raise, ResampleFailed
 from .inversion import GaussNewton, UnscentedKalmanInversion
-from .localization import CorrelationLocalSquareRoot, LocalSquareRoot
+from .localization import CorrelationLocalSquareRoot, LocalSquareRoot, SECLocalSquareRoot
 from .sampler import EKSStable, EnsembleKalmanSampler
 from .schedule import ESMDA, DataMisfitController, FixedAnnealing, Iterations
 from .update import PerturbedObservations, SquareRoot
@@ -40,6 +40,7 @@ STRATEGIES: dict[str, dict[str, type]] = {
              "EnsembleKalmanSampler": EnsembleKalmanSampler,
              "LocalSquareRoot": LocalSquareRoot,
              "CorrelationLocalSquareRoot": CorrelationLocalSquareRoot,
+             "SECLocalSquareRoot": SECLocalSquareRoot,
              "GaussNewton": GaussNewton, "UnscentedKalmanInversion": UnscentedKalmanInversion},
     "schedule": {"FixedAnnealing": FixedAnnealing, "ESMDA": ESMDA,
                  "DataMisfitController": DataMisfitController, "EKSStable": EKSStable,

@@ -39,13 +39,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._checks import check_fraction, check_positive_int
+from ._checks import check_fraction, check_positive_float, check_positive_int
 from .filtering.kernels import sqrt_transforms
 from .filtering.local import Block, compact_block, local_blocks, local_update
 from .filtering.schemes import LETKF
 from .observations import Observations
 
-__all__ = ["LocalSquareRoot", "CorrelationLocalSquareRoot"]
+__all__ = ["LocalSquareRoot", "CorrelationLocalSquareRoot", "SECLocalSquareRoot"]
 
 
 @dataclass(frozen=True)
@@ -177,17 +177,147 @@ class CorrelationLocalSquareRoot:
                       failure)
 
 
-def _correlation_blocks(x: torch.Tensor, yh: torch.Tensor, threshold: float,
-                        chunk: int) -> list[Block]:
-    """Blocks whose 0/1 weights keep ``|corr| >= threshold`` (members ``x`` ``(E, N_par)``,
-    ``yh`` ``(E, N_obs)``)."""
+def _correlations(x: torch.Tensor, yh: torch.Tensor, chunk: int):
+    """``(rows, corr(X[:, rows], Yh))`` for blocks of ``chunk`` parameters (members ``x``
+    ``(E, N_par)``, ``yh`` ``(E, N_obs)``, float64)."""
     dy = yh - yh.mean(0)
     dy = dy / dy.norm(dim=0).clamp_min(1e-300)
-    blocks = []
     for start in range(0, x.shape[1], chunk):
         rows = slice(start, min(start + chunk, x.shape[1]))
         dx = x[:, rows] - x[:, rows].mean(0)
         dx = dx / dx.norm(dim=0).clamp_min(1e-300)
-        keep = (dx.T @ dy).abs() >= threshold  # (chunk, N_obs)
-        blocks.append(compact_block(rows, keep.to(torch.float64), x.device))
-    return blocks
+        yield rows, dx.T @ dy  # (chunk, N_obs)
+
+
+def _correlation_blocks(x: torch.Tensor, yh: torch.Tensor, threshold: float,
+                        chunk: int) -> list[Block]:
+    """Blocks whose 0/1 weights keep ``|corr| >= threshold``."""
+    return [compact_block(rows, (r.abs() >= threshold).to(torch.float64), x.device)
+            for rows, r in _correlations(x, yh, chunk)]
+
+
+@dataclass(frozen=True)
+class SECLocalSquareRoot:
+    r"""A smoother update rule localized by sampling-error correction of the correlations.
+
+    Parameter ``i`` is updated by the square-root analysis with observation ``j``'s noise
+    variance divided by a taper ``rho_ij`` of their sample correlation ``r_ij`` (as
+    :class:`CorrelationLocalSquareRoot`, but a smooth taper instead of a 0/1 one):
+
+    * ``exponent=a`` (Lee 2021 [Lee2021]): ``rho = |r|^a``, i.e. the correlation shrunk to
+      ``r |r|^a``; entries with ``|r|^(1 + a) <= cutoff`` are dropped;
+    * ``exponent=None`` (default; SECNice, Vishny, Morzfeld et al. 2024 [Vishny2024]):
+      tuning-free. ``rho = (1 - b) r^(g - 2) + b r^g`` with the even ``g`` in 2..10 and the
+      ``b`` in 1, 8/9, ..., 0 chosen by a discrepancy principle: the first (``g``, ``b``)
+      whose change to the correlations, ``||rho r - r||_F`` over all parameter-observation
+      pairs, stays within ``delta`` times the norm of their sampling sds, taken as
+      ``(1 - r^2) / sqrt(E)``.
+
+    No positions needed; the correlations are recomputed every update, in blocks of
+    ``chunk_size`` parameters (two passes for SECNice: the norms, then the tapers), so 10^6
+    parameters fit. EKP localizes ``C^{ug}`` and ``C^{gg}`` by a Schur product and uses
+    ``(1 - r)`` for the sds; here the taper is an R-localization of each parameter's own
+    analysis (``docs/updates.md`` section 11), so only the parameter-observation
+    correlations are corrected.
+
+    Parameters
+    ----------
+    exponent : float >= 0, optional
+        Lee's exponent ``a``; ``None``: chosen per update (SECNice).
+    cutoff : float in [0, 1)
+        Lee's sparsity cutoff ``r_0`` (with ``exponent``).
+    delta : float > 0
+        SECNice's discrepancy factor (with ``exponent=None``).
+    chunk_size : int
+    """
+
+    exponent: float | None = None
+    cutoff: float = 0.0
+    delta: float = 1.0
+    chunk_size: int = 2048
+    local: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.exponent is not None:
+            if isinstance(self.exponent, bool) or not isinstance(self.exponent, (int, float)) \
+                    or not (math.isfinite(self.exponent) and self.exponent >= 0):
+                raise ValueError("SECLocalSquareRoot.exponent: expected a number >= 0 or "
+                                 f"None, got {self.exponent!r}")
+        if isinstance(self.cutoff, bool) or not isinstance(self.cutoff, (int, float)) or \
+                not 0 <= self.cutoff < 1:
+            raise ValueError(f"SECLocalSquareRoot.cutoff: expected a number in [0, 1), got "
+                             f"{self.cutoff!r}")
+        check_positive_float(self.delta, "SECLocalSquareRoot.delta")
+        check_positive_int(self.chunk_size, "SECLocalSquareRoot.chunk_size")
+
+    def transform(self, predictions: torch.Tensor, observations: Observations, *,
+                  alpha: float = 1.0, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+        """Not one matrix: each parameter has its own transform."""
+        return _no_single_transform(self)
+
+    def transforms(self, predictions: torch.Tensor, values: torch.Tensor,
+                   noise_std: torch.Tensor, *, generator: torch.Generator | None = None,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+        return sqrt_transforms(predictions, values, noise_std, weights)
+
+    def taper(self, x: torch.Tensor, yh: torch.Tensor) -> tuple[float, float]:
+        """The taper's ``(g, b)`` for members ``x`` and predictions ``yh`` (``rho = (1 - b)
+        |r|^(g - 2) + b |r|^g``; Lee's exponent ``a`` is ``(a, 1)``)."""
+        if self.exponent is not None:
+            return float(self.exponent), 1.0
+        return _sec_nice(_correlations(x, yh, self.chunk_size), x.shape[0], self.delta)
+
+    def update(self, parameters: torch.Tensor, predictions: torch.Tensor,
+               observations: Observations, *, ok: torch.Tensor, alpha: float,
+               generator: torch.Generator, failure: Any) -> torch.Tensor:
+        """``X+`` from ``X`` and its ``predictions`` (failed members' rows ignored)."""
+        yh = _inputs(self, predictions, observations, ok)
+        x = parameters[ok].to(torch.float64)
+        g, b = self.taper(x, yh[ok])
+        blocks = []
+        for rows, r in _correlations(x, yh[ok], self.chunk_size):
+            rho = _sec_taper(r.abs(), g, b)
+            if self.exponent is not None and self.cutoff > 0:
+                rho = rho * (r.abs() * rho > self.cutoff)
+            blocks.append(compact_block(rows, rho, x.device))
+        return _apply(self, blocks, parameters, yh, observations, ok, alpha, generator,
+                      failure)
+
+
+#: SECNice's candidates: even exponents g (a PSD correction) and the interpolation b
+_SEC_EXPONENTS = (2, 4, 6, 8, 10)
+_SEC_STEPS = 10
+
+
+def _sec_taper(r_abs: torch.Tensor, g: float, b: float) -> torch.Tensor:
+    """``(1 - b) |r|^(g - 2) + b |r|^g`` (``b = 1``: ``|r|^g`` for any ``g >= 0``)."""
+    if b == 1.0:
+        return r_abs ** g
+    return (1.0 - b) * r_abs ** (g - 2.0) + b * r_abs ** g
+
+
+def _sec_nice(blocks, n_ens: int, delta: float) -> tuple[float, float]:
+    """SECNice's discrepancy principle over all correlations of ``blocks``: the first even
+    ``g`` whose full correction ``r^(g+1)`` moves the correlations by more than ``delta``
+    times the norm of their sampling sds, then the largest interpolation ``b`` towards
+    ``g - 2`` that stays within it (one pass, every candidate's norm accumulated)."""
+    steps = torch.linspace(1.0, 0.0, _SEC_STEPS, dtype=torch.float64).tolist()
+    full = torch.zeros(len(_SEC_EXPONENTS), dtype=torch.float64)
+    mixed = torch.zeros(len(_SEC_EXPONENTS), _SEC_STEPS, dtype=torch.float64)
+    sd2 = 0.0
+    for _, r in blocks:
+        r = r.clamp(-1.0 + 1e-12, 1.0 - 1e-12).cpu()
+        sd2 += float(((1.0 - r * r) ** 2).sum()) / n_ens
+        a = r.abs()
+        for k, g in enumerate(_SEC_EXPONENTS):
+            full[k] += float(((a ** g - 1.0) * r).square().sum())
+            for m, b in enumerate(steps):
+                mixed[k, m] += float(((_sec_taper(a, g, b) - 1.0) * r).square().sum())
+    tol = delta * delta * sd2
+    over = [k for k in range(len(_SEC_EXPONENTS)) if float(full[k]) > tol]
+    k = over[0] if over else len(_SEC_EXPONENTS) - 1
+    for m, b in enumerate(steps):
+        if float(mixed[k, m]) < tol:
+            return float(_SEC_EXPONENTS[k]), b
+    return float(_SEC_EXPONENTS[k]), 0.0

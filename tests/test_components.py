@@ -44,7 +44,7 @@ from enkal import (
     UnscentedKalmanInversion,
 )
 from enkal._types import RunEnd, encode_state
-from enkal.localization import CorrelationLocalSquareRoot, LocalSquareRoot
+from enkal.localization import CorrelationLocalSquareRoot, LocalSquareRoot, SECLocalSquareRoot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,7 +189,8 @@ SCHEDULE = ESMDA.constant(6)
 LOCAL = LocalSquareRoot(radius=2.0, obs_coordinates=tuple(float(i) for i in range(N_OBS)))
 CORRELATION = CorrelationLocalSquareRoot(threshold=0.3)
 RULES = [SquareRoot(), SquareRoot(truncation=0.95), PerturbedObservations(), Damped(), LOCAL,
-         CORRELATION, GaussNewton(0.0, 1.0, step=0.5), UnscentedKalmanInversion(0.0, 1.0)]
+         CORRELATION, SECLocalSquareRoot(), SECLocalSquareRoot(exponent=1.0, cutoff=0.05),
+         GaussNewton(0.0, 1.0, step=0.5), UnscentedKalmanInversion(0.0, 1.0)]
 SCHEDULES = [ESMDA.constant(6), FixedAnnealing(factor=0.7, initial=2.0, floor=0.5),
              DataMisfitController(), RelativeNoise(gamma=2.0, steps=4), Halving(),
              Iterations(6, alpha=2.0)]
