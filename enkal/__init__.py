@@ -12,7 +12,7 @@ The public API (a contract: docs and external checks use these names):
 * schedules: :class:`FixedAnnealing`, :class:`ESMDA`, :class:`DataMisfitController`
 * sampling the posterior: :class:`EnsembleKalmanSampler` with :class:`EKSStable`
 * few-forward inversion: :class:`GaussNewton` and :class:`UnscentedKalmanInversion` with
-  :class:`Iterations`
+  :class:`Iterations`; momentum: :class:`NesterovAccelerator` (``accelerator=``)
 * guards and failures: :class:`CollapseGuard`, :class:`ResampleFailed`,
   :class:`IgnoreFailed`, :class:`Raise`
 * the loop: :class:`EnsembleSmoother`; :func:`run`, the one call that records a run to HDF5
@@ -29,6 +29,7 @@ The public API (a contract: docs and external checks use these names):
 import logging as _logging
 
 from ._version import __version__  # noqa: F401 - enkal.__version__
+from .acceleration import NesterovAccelerator
 from .adapt import MutualInformation, Saliency, Significance, StructureAdaptation
 from .collapse import CollapseGuard
 from .ensemble import Bounded, ParameterLayout, Positive, Real, gaussian_ensemble
@@ -126,6 +127,7 @@ __all__ = [
     "GaussNewton",
     "UnscentedKalmanInversion",
     "Iterations",
+    "NesterovAccelerator",
     "LocalSquareRoot",
     "CorrelationLocalSquareRoot",
     "SECLocalSquareRoot",

@@ -50,6 +50,7 @@ __all__ = [
     "Schedule",
     "FailurePolicy",
     "Adaptation",
+    "Accelerator",
     "Guard",
     "Executor",
     "Sink",
@@ -78,6 +79,8 @@ class SmootherState:
     adapt : object
         The structure-adaptation strategy's state (``None`` for the stateless
         :class:`~enkal.adapt.StructureAdaptation`, or without ``adapt=``).
+    accelerator : object
+        The accelerator's state (``None`` without ``accelerator=``).
     """
 
     parameters: torch.Tensor
@@ -86,6 +89,7 @@ class SmootherState:
     rng_state: torch.Tensor
     mask: torch.Tensor | None = None
     adapt: Any = None
+    accelerator: Any = None
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,16 @@ class Adaptation(Protocol):
     def step(self, state: Any, *, iteration: int, mask: torch.Tensor | None,
              parameters: torch.Tensor, predictions: torch.Tensor,
              observations: Observations) -> tuple[torch.Tensor | None, Any, dict]: ...
+
+
+@runtime_checkable
+class Accelerator(Protocol):
+    """Momentum after each update: the ensemble the next forward sees, from the one the
+    update produced (:class:`~enkal.NesterovAccelerator`)."""
+
+    def init(self, parameters: torch.Tensor) -> Any: ...
+
+    def step(self, state: Any, *, parameters: torch.Tensor) -> tuple[torch.Tensor, Any]: ...
 
 
 @runtime_checkable

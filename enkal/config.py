@@ -19,6 +19,7 @@ import stat
 import sys
 from typing import Any
 
+from .acceleration import NesterovAccelerator
 from .collapse import CollapseGuard
 from .executors import Dask, InProcess
 from .failures import IgnoreFailed, Raise, ResampleFailed
@@ -46,6 +47,7 @@ STRATEGIES: dict[str, dict[str, type]] = {
                  "DataMisfitController": DataMisfitController, "EKSStable": EKSStable,
                  "Iterations": Iterations},
     "guard": {"CollapseGuard": CollapseGuard},
+    "accelerator": {"NesterovAccelerator": NesterovAccelerator},
     "failure": {"ResampleFailed": ResampleFailed, "IgnoreFailed": IgnoreFailed, "Raise": Raise},
     "executor": {"InProcess": InProcess, "Dask": Dask},
 }

@@ -9,7 +9,8 @@ One iteration, every decision taken from one forward evaluation (the update body
     X_k --forward (executor)--> Yh_k --failure policy--> ok --schedule(Yh_k)--> alpha_k
         --adapt(X_k, Yh_k), optional--> mask_{k+1} (structure adaptation, enkal.adapt)
         --rule.transform(Yh_k[ok], y, alpha_k)--> W (E x E)
-        --apply W to X_k in chunks--> X_{k+1} --collapse guard, mask--> state_{k+1}
+        --apply W to X_k in chunks--> X_{k+1} --collapse guard, mask--> X_{k+1}
+        --accelerator, optional--> state_{k+1} (momentum on the mean, enkal.acceleration)
         --callbacks, then sinks--> progress, HDF5 (enkal.storage.Recorder), logs
 
 ``step(state, predictions)`` takes the predictions as an argument, so any external simulator
@@ -40,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -60,16 +60,14 @@ from ._checks import (
     check_seed,
 )
 from ._types import (
+    Accelerator,
     Guard,
-    RunEnd,
-    RunStart,
     Sink,
     SmootherResult,
     SmootherState,
     StepInfo,
     check_component,
     check_sinks,
-    close_sinks,
     decode_state,
     encode_state,
 )
@@ -79,6 +77,7 @@ from .errors import ScheduleExhaustedError
 from .executors import InProcess, check_executor
 from .failures import FailurePolicy, ResampleFailed, check_policy
 from .forward import ForwardModel
+from .loop import Loop, callables
 from .observations import Observations
 from .priors import check_prior_scale
 from .progress import Progress
@@ -120,6 +119,9 @@ class EnsembleSmoother:
         Prune the least-informative parameters as the run goes (``docs/adaptation.md``):
         decided from each iteration's fresh predictions, after the schedule and before the
         update; the newly pruned columns are zeroed in all members and masked.
+    accelerator : NesterovAccelerator or an Accelerator, optional
+        Momentum after each update (``docs/updates.md``, section 13): the next forward sees
+        the accelerated ensemble; pruned columns are not moved.
 
     Any object with the methods of the protocols in :mod:`enkal._types` plugs in as a
     component, and its state (a frozen dataclass) is checkpointed like a built-in one.
@@ -141,6 +143,7 @@ class EnsembleSmoother:
         seed: int = 0,
         chunk_size: int | None = None,
         adapt: Any = None,
+        accelerator: Any = None,
     ) -> None:
         if not isinstance(observations, Observations):
             raise TypeError(
@@ -153,6 +156,9 @@ class EnsembleSmoother:
         check_policy(failure)
         check_positive_int(chunk_size, "chunk_size", allow_none=True)
         check_adapt(adapt)
+        if accelerator is not None:
+            check_component(accelerator, Accelerator, "accelerator",
+                            "NesterovAccelerator() or None")
         self.observations = observations
         self.rule = rule
         self.schedule = schedule
@@ -161,6 +167,7 @@ class EnsembleSmoother:
         self.seed = check_seed(seed)
         self.chunk_size = chunk_size
         self.adapt = adapt
+        self.accelerator = accelerator
 
     # -- configuration -------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -177,7 +184,9 @@ class EnsembleSmoother:
         return {"rule": describe(self.rule), "schedule": describe(self.schedule),
                 "guard": describe(self.guard), "failure": describe(self.failure),
                 "seed": self.seed, "chunk_size": self.chunk_size,
-                "n_obs": self.observations.size, "adapt": describe(self.adapt)}
+                "n_obs": self.observations.size, "adapt": describe(self.adapt),
+                **({"accelerator": describe(self.accelerator)}
+                   if self.accelerator is not None else {})}
 
     def __repr__(self) -> str:
         return (f"EnsembleSmoother(rule={self.rule}, schedule={self.schedule}, "
@@ -205,7 +214,9 @@ class EnsembleSmoother:
         gen = torch.Generator(device=prior.device).manual_seed(self.seed)
         return SmootherState(parameters=prior, iteration=0, schedule=self.schedule.init(),
                              rng_state=gen.get_state(), mask=mask,
-                             adapt=self.adapt.init() if self.adapt is not None else None)
+                             adapt=self.adapt.init() if self.adapt is not None else None,
+                             accelerator=(self.accelerator.init(prior)
+                                          if self.accelerator is not None else None))
 
     def done(self, state: SmootherState) -> bool:
         """True when the schedule plans no further update (``state``: a
@@ -272,9 +283,10 @@ class EnsembleSmoother:
                     ok=ok, guard=self.guard, mask=state.mask, adapt=self.adapt,
                     adapt_state=state.adapt, iteration=state.iteration, out=out,
                     chunk_size=self.chunk_size)
-        new_state = SmootherState(parameters=a.parameters, iteration=state.iteration + 1,
+        parameters, accelerator = self._accelerate(state, a.parameters, a.mask, out)
+        new_state = SmootherState(parameters=parameters, iteration=state.iteration + 1,
                                   schedule=a.schedule[0], rng_state=gen.get_state(),
-                                  mask=a.mask, adapt=a.adapt)
+                                  mask=a.mask, adapt=a.adapt, accelerator=accelerator)
         info = StepInfo(
             iteration=new_state.iteration, alpha=a.alpha, misfit=a.misfit,
             mean_misfit=a.mean_misfit, spread=a.spread, n_failed=a.n_failed,
@@ -282,6 +294,20 @@ class EnsembleSmoother:
             schedule=a.schedule_info, n_live=a.n_live, n_pruned=a.n_pruned,
         )
         return new_state, info
+
+    def _accelerate(self, state: SmootherState, x: torch.Tensor, mask: torch.Tensor | None,
+                    out: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        """The accelerator's ensemble (pruned columns as the update left them, written into
+        ``out`` when given) and its new state."""
+        if self.accelerator is None:
+            return x, None
+        moved, acc = self.accelerator.step(state.accelerator, parameters=x)
+        if mask is not None and not bool(mask.all()):
+            moved = torch.where(mask, moved, x)
+        if out is not None:
+            out.copy_(moved)
+            moved = out
+        return moved, acc
 
     # -- the loop ------------------------------------------------------------------------
     def run(
@@ -360,7 +386,7 @@ class EnsembleSmoother:
         check_bool(predictive, "predictive")
         executor = InProcess() if executor is None else executor
         check_executor(executor)
-        callbacks, sinks = _callables(callbacks), check_sinks(sinks)
+        callbacks, sinks = callables(callbacks), check_sinks(sinks)
         if state is None:
             if prior is None:
                 raise ValueError("run: expected exactly one of prior= or state=, got neither")
@@ -378,7 +404,7 @@ class EnsembleSmoother:
             check_prior_scale(model.layout, state.parameters)
         if progress:
             sinks.append(Progress(max_iterations=max_iterations))
-        return _Loop(self, model, executor, callbacks, sinks, max_iterations=max_iterations,
+        return Loop(self, model, executor, callbacks, sinks, max_iterations=max_iterations,
                      tolerance=tolerance, inplace=inplace, predictive=predictive).run(state)
 
     def _check_model(self, model: Any) -> None:
@@ -406,6 +432,8 @@ class EnsembleSmoother:
             # from iteration and mask), so checkpoints need no extra field for it
             **({"adapt": encode_state(state.adapt, "adapt")} if state.adapt is not None
                else {}),
+            **({"accelerator": encode_state(state.accelerator, "accelerator")}
+               if state.accelerator is not None else {}),
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> SmootherState:
@@ -444,10 +472,29 @@ class EnsembleSmoother:
                 saved = d.get("adapt")
                 adapt = self.adapt.init() if saved is None else \
                     decode_state(saved, type(self.adapt.init()), what="adapt")
+            accelerator = self._load_accelerator(d.get("accelerator"), params)
         except ValueError as err:
             raise ValueError(f"state dict: {err}") from None
         return SmootherState(parameters=params, iteration=iteration, schedule=schedule,
-                             rng_state=rng, mask=mask, adapt=adapt)
+                             rng_state=rng, mask=mask, adapt=adapt, accelerator=accelerator)
+
+    def _load_accelerator(self, saved: Any, params: torch.Tensor) -> Any:
+        """The accelerator's state from a state dict (``None`` without an accelerator; a
+        missing one: a run saved without momentum starts it from this ensemble)."""
+        if self.accelerator is None:
+            if saved is not None:
+                raise ValueError("accelerator state given, but this smoother has no "
+                                 "accelerator")
+            return None
+        like = type(self.accelerator.init(params))
+        if saved is None:
+            return self.accelerator.init(params)
+        state = decode_state(saved, like, what="accelerator")
+        # tensors come back on the CPU: move them where the ensemble lives
+        moved = {f.name: getattr(state, f.name).to(params.device)
+                 for f in dataclasses.fields(state)
+                 if isinstance(getattr(state, f.name), torch.Tensor)}
+        return dataclasses.replace(state, **moved) if moved else state
 
 
 def _check_state(state: Any, name: str = "state") -> None:
@@ -475,115 +522,3 @@ def _refuse_runner_only(kwargs: dict) -> None:
     hints = [m for n in names for m in difflib.get_close_matches(n, _RUN_KEYWORDS, n=1)]
     hint = f"; did you mean {', '.join(hints)}?" if hints else ""
     raise TypeError(f"run: got unexpected keyword argument(s) {names}{hint}")
-
-
-def _callables(callbacks: Any) -> list:
-    if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
-        raise TypeError(f"callbacks: expected an iterable of callables, got "
-                        f"{type(callbacks).__name__}")
-    out = list(callbacks)
-    for cb in out:
-        if not callable(cb):
-            raise TypeError(f"callbacks: expected callables, got {type(cb).__name__}")
-    return out
-
-
-class _Loop:
-    """One run of :meth:`EnsembleSmoother.run`: forward, step, callbacks, sinks."""
-
-    def __init__(self, smoother: EnsembleSmoother, model: ForwardModel, executor: Any,
-                 callbacks: list, sinks: list, *, max_iterations: int,
-                 tolerance: float | None, inplace: bool, predictive: bool = False) -> None:
-        self.smoother = smoother
-        self.model = model
-        self.executor = executor
-        self.callbacks = callbacks
-        self.sinks = sinks
-        self.max_iterations = max_iterations
-        self.tolerance = tolerance
-        self.inplace = inplace
-        self.predictive = predictive
-        self.final_predictions: torch.Tensor | None = None
-        self.log: dict[str, list] = {}
-        self.n_forwards = 0
-        self.predictions: torch.Tensor | None = None
-        self.stopped_by = "max_iterations"
-
-    def run(self, state: SmootherState) -> SmootherResult:
-        started: list[Sink] = []
-        error: BaseException | None = None
-        try:
-            # an executor with a connection (Dask) opens it now, before the sinks start:
-            # a cluster's start is reported on its own, not timed as the first update's
-            connect = getattr(self.executor, "connect", None)
-            if callable(connect):
-                connect()
-            start = RunStart(smoother=self.smoother, layout=self.model.layout,
-                             output_names=self.model.output_names, state=state)
-            for sink in self.sinks:
-                sink.start(start)
-                started.append(sink)
-            state = self._iterate(state)
-            if self.predictive:
-                self._predict(state, started)
-        except BaseException as err:
-            error = err
-            raise
-        finally:
-            close_sinks(started, RunEnd(stopped_by=self.stopped_by,
-                                       n_forwards=self.n_forwards, error=error))
-        return SmootherResult(state=state, layout=self.model.layout, history=self.log,
-                              n_forwards=self.n_forwards, smoother=self.smoother,
-                              predictions=self.predictions, stopped_by=self.stopped_by,
-                              predictive=self.final_predictions)
-
-    def _predict(self, state: SmootherState, sinks: list) -> None:
-        """The posterior predictive: one forward of the final ensemble, to the sinks."""
-        preds, ok = self.executor.evaluate(self.model,
-                                           self.model.layout.to_physical(state.parameters))
-        # a failed member has no prediction
-        self.final_predictions = preds = torch.where(ok[:, None], preds, float("nan"))
-        for hook in [getattr(sink, "predictive", None) for sink in sinks]:
-            if callable(hook):
-                hook(state, preds)
-
-    def _iterate(self, state: SmootherState) -> SmootherState:
-        smoother, layout = self.smoother, self.model.layout
-        initial = state.parameters  # the caller's tensor: never used as an output buffer
-        spare: torch.Tensor | None = None
-        last_mean = None
-        while True:
-            if smoother.done(state):
-                self.stopped_by = "schedule"
-                return state
-            if state.iteration >= self.max_iterations:
-                return state
-            t0 = time.perf_counter()
-            phys = layout.to_physical(state.parameters)
-            self.predictions, ok = self.executor.evaluate(self.model, phys)
-            t1 = time.perf_counter()
-            self.n_forwards += phys.shape[0]
-            previous = state.parameters
-            if self.inplace and previous is not initial:
-                spare = previous  # chunked in-place update: an E x chunk buffer only
-            state, info = smoother.step(state, self.predictions, ok=ok, out=spare)
-            _log.debug("update %d: %d forwards in %.3g s, update in %.3g s", info.iteration,
-                       phys.shape[0], t1 - t0, time.perf_counter() - t1)
-            # ping-pong between two buffers once the caller's tensor is not involved
-            spare = previous if previous is not initial and not self.inplace else None
-            for k, v in info.as_dict().items():
-                self.log.setdefault(k, []).append(v)
-            stop = None
-            if any([bool(cb(state, info)) for cb in self.callbacks]):
-                stop = "callback"
-            elif self.tolerance is not None and last_mean is not None and \
-                    abs(info.mean_misfit - last_mean) <= self.tolerance * abs(last_mean):
-                stop = "tolerance"
-            last_mean = info.mean_misfit
-            final = stop is not None or info.done or state.iteration >= self.max_iterations
-            for sink in self.sinks:
-                sink.record(state, info, self.predictions, final=final)
-            if stop is not None:
-                self.stopped_by = stop
-                return state
-

@@ -320,7 +320,8 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None,
     except (TypeError, ValueError) as err:
         raise type(err)(f"[data] noise_std: {err}") from None
     kwargs = {k: build_strategy(k, smoother_cfg[k], where="[smoother]")
-              for k in ("rule", "schedule", "guard", "failure") if k in smoother_cfg}
+              for k in ("rule", "schedule", "guard", "failure", "accelerator")
+              if k in smoother_cfg}
     kwargs.update(_rule_prior(smoother_cfg.get("rule"), u_mean, u_std))
     prior = _sigma_points(kwargs.get("rule"), prior, n_members)
     smoother = enkal.EnsembleSmoother(observations, seed=seed,
@@ -371,8 +372,8 @@ def _settings(config: dict, seed: int | None) -> tuple[dict, dict, int, int]:
     """``[smoother]``, ``[data]``, the run's seed and ``max_iterations``, checked."""
     smoother_cfg = check_keys(
         config["smoother"], where="[smoother]", required=("ensemble_size",),
-        optional=("rule", "schedule", "guard", "failure", "seed", "max_iterations",
-                  "chunk_size"))
+        optional=("rule", "schedule", "guard", "failure", "accelerator", "seed",
+                  "max_iterations", "chunk_size"))
     data = check_keys(config.get("data", {}), where="[data]",
                       optional=("noise_std", "seed", "values", "file", "column", "variable",
                                 "realisations"))

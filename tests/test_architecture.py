@@ -24,9 +24,9 @@ KERNELS = {"enkal.update", "enkal.information", "enkal.filtering.kernels",
 COMPONENTS = {"enkal.schedule", "enkal.failures", "enkal.collapse", "enkal.adapt",
               "enkal.forward", "enkal.devices", "enkal.executors", "enkal.analysis",
               "enkal.priors", "enkal.progress", "enkal.sampler", "enkal.filtering.schemes", "enkal.filtering.local",
-              "enkal.localization", "enkal.inversion",
+              "enkal.localization", "enkal.inversion", "enkal.acceleration",
               "enkal.filtering.progress"}
-LOOP = {"enkal.smoother", "enkal.filtering", "enkal.filtering.filter", "enkal.filtering.run"}
+LOOP = {"enkal.smoother", "enkal.loop", "enkal.filtering", "enkal.filtering.filter", "enkal.filtering.run"}
 APPLICATION = {"enkal", "enkal.runner", "enkal.filter_runner", "enkal.filter_cli",
                "enkal.plot_filter", "enkal.config",
                "enkal.experiment", "enkal.cli", "enkal.__main__", "enkal.plot", "enkal.inference"}

@@ -32,6 +32,7 @@ from enkal import (
     Iterations,
     MultiDevice,
     MutualInformation,
+    NesterovAccelerator,
     Observations,
     PerturbedObservations,
     Raise,
@@ -159,6 +160,28 @@ class Shrink:
         return x, k
 
 
+@dataclass(frozen=True)
+class HeavyState:
+    velocity: torch.Tensor | None = None
+    previous: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class HeavyBall:
+    """An accelerator: every member moves on by ``momentum`` times the mean's last step."""
+
+    momentum: float = 0.3
+
+    def init(self, parameters):
+        return HeavyState(previous=parameters.to(torch.float64).mean(dim=0))
+
+    def step(self, state, *, parameters):
+        mean = parameters.to(torch.float64).mean(dim=0)
+        step = mean - state.previous.to(mean.device)
+        return (parameters + (self.momentum * step).to(parameters.dtype),
+                HeavyState(velocity=step, previous=mean))
+
+
 class Reversed:
     """An executor: evaluates the members in reverse order, hands them back in order."""
 
@@ -205,9 +228,11 @@ GUARDS = [CollapseGuard(threshold=1e-2, reset=1e-1), Shrink(threshold=1e-2, rese
 EXECUTORS = [InProcess(), InProcess(members_per_call=5), MultiDevice(["cpu", "cpu"]),
              Reversed()]
 
+ACCELERATORS = [NesterovAccelerator(), NesterovAccelerator(r=3.0),
+                NesterovAccelerator(momentum=0.5), HeavyBall()]
 REGISTRY = ([("rule", c) for c in RULES] + [("schedule", c) for c in SCHEDULES]
             + [("failure", c) for c in FAILURES] + [("adapt", c) for c in ADAPTS]
-            + [("guard", c) for c in GUARDS])
+            + [("guard", c) for c in GUARDS] + [("accelerator", c) for c in ACCELERATORS])
 
 
 def _id(entry) -> str:
@@ -283,7 +308,7 @@ def _steps(smoother, state, n, model=MODEL):
 def _json_round_trip(d: dict) -> dict:
     """What a file keeps of a state dict: component states through JSON, tensors as is."""
     out = dict(d)
-    for key in ("schedule", "adapt"):
+    for key in ("schedule", "adapt", "accelerator"):
         if out.get(key) is not None:
             out[key] = json.loads(json.dumps(out[key]))
     return out
@@ -295,6 +320,7 @@ def _same_state(a, b) -> None:
     assert a.iteration == b.iteration
     assert encode_state(a.schedule) == encode_state(b.schedule)
     assert json.dumps(encode_state(a.adapt)) == json.dumps(encode_state(b.adapt))
+    assert json.dumps(encode_state(a.accelerator)) == json.dumps(encode_state(b.accelerator))
     assert (a.mask is None) == (b.mask is None)
     if a.mask is not None:
         assert torch.equal(a.mask, b.mask)
@@ -394,7 +420,8 @@ def test_a_sink_hears_start_every_update_and_close_also_when_the_run_fails():
 
 
 USER = [("schedule", Halving()), ("adapt", DecayingPrune()), ("rule", Damped()),
-        ("failure", KeepFailed()), ("guard", Shrink(1e-2, 1e-1))]
+        ("failure", KeepFailed()), ("guard", Shrink(1e-2, 1e-1)),
+        ("accelerator", HeavyBall()), ("accelerator", NesterovAccelerator())]
 
 
 @pytest.mark.parametrize("entry", USER, ids=_id)

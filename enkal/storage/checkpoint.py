@@ -49,6 +49,17 @@ from .schema import (
 
 
 # -- checkpoints -------------------------------------------------------------------------
+def _schedule_text(schedule: Any) -> str:
+    """The JSON of a state dict's ``schedule`` entry, checked."""
+    try:
+        text = json.dumps(schedule)
+    except TypeError as err:
+        raise TypeError(f"state.schedule: expected JSON-able values ({err})") from None
+    if not _json_depth_ok(text):
+        raise ValueError(f"state.schedule: nests deeper than {_MAX_JSON_DEPTH} levels")
+    return text
+
+
 def write_checkpoint(path: Any, smoother: Any, state: Any, *, fsync: bool = True) -> Path:
     """Write ``smoother.state_dict(state)`` to an HDF5 checkpoint, atomically.
 
@@ -79,15 +90,7 @@ def write_checkpoint(path: Any, smoother: Any, state: Any, *, fsync: bool = True
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
                              or tuple(mask.shape) != (x.shape[1],)):
         raise ValueError(f"state.mask: expected a bool tensor of shape ({x.shape[1]},) or None")
-    schedule = d["schedule"]
-    try:
-        sched_json = json.dumps(schedule)
-    except TypeError as err:
-        raise TypeError(f"state.schedule: expected JSON-able values ({err})") from None
-    if not _json_depth_ok(sched_json):
-        raise ValueError(f"state.schedule: nests deeper than {_MAX_JSON_DEPTH} levels")
-    adapt = d.get("adapt")
-    adapt_json = None if adapt is None else _schedule_json(adapt, "adapt")
+    sched_json = _schedule_text(d["schedule"])
     torch_dtype = str(x.dtype).removeprefix("torch.")
     attrs = {
         "enkal_format": CHECKPOINT_FORMAT,
@@ -104,8 +107,11 @@ def write_checkpoint(path: Any, smoother: Any, state: Any, *, fsync: bool = True
         "device_type": x.device.type,
         "has_mask": int(mask is not None),
     }
-    if adapt_json is not None:
-        attrs["adapt"] = adapt_json  # only when there is one: other files are as before
+    # the adaptation's and accelerator's states only when there are: other files are as
+    # before
+    for name in ("adapt", "accelerator"):
+        if d.get(name) is not None:
+            attrs[name] = _schedule_json(d[name], name)
     need = x.numel() * x.element_size() + rng.size + (0 if mask is None else x.shape[1])
     check_space(path, need, what=f"the checkpoint of iteration {int(d['iteration'])}",
                 new=True)
@@ -176,7 +182,7 @@ def read_state_dict(path: Any, *, device: torch.device | str | None = None) -> d
         iteration = _int_attr(a, "iteration", path)
         if iteration < 0:
             raise StorageError(f"{path}: negative iteration {iteration}")
-        schedule, adapt = _read_components(a, path)
+        schedule, adapt, accelerator = _read_components(a, path)
         config = _loads(_attr_str(a["config"]), "config", path)
     if not np.all(np.isfinite(par)):
         raise StorageError(f"{path}: parameters hold NaN/inf (a checkpoint never does)")
@@ -189,6 +195,7 @@ def read_state_dict(path: Any, *, device: torch.device | str | None = None) -> d
         "mask": None if mask is None else torch.from_numpy(mask.astype(bool)).to(device),
         "config": config,
         "adapt": adapt,
+        "accelerator": accelerator,
         "device_type": device_type,
         "attrs": {k: (_attr_str(v) if isinstance(v, (bytes, str)) else v)
                   for k, v in a.items()},
@@ -233,19 +240,23 @@ def _read_rng(f: h5py.File, a: dict, device_type: str, path: Path) -> np.ndarray
     return _get_array(f, "rng_state", (rng_size,), np.dtype(np.uint8), path)
 
 
-def _read_components(a: dict, path: Path) -> tuple[Any, Any]:
-    """The encoded schedule and adaptation states of a checkpoint (adapt: None if none)."""
+def _read_components(a: dict, path: Path) -> tuple[Any, Any, Any]:
+    """The encoded schedule, adaptation and accelerator states of a checkpoint (None for
+    those it has not)."""
     schedule = _loads(_attr_str(a["schedule"]), "schedule", path)
     problem = _schedule_problem(schedule)
     if problem is not None:
         raise StorageError(f"{path}: schedule attribute {problem}")
-    adapt = None
-    if "adapt" in a:
-        adapt = _loads(_attr_str(a["adapt"]), "adapt", path)
-        problem = _schedule_problem(adapt, "adaptation")
-        if problem is not None:
-            raise StorageError(f"{path}: adapt attribute {problem}")
-    return schedule, adapt
+    out = []
+    for name, kind in (("adapt", "adaptation"), ("accelerator", "accelerator")):
+        value = None
+        if name in a:
+            value = _loads(_attr_str(a[name]), name, path)
+            problem = _schedule_problem(value, kind)
+            if problem is not None:
+                raise StorageError(f"{path}: {name} attribute {problem}")
+        out.append(value)
+    return schedule, out[0], out[1]
 
 
 def _load_state(d: dict[str, Any], path: Path, smoother: Any, device: Any, *,

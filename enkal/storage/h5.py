@@ -31,6 +31,8 @@ from .schema import (
     HISTORY_FORMAT,
     _attr_str,
     _check_format,
+    _check_rng_state,
+    _schedule_json,
     _to_json,
 )
 
@@ -44,6 +46,7 @@ class _StateRow(NamedTuple):
     mask: np.ndarray | None  # int8 0/1 (None: the state has no mask)
     checksum: int  # _state_checksum of the row
     adapt: str | None = None  # JSON of the adaptation state (None: it has none)
+    accelerator: str | None = None  # JSON of the accelerator state (None: it has none)
 
 
 def _temp_path(path: Path) -> Path:
@@ -222,10 +225,10 @@ def _create_structure(nc: h5netcdf.File, *, layout: Any, observations: Any,
 
 def _create_state_variables(f: h5py.File, *, rows: int, n_parameters: int, rng_size: int,
                             device_type: str, state: bool, mask: bool,
-                            adapt: bool = False) -> list[str]:
+                            adapt: bool = False, accelerator: bool = False) -> list[str]:
     """Create the per-row state variables (``state``: ``rng_state``, ``schedule_state``,
-    ``state_checksum``; ``mask``: ``state_mask``; ``adapt``: ``adapt_state``), ``rows``
-    long; return their names."""
+    ``state_checksum``; ``mask``: ``state_mask``; ``adapt``: ``adapt_state``;
+    ``accelerator``: ``accelerator_state``), ``rows`` long; return their names."""
     with h5netcdf.File(f, "a") as nc:
         if state:
             nc.dimensions["rng_byte"] = rng_size
@@ -254,8 +257,13 @@ def _create_state_variables(f: h5py.File, *, rows: int, n_parameters: int, rng_s
             v.attrs["long_name"] = ("JSON of the structure-adaptation state after this row's "
                                     "update")
             v.attrs["comment"] = "empty where stored bit 4 is 0 or the state has none"
+        if accelerator:
+            v = nc.create_variable("accelerator_state", ("iteration",), h5py.string_dtype(),
+                                   chunks=(_ROW_CHUNK,))
+            v.attrs["long_name"] = "JSON of the accelerator's state after this row's update"
+            v.attrs["comment"] = "empty where stored bit 4 is 0 or the state has none"
     names = ([*_STATE_VARIABLES] if state else []) + (["state_mask"] if mask else []) + \
-        (["adapt_state"] if adapt else [])
+        (["adapt_state"] if adapt else []) + (["accelerator_state"] if accelerator else [])
     for name in names:
         if f[name].shape[0] != rows:
             f[name].resize(rows, axis=0)
@@ -357,6 +365,8 @@ def _put_state(ds: Mapping[str, Any], row: int, state: _StateRow) -> None:
         _put(ds["state_mask"], row, state.mask)
     if state.adapt is not None:
         _put(ds["adapt_state"], row, state.adapt)
+    if state.accelerator is not None:
+        _put(ds["accelerator_state"], row, state.accelerator)
     _put(ds["state_checksum"], row, np.uint64(state.checksum))
 
 
@@ -526,6 +536,29 @@ def _row_bytes(params: np.ndarray | None, predictions: np.ndarray | None,
     n += 0 if predictions is None else predictions.nbytes
     n += 0 if physical is None else physical.nbytes
     if state is not None:
-        n += state.rng.nbytes + len(state.schedule) + len(state.adapt or "")
+        n += state.rng.nbytes + len(state.schedule) + len(state.adapt or "") + \
+            len(state.accelerator or "")
         n += 0 if state.mask is None else state.mask.nbytes
     return n
+
+
+def _state_json(rng_state: Any, schedule: Any, adapt: Any, accelerator: Any, *,
+                rng_size: int | None) -> tuple[np.ndarray, str, str | None, str | None] | None:
+    """The checked generator state and the JSON of the schedule's, the adaptation's and the
+    accelerator's states of a row (None: no state given); ``rng_size``: the file's
+    generator state size, if it has one."""
+    if (rng_state is None) != (schedule is None):
+        raise ValueError("rng_state, schedule: give both (a resumable state row) or neither")
+    if rng_state is None:
+        for name, value in (("adapt", adapt), ("accelerator", accelerator)):
+            if value is not None:
+                raise ValueError(f"{name}: only with rng_state and schedule (a state row)")
+        return None
+    rng_np = _check_rng_state(rng_state)
+    sched_json = _schedule_json(schedule)
+    adapt_json = None if adapt is None else _schedule_json(adapt, "adapt")
+    acc_json = None if accelerator is None else _schedule_json(accelerator, "accelerator")
+    if rng_size is not None and rng_np.size != rng_size:
+        raise ValueError(f"rng_state: expected {rng_size} bytes (the file's generator "
+                         f"states), got {rng_np.size}; a generator of another device type?")
+    return rng_np, sched_json, adapt_json, acc_json

@@ -27,6 +27,7 @@ from .h5 import (
     _cut_history,
     _put_predictions,
     _row_bytes,
+    _state_json,
     _StateRow,
     _temp_path,
     _unlimited,
@@ -46,13 +47,11 @@ from .schema import (
     _attr_str,
     _attr_value,
     _check_ensemble,
-    _check_rng_state,
     _diagnostic_kind,
     _info_dict,
     _mask_row,
     _now,
     _physical_values,
-    _schedule_json,
     _state_checksum,
     _storage_dtype,
     _to_json,
@@ -179,6 +178,7 @@ class HistoryWriter:
         self._rng_size: int | None = None  # bytes of rng_state; None: no state variables yet
         self._state_mask = False  # the file has a state_mask variable
         self._adapt_state = False  # the file has an adapt_state variable
+        self._accelerator_state = False  # ... and an accelerator_state variable
         self._closed = False
         if resume_from is not None:
             self._resume(resume_from)
@@ -224,7 +224,8 @@ class HistoryWriter:
         row also holds the generator and schedule state when it keeps the ensemble."""
         self.append(state.iteration, state.parameters, info, predictions=predictions,
                     mask=state.mask, final=final, rng_state=state.rng_state,
-                    schedule=state.schedule, adapt=getattr(state, "adapt", None))
+                    schedule=state.schedule, adapt=getattr(state, "adapt", None),
+                    accelerator=getattr(state, "accelerator", None))
 
     def append(
         self,
@@ -238,6 +239,7 @@ class HistoryWriter:
         rng_state: torch.Tensor | None = None,
         schedule: Any = None,
         adapt: Any = None,
+        accelerator: Any = None,
     ) -> None:
         """Add the row of ``iteration`` (the ensemble after ``iteration`` updates).
 
@@ -269,6 +271,8 @@ class HistoryWriter:
         adapt : adaptation state or its dict, optional
             The structure adaptation's state after this update (with ``rng_state`` and
             ``schedule``; ``adapt_state`` in a row that holds the state).
+        accelerator : accelerator state or its dict, optional
+            The accelerator's state after this update (as ``adapt``; ``accelerator_state``).
         """
         if self._closed:
             raise ValueError("HistoryWriter: append after close()")
@@ -288,16 +292,17 @@ class HistoryWriter:
         changed = full_mask is not None and not (
             self._mask is not None and np.array_equal(full_mask, self._mask))
         mask_np = full_mask if changed else None
-        small = self._state_items(rng_state, schedule, adapt)
+        small = _state_json(rng_state, schedule, adapt, accelerator, rng_size=self._rng_size)
         params_np = cpu_numpy(parameters) if keep and parameters is not None else None
         phys_np = _physical_values(self.layout, parameters) \
             if params_np is not None and parameters is not None and self._physical else None
         state = None
         if params_np is not None and parameters is not None and small is not None:
-            rng_np, sched_json, adapt_json = small
+            rng_np, sched_json, adapt_json, acc_json = small
             state = _StateRow(rng_np, sched_json, parameters.device.type, full_mask,
                               _state_checksum(params_np, rng_np, sched_json, full_mask,
-                                              iteration, adapt_json), adapt_json)
+                                              iteration, adapt_json, acc_json),
+                              adapt_json, acc_json)
         flags = _STORED_PARAMETERS if keep else 0
         if state is not None:
             flags |= _STORED_STATE | (_STORED_MASK if state.mask is not None else 0)
@@ -399,25 +404,6 @@ class HistoryWriter:
         _check_ensemble(predictions, "predictions", columns=self.observations.size,
                         rows=n_ens, label="N_obs")
         return cpu_numpy(predictions) if keep else None
-
-    def _state_items(self, rng_state: torch.Tensor | None, schedule: Any,
-                     adapt: Any) -> tuple[np.ndarray, str, str | None] | None:
-        """The checked generator state and the JSON of the schedule's and the adaptation's
-        states (None: no state given)."""
-        if (rng_state is None) != (schedule is None):
-            raise ValueError("rng_state, schedule: give both (a resumable state row) or neither")
-        if rng_state is None:
-            if adapt is not None:
-                raise ValueError("adapt: only with rng_state and schedule (a state row)")
-            return None
-        rng_np = _check_rng_state(rng_state)
-        sched_json = _schedule_json(schedule)
-        adapt_json = None if adapt is None else _schedule_json(adapt, "adapt")
-        if self._rng_size is not None and rng_np.size != self._rng_size:
-            raise ValueError(f"rng_state: expected {self._rng_size} bytes (the file's "
-                             f"generator states), got {rng_np.size}; a generator of "
-                             "another device type?")
-        return rng_np, sched_json, adapt_json
 
     def _append_row(self, iteration: int, flags: int, params_np: np.ndarray | None,
                     values: dict[str, Any], kinds: dict[str, str],
@@ -534,12 +520,15 @@ class HistoryWriter:
         need_state = self._rng_size is None
         need_mask = state.mask is not None and not self._state_mask
         need_adapt = state.adapt is not None and not self._adapt_state
-        if not (need_state or need_mask or need_adapt):
+        need_acc = state.accelerator is not None and not self._accelerator_state
+        if not (need_state or need_mask or need_adapt or need_acc):
             return
         self._unlimited.extend(_create_state_variables(
             f, rows=self._rows, n_parameters=self.layout.size, rng_size=int(state.rng.size),
             device_type=state.device_type, state=need_state, mask=need_mask,
-            adapt=need_adapt))
+            adapt=need_adapt, accelerator=need_acc))
+        if need_acc:
+            self._accelerator_state = True
         if need_mask:
             self._state_mask = True
         if need_adapt:
@@ -583,6 +572,7 @@ class HistoryWriter:
                 self._rng_size = int(f["rng_state"].shape[1]) if "rng_state" in f else None
                 self._state_mask = "state_mask" in f
                 self._adapt_state = "adapt_state" in f
+                self._accelerator_state = "accelerator_state" in f
                 f.attrs["complete"] = np.int8(0)
                 if self.config is not None and "config" in f.attrs and \
                         _attr_str(f.attrs["config"]) != _to_json(self.config):

@@ -99,7 +99,7 @@ def read_history_state(path: Any, *, device: torch.device | str | None = None,
     if skipped:
         warnings.warn(f"{path}: skipped unusable state rows ({'; '.join(skipped)}); resuming "
                       f"from iteration {found[0]}", RuntimeWarning, stacklevel=2)
-    it, x, g, schedule, mask, adapt = found
+    it, x, g, schedule, mask, adapt, accelerator = found
     return {
         "parameters": torch.from_numpy(x).to(dtype=v.torch_dtype, device=device),
         "iteration": it,
@@ -108,6 +108,7 @@ def read_history_state(path: Any, *, device: torch.device | str | None = None,
         "mask": None if mask is None else torch.from_numpy(mask.astype(bool)).to(device),
         "config": config,
         "adapt": adapt,
+        "accelerator": accelerator,
         "device_type": v.device_type,
         "attrs": attrs,
     }
@@ -124,6 +125,7 @@ class _StateVariables(NamedTuple):
     checksum: h5py.Dataset
     mask: h5py.Dataset | None
     adapt: h5py.Dataset | None
+    accelerator: h5py.Dataset | None
     device_type: str  # of the generator states
     torch_dtype: torch.dtype  # of the ensemble
 
@@ -154,6 +156,7 @@ def _state_variables(f: h5py.File, path: Path) -> _StateVariables:
     checks = _dataset(f, "state_checksum", path)
     masks = _dataset(f, "state_mask", path) if "state_mask" in f else None
     adapt = _dataset(f, "adapt_state", path) if "adapt_state" in f else None
+    acc = _dataset(f, "accelerator_state", path) if "accelerator_state" in f else None
     if par.ndim != 3 or par.dtype.kind != "f":
         raise StorageError(f"{path}: variable 'parameters' has shape {par.shape} and "
                            f"dtype {par.dtype}, expected (iteration, member, parameter) "
@@ -168,7 +171,8 @@ def _state_variables(f: h5py.File, path: Path) -> _StateVariables:
         raise StorageError(f"{path}: variable 'rng_state' has shape {rng.shape} and dtype "
                            f"{rng.dtype}, expected (iteration, rng_byte) uint8")
     device_type = _rng_device_type(rng, path)
-    for name, ds in (("schedule_state", sched), ("adapt_state", adapt)):
+    for name, ds in (("schedule_state", sched), ("adapt_state", adapt),
+                     ("accelerator_state", acc)):
         if ds is not None and (ds.ndim != 1 or h5py.check_string_dtype(ds.dtype) is None):
             raise StorageError(f"{path}: variable {name!r} has dtype {ds.dtype}, expected "
                                "one JSON string per iteration")
@@ -176,8 +180,8 @@ def _state_variables(f: h5py.File, path: Path) -> _StateVariables:
                               masks.dtype != np.int8):
         raise StorageError(f"{path}: variable 'state_mask' has shape {masks.shape} and "
                            f"dtype {masks.dtype}, expected (iteration, {p}) int8")
-    return _StateVariables(par, its, stored, rng, sched, checks, masks, adapt, device_type,
-                           _parameters_dtype(f, par, path))
+    return _StateVariables(par, its, stored, rng, sched, checks, masks, adapt, acc,
+                           device_type, _parameters_dtype(f, par, path))
 
 
 def _parameters_dtype(f: h5py.File, par: h5py.Dataset, path: Path) -> torch.dtype:
@@ -222,6 +226,7 @@ def _state_row(v: _StateVariables, r: int, its: np.ndarray, flags: np.ndarray,
     g = v.rng[r]
     text = _text(v.schedule[r])
     adapt_text = _text(v.adapt[r]) if v.adapt is not None else ""
+    acc_text = _text(v.accelerator[r]) if v.accelerator is not None else ""
     mask = None
     if int(flags[r]) & _STORED_MASK:
         if v.mask is None:
@@ -229,22 +234,28 @@ def _state_row(v: _StateVariables, r: int, its: np.ndarray, flags: np.ndarray,
         mask = v.mask[r]
         if np.any((mask != 0) & (mask != 1)):
             raise StorageError("state_mask holds values other than 0/1")
-    checksum = _state_checksum(x, g, text, mask, it, adapt_text or None)
+    checksum = _state_checksum(x, g, text, mask, it, adapt_text or None, acc_text or None)
     if checksum != int(v.checksum[r]):
         raise StorageError("checksum mismatch (a torn or corrupted row)")
     if not np.all(np.isfinite(x)):
         raise StorageError("parameters hold NaN/inf")
-    schedule = _loads(text, "schedule_state", path)
-    problem = _schedule_problem(schedule)
+    states = [_component(raw, name, kind, path) for name, kind, raw in (
+        ("schedule_state", "schedule", text), ("adapt_state", "adaptation", adapt_text),
+        ("accelerator_state", "accelerator", acc_text))]
+    if states[0] is None:
+        raise StorageError("schedule_state is empty in a state row")
+    return it, x, g, states[0], mask, states[1], states[2]
+
+
+def _component(raw: str, name: str, kind: str, path: Path) -> Any:
+    """The encoded component state in ``raw`` (``None`` if empty), checked."""
+    if not raw:
+        return None
+    value = _loads(raw, name, path)
+    problem = _schedule_problem(value, kind)
     if problem is not None:
-        raise StorageError(f"schedule_state {problem}")
-    adapt = None
-    if adapt_text:
-        adapt = _loads(adapt_text, "adapt_state", path)
-        problem = _schedule_problem(adapt, "adaptation")
-        if problem is not None:
-            raise StorageError(f"adapt_state {problem}")
-    return it, x, g, schedule, mask, adapt
+        raise StorageError(f"{name} {problem}")
+    return value
 
 
 def _text(raw: Any) -> str:
@@ -349,6 +360,8 @@ def read_state(path: Any, smoother: Any, *, device: torch.device | str | None = 
             and torch.equal(row["rng_state"], here["rng_state"].cpu())
             and row["schedule"] == json.loads(json.dumps(here["schedule"]))
             and row["adapt"] == json.loads(_to_json(encode_state(here.get("adapt"))))
+            and row.get("accelerator") == json.loads(
+                _to_json(encode_state(here.get("accelerator"))))
             and (row["mask"] is None) == (here["mask"] is None)
             and (row["mask"] is None or torch.equal(row["mask"], here["mask"].cpu())))
     if not same:

@@ -36,6 +36,7 @@ _RESERVED = frozenset({
     "parameters_physical",
     "stored", "observations", "noise_std", "noise_chol", "mask",
     "rng_byte", "rng_state", "schedule_state", "state_mask", "state_checksum", "adapt_state",
+    "accelerator_state",
 })
 _ROW_CHUNK = 1024  # rows per chunk of the small per-iteration variables
 _INT_MISSING = -1  # integer/flag diagnostics at rows without an update
@@ -250,7 +251,8 @@ _CPU_RNG_STATE_SIZE = int(torch.Generator().get_state().numel())
 
 
 def _state_checksum(params: np.ndarray, rng: np.ndarray, schedule: str,
-                    mask: np.ndarray | None, iteration: int, adapt: str | None = None) -> int:
+                    mask: np.ndarray | None, iteration: int, adapt: str | None = None,
+                    accelerator: str | None = None) -> int:
     """64-bit checksum of one state row: the sum of the ensemble's bytes read as 64-bit
     words (mod 2^64; any changed word changes it) plus CRC-32 of the small items shifted
     into the high half. A CRC of the whole ensemble would cost ~4 ms per 15 MB, a tenth of
@@ -264,7 +266,10 @@ def _state_checksum(params: np.ndarray, rng: np.ndarray, schedule: str,
                       int(iteration).to_bytes(8, "little", signed=True),
                       # the adaptation state's JSON only when there is one, so that the
                       # checksums of rows (and files) without one stay what they were
-                      adapt.encode("utf-8") if adapt else b""])
+                      adapt.encode("utf-8") if adapt else b"",
+                      # likewise the accelerator's (after a 0 byte: never ambiguous with
+                      # an adaptation state's JSON, which does not hold one)
+                      b"\0" + accelerator.encode("utf-8") if accelerator else b""])
     return (total + (zlib.crc32(small) << 32)) & 0xFFFF_FFFF_FFFF_FFFF
 
 

@@ -56,12 +56,13 @@ def _write_result(writer: HistoryWriter, result: Any) -> None:
         if it == k:
             writer.append(it, x, info, predictions=pred, mask=state.mask, final=True,
                           rng_state=state.rng_state, schedule=state.schedule,
-                          adapt=state.adapt)
+                          adapt=state.adapt, accelerator=state.accelerator)
         else:
             writer.append(it, None, info)
     if k not in its:
         writer.append(k, x, None, predictions=pred, mask=state.mask, final=True,
-                      rng_state=state.rng_state, schedule=state.schedule, adapt=state.adapt)
+                      rng_state=state.rng_state, schedule=state.schedule, adapt=state.adapt,
+                      accelerator=state.accelerator)
     if getattr(result, "predictive", None) is not None:
         writer.append_predictive(k, result.predictive)
 
