@@ -3,7 +3,7 @@
 The public API (a contract: docs and external checks use these names):
 
 * models: :class:`ForwardModel`, :class:`CallableModel`, :func:`evaluate`
-* data: :class:`Observations`, :class:`ParameterLayout` and the constraints
+* data: :class:`Observations` (:class:`ObservationSeries`: minibatches of samples), :class:`ParameterLayout` and the constraints
   :class:`Real`, :class:`Positive`, :class:`Bounded`
 * updates: :class:`SquareRoot`, :class:`PerturbedObservations`, :func:`assimilate`;
   :class:`LocalSquareRoot` localizes the square-root update by distance (gridded parameters),
@@ -65,6 +65,7 @@ from .priors import PriorBlock, constrained_gaussian, prior_ensemble
 from .runner import run
 from .sampler import EKSStable, EnsembleKalmanSampler
 from .schedule import ESMDA, DataMisfitController, FixedAnnealing, Iterations
+from .series import ObservationSeries
 from .smoother import EnsembleSmoother, SmootherResult, SmootherState, StepInfo
 from .storage import History, open_dataset, save, to_xarray
 from .storage import open_dataset as open  # noqa: A001 - enkal.open(path), as documented
@@ -97,6 +98,7 @@ __all__ = [
     "IgnoreFailed",
     "InProcess",
     "Observations",
+    "ObservationSeries",
     "ParameterLayout",
     "PerturbedObservations",
     "Positive",

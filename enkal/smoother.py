@@ -82,6 +82,7 @@ from .observations import Observations
 from .priors import check_prior_scale
 from .progress import Progress
 from .schedule import DataMisfitController, check_schedule
+from .series import ObservationSeries
 from .update import SquareRoot, UpdateRule, _check_rule
 
 __all__ = ["EnsembleSmoother", "SmootherState", "StepInfo", "SmootherResult"]
@@ -101,8 +102,9 @@ class EnsembleSmoother:
 
     Parameters
     ----------
-    observations : Observations
-        Data ``y`` and noise ``R``.
+    observations : Observations or ObservationSeries
+        Data ``y`` and noise ``R``; a series assimilates a minibatch of its samples at each
+        update (``docs/updates.md``, section 14).
     rule : SquareRoot, PerturbedObservations or an UpdateRule
         The update (default :class:`SquareRoot`).
     schedule : FixedAnnealing, ESMDA, DataMisfitController or a Schedule
@@ -145,9 +147,13 @@ class EnsembleSmoother:
         adapt: Any = None,
         accelerator: Any = None,
     ) -> None:
+        self.series = observations if isinstance(observations, ObservationSeries) else None
+        if self.series is not None:
+            observations = self.series.all
         if not isinstance(observations, Observations):
             raise TypeError(
-                f"observations: expected enkal.Observations, got {type(observations).__name__}"
+                "observations: expected enkal.Observations or enkal.ObservationSeries, got "
+                f"{type(observations).__name__}"
             )
         _check_rule(rule)
         check_schedule(schedule)
@@ -186,7 +192,8 @@ class EnsembleSmoother:
                 "seed": self.seed, "chunk_size": self.chunk_size,
                 "n_obs": self.observations.size, "adapt": describe(self.adapt),
                 **({"accelerator": describe(self.accelerator)}
-                   if self.accelerator is not None else {})}
+                   if self.accelerator is not None else {}),
+                **({"series": self.series.describe()} if self.series is not None else {})}
 
     def __repr__(self) -> str:
         return (f"EnsembleSmoother(rule={self.rule}, schedule={self.schedule}, "
@@ -260,8 +267,7 @@ class EnsembleSmoother:
             )
         if not predictions.is_floating_point():
             raise TypeError(f"predictions: expected a floating dtype, got {predictions.dtype}")
-        check_members_first(predictions, "predictions", n_members=x.shape[0],
-                            n_columns=self.observations.size, columns="N_obs")
+        observations, predictions = self._batch(state, predictions, x.shape[0])
         if predictions.device != x.device:
             raise ValueError(
                 f"predictions: expected device {x.device} (the ensemble's), got "
@@ -278,7 +284,7 @@ class EnsembleSmoother:
             )
         gen = torch.Generator(device=x.device)
         gen.set_state(state.rng_state)
-        a = analyse(x, predictions, self.observations, rule=self.rule, schedule=self.schedule,
+        a = analyse(x, predictions, observations, rule=self.rule, schedule=self.schedule,
                     schedule_states=[state.schedule], failure=self.failure, generator=gen,
                     ok=ok, guard=self.guard, mask=state.mask, adapt=self.adapt,
                     adapt_state=state.adapt, iteration=state.iteration, out=out,
@@ -294,6 +300,32 @@ class EnsembleSmoother:
             schedule=a.schedule_info, n_live=a.n_live, n_pruned=a.n_pruned,
         )
         return new_state, info
+
+    def batch(self, state: SmootherState) -> tuple[int, ...] | None:
+        """The samples of an :class:`~enkal.ObservationSeries` the next update assimilates
+        (``None`` without a series)."""
+        _check_state(state)
+        return None if self.series is None else self.series.batch(state.iteration)
+
+    def _batch(self, state: SmootherState, predictions: torch.Tensor, n_members: int
+               ) -> tuple[Observations, torch.Tensor]:
+        """The observations of this update and the predictions of them: all of them, or a
+        series' minibatch (from predictions of every sample, or of the batch only)."""
+        if self.series is None:
+            check_members_first(predictions, "predictions", n_members=n_members,
+                                n_columns=self.observations.size, columns="N_obs")
+            return self.observations, predictions
+        batch = self.series.batch(state.iteration)
+        obs = self.series.observations(batch)
+        if predictions.ndim == 2 and predictions.shape[1] == obs.size != \
+                self.observations.size:
+            check_members_first(predictions, "predictions", n_members=n_members,
+                                n_columns=obs.size, columns="N_obs of the batch")
+            return obs, predictions
+        check_members_first(predictions, "predictions", n_members=n_members,
+                            n_columns=self.observations.size,
+                            columns=f"N_obs (every sample; or {obs.size}, the batch's)")
+        return obs, predictions[:, self.series.columns(batch).to(predictions.device)]
 
     def _accelerate(self, state: SmootherState, x: torch.Tensor, mask: torch.Tensor | None,
                     out: torch.Tensor | None) -> tuple[torch.Tensor, Any]:

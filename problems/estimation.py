@@ -324,6 +324,8 @@ def build(config: dict, *, seed: int | None = None, device: str | None = None,
               if k in smoother_cfg}
     kwargs.update(_rule_prior(smoother_cfg.get("rule"), u_mean, u_std))
     prior = _sigma_points(kwargs.get("rule"), prior, n_members)
+    if "minibatch" in smoother_cfg:
+        observations = _series(smoother_cfg["minibatch"], observations)
     smoother = enkal.EnsembleSmoother(observations, seed=seed,
                                       chunk_size=smoother_cfg.get("chunk_size"), **kwargs)
     executor = None
@@ -364,6 +366,19 @@ def _sigma_points(rule: Any, prior: torch.Tensor, n_members: int) -> torch.Tenso
     return rule.initial_ensemble(n_par, dtype=prior.dtype)
 
 
+def _series(spec: Any, observations: Any) -> Any:
+    """``[smoother] minibatch = { samples = n, batch_size = b, shuffle = true, seed = 0 }``:
+    the data cut into ``n`` consecutive samples, ``b`` of them per update."""
+    spec = check_keys(spec, where="[smoother] minibatch", required=("samples", "batch_size"),
+                      optional=("shuffle", "seed"))
+    try:
+        return enkal.ObservationSeries.split(
+            observations, spec["samples"], spec["batch_size"],
+            shuffle=spec.get("shuffle", True), seed=spec.get("seed", 0))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"[smoother] minibatch: {err}") from None
+
+
 def _model_name(section: dict) -> str:
     return str(next(section[k] for k in ("type", "target", "rhs") if k in section))
 
@@ -372,7 +387,7 @@ def _settings(config: dict, seed: int | None) -> tuple[dict, dict, int, int]:
     """``[smoother]``, ``[data]``, the run's seed and ``max_iterations``, checked."""
     smoother_cfg = check_keys(
         config["smoother"], where="[smoother]", required=("ensemble_size",),
-        optional=("rule", "schedule", "guard", "failure", "accelerator", "seed",
+        optional=("rule", "schedule", "guard", "failure", "accelerator", "minibatch", "seed",
                   "max_iterations", "chunk_size"))
     data = check_keys(config.get("data", {}), where="[data]",
                       optional=("noise_std", "seed", "values", "file", "column", "variable",

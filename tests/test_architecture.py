@@ -24,7 +24,7 @@ KERNELS = {"enkal.update", "enkal.information", "enkal.filtering.kernels",
 COMPONENTS = {"enkal.schedule", "enkal.failures", "enkal.collapse", "enkal.adapt",
               "enkal.forward", "enkal.devices", "enkal.executors", "enkal.analysis",
               "enkal.priors", "enkal.progress", "enkal.sampler", "enkal.filtering.schemes", "enkal.filtering.local",
-              "enkal.localization", "enkal.inversion", "enkal.acceleration",
+              "enkal.localization", "enkal.inversion", "enkal.acceleration", "enkal.series",
               "enkal.filtering.progress"}
 LOOP = {"enkal.smoother", "enkal.loop", "enkal.filtering", "enkal.filtering.filter", "enkal.filtering.run"}
 APPLICATION = {"enkal", "enkal.runner", "enkal.filter_runner", "enkal.filter_cli",
