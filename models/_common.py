@@ -23,7 +23,8 @@ import torch
 from enkal import Bounded, ForwardModel, ParameterLayout, Positive
 from enkal._checks import check_ensemble
 
-__all__ = ["SimulatorModel", "check_dtype_device", "check_times", "steps_for", "grid_steps"]
+__all__ = ["SimulatorModel", "check_dtype_device", "check_times", "steps_for", "grid_steps",
+           "grid_origin"]
 
 
 def check_dtype_device(dtype: Any, device: Any) -> tuple[torch.dtype, torch.device]:
@@ -96,10 +97,37 @@ def grid_steps(t0: float, t1: float, dt: float, what: str = "dt") -> list[int]:
     q = (t1 - t0) / dt
     k = round(q)
     if abs(q - k) > 1e-9 * max(1.0, abs(q)):
-        raise ValueError(f"t1: a fixed-step solver advances by whole steps of {what}={dt:g}; "
-                         f"t1 - t0 = {t1 - t0:g} is {q:.6g} steps. Propagate between times "
-                         f"on the grid t0 + k*{what}")
+        raise ValueError(f"t1: expected t1 - t0 to be a whole number of steps of {what}={dt:g} "
+                         f"(a fixed-step solver), got t0={t0:g}, t1={t1:g}: {q:.6g} steps. "
+                         f"Propagate between times on the grid t0 + k*{what}, or choose a "
+                         f"{what} that divides t1 - t0")
     return [int(k)]
+
+
+def grid_origin(t0: float, origin: float, dt: float) -> tuple[float, int]:
+    """``(origin, K)``: the fixed steps of a propagation from ``t0`` take the times
+    ``origin + (K + k) dt``, ``k = 0, 1, ...``.
+
+    When ``t0`` lies on the model's grid ``origin + K dt`` (to the tolerance of
+    :func:`steps_for`) these are the very floating-point times ``forward`` computes, so a
+    time-dependent right-hand side agrees bitwise with ``forward`` and across legs; an
+    off-grid ``t0`` starts a grid of its own, ``(t0, 0)``.
+
+    >>> grid_origin(0.3, 0.0, 0.1), grid_origin(0.35, 0.0, 0.1)
+    ((0.0, 3), (0.35, 0))
+    """
+    q = (t0 - origin) / dt
+    k = round(q)
+    if abs(q - k) <= 1e-9 * max(1.0, abs(q)):
+        return origin, int(k)
+    return t0, 0
+
+
+def _check_time(t: Any, name: str) -> float:
+    """A finite time: a real number or a 0-d tensor."""
+    if isinstance(t, torch.Tensor) and t.ndim == 0:
+        t = t.item()
+    return _check_float(t, name)
 
 
 def state_size(x0: Any, state_names: Any) -> int:
@@ -238,64 +266,154 @@ class SimulatorModel(ForwardModel):
             return x.new_empty((0, self.output_size))
         return self._observe(self._simulate(x, p))
 
+    #: stochastic models (SDE, jump) draw their noise from ``propagate``'s ``generator``
+    _needs_generator = False
+
     def propagate(self, states: torch.Tensor, t0: float, t1: float, *,
                   parameters: Any = None, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
-        """Advance an ensemble of states from ``t0`` to ``t1`` (a filter's forecast).
+        """Advance an ensemble of states from ``t0`` to ``t1``: the forecast of a filter.
+
+        A filter calls it once per cycle, from the analysis time to the next observation
+        time (``docs/filtering.md``). Unlike :meth:`forward`, which starts every member at
+        the model's known ``x0`` and returns observations, ``propagate`` starts each member
+        at its own state and returns whole states.
 
         Parameters
         ----------
         states : Tensor, shape (N_ens, d)
-            The states at ``t0``, members first.
+            The states at ``t0``, members first (``d = state_size``, in the order of
+            ``state_names``); integrated in the model's dtype and on its device.
         t0, t1 : float
-            Start and end times, ``t1 >= t0`` (on the solver's grid for fixed steps).
-        parameters : array-like, shape (N_par,) or (N_ens, N_par)
-            Physical parameters: shared by every member, or one row per member (joint
-            state-parameter estimation). Required.
+            Start and end times, ``t1 >= t0``. Fixed-step solvers (RK4, Euler-Maruyama,
+            tau-leaping) need ``t1 - t0`` to be a whole number of steps.
+        parameters : Tensor or sequence of floats, shape (N_par,) or (N_ens, N_par)
+            Physical parameters (required): one vector shared by every member, or one row
+            per member (joint state-parameter estimation); checked as :meth:`forward` checks
+            them. A list is read in float64.
         generator : torch.Generator, optional
-            The noise of stochastic models (required for them; unused by ODEs).
+            The noise of stochastic models (required for SDE and jump models; ODEs ignore
+            it). A filter that owns it repeats and resumes its runs bit for bit.
 
         Returns
         -------
-        Tensor, shape (N_ens, d), in the dtype and on the device of ``states``. A member
-        whose integration fails (non-finite, step-size underflow) is a NaN row.
+        Tensor, shape (N_ens, d)
+            The states at ``t1``, in the dtype and on the device of ``states``. A member
+            whose forecast is not finite (an overflow, a Dormand-Prince step-size underflow
+            or ``max_steps``, negative propensities, a non-finite state at ``t0``) is a row
+            of NaN, for the filter's failure policy. ``t1 == t0`` returns a copy of
+            ``states`` (and draws nothing).
+
+        Notes
+        -----
+        Fixed steps lie on the model's own grid ``t_k = t0_model + k dt`` (``t0_model`` is
+        the model's ``t0``) whenever ``t0`` does, so a time-dependent right-hand side sees
+        exactly the times :meth:`forward` computes: with RK4, ``propagate(x0, t0_model, t)``
+        is bitwise the state :meth:`forward` reaches at ``t``, and two legs
+        ``t0 -> t1 -> t2`` are bitwise one leg ``t0 -> t2`` (so is Euler-Maruyama's, given
+        the same generator: its increments, ``(N_ens, d)`` per step, are drawn in time
+        order). An off-grid ``t0`` starts a grid of its own, ``t0 + k dt``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from enkal.models import RK4, Lorenz63, OrnsteinUhlenbeck
+        >>> l63 = Lorenz63(t_obs=[0.5], solver=RK4(dt=0.01))
+        >>> x0 = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)
+        >>> theta = torch.tensor([10.0, 28.0, 8 / 3], dtype=torch.float64)
+        >>> x = l63.propagate(x0, 0.0, 0.5, parameters=theta)
+        >>> torch.equal(x, l63(theta[None]))       # forward observes (x, y, z) at t = 0.5
+        True
+        >>> half = l63.propagate(x0, 0.0, 0.2, parameters=theta)
+        >>> torch.equal(l63.propagate(half, 0.2, 0.5, parameters=theta), x)
+        True
+        >>> ou = OrnsteinUhlenbeck(t_obs=[1.0], dt=0.01)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> ou.propagate(torch.zeros(4, 1), 0.0, 1.0, parameters=[1.0, 0.0, 0.5],
+        ...              generator=g).shape
+        torch.Size([4, 1])
         """
-        x, p, t0, t1 = self._propagate_inputs(states, t0, t1, parameters)
+        x, p, t0, t1 = self._propagate_inputs(states, t0, t1, parameters, generator)
         if t1 == t0 or x.shape[0] == 0:
             return states.detach().clone()
         out = self._advance(x, p, t0, t1, generator)
-        return out.to(device=states.device, dtype=states.dtype)
+        out = out.to(device=states.device, dtype=states.dtype)
+        return torch.where(torch.isfinite(out).all(dim=1, keepdim=True), out, math.nan)
 
     def _advance(self, x: torch.Tensor, p: dict[str, torch.Tensor], t0: float, t1: float,
                  generator: torch.Generator | None) -> torch.Tensor:
-        raise NotImplementedError
+        """The ``(n, d)`` states at ``t1 > t0`` from ``x`` at ``t0`` (validated inputs)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement propagate")
 
-    def _propagate_inputs(self, states: Any, t0: Any, t1: Any, parameters: Any):
+    def _propagate_inputs(self, states: Any, t0: Any, t1: Any, parameters: Any,
+                          generator: Any) -> tuple[torch.Tensor, dict, float, float]:
         """Validated ``(x, p, t0, t1)`` for :meth:`propagate`."""
-        if not isinstance(states, torch.Tensor) or not states.is_floating_point():
-            raise TypeError(f"states: expected a floating tensor (N_ens, d), got "
-                            f"{type(states).__name__}")
-        if states.ndim != 2 or states.shape[1] != self.state_size:
-            raise ValueError(f"states: expected shape (N_ens, d) with d = {self.state_size} "
-                             f"({', '.join(self.state_names)}), got {tuple(states.shape)}")
-        t0, t1 = _check_float(t0, "t0"), _check_float(t1, "t1")
+        self._check_states(states)
+        t0, t1 = _check_time(t0, "t0"), _check_time(t1, "t1")
         if t1 < t0:
-            raise ValueError(f"t1: expected t1 >= t0 = {t0:g}, got {t1:g}")
-        if parameters is None:
-            raise ValueError("parameters: the model's parameters are needed to propagate; "
-                             "pass the known physical values, e.g. torch.tensor([10., 28., "
-                             "8 / 3]) for Lorenz-63, or one row per member")
-        # a list of Python floats is float64 (torch.as_tensor would make it float32: 8/3 rounded)
-        theta = (parameters if isinstance(parameters, torch.Tensor) else
-                 torch.as_tensor(parameters, dtype=torch.float64)).to(dtype=self.dtype)
-        if theta.ndim == 1:
-            theta = theta.unsqueeze(0).expand(states.shape[0], -1)
-        if theta.ndim != 2 or theta.shape[0] != states.shape[0]:
-            raise ValueError(f"parameters: expected (N_par,) or (N_ens, N_par) with N_ens = "
-                             f"{states.shape[0]}, got {tuple(theta.shape)}")
-        _, p = self._prepare(theta)
+            raise ValueError(f"t1: expected t1 >= t0 = {t0:g} (forward in time), got {t1:g}")
+        _, p = self._prepare(self._member_parameters(parameters, states.shape[0]))
+        self._check_generator(generator)
         x = states.detach().to(device=self.device, dtype=self.dtype)
         return x, p, t0, t1
+
+    def _check_states(self, states: Any) -> None:
+        d = self.state_size
+        names = self.state_names if d <= 6 else [*self.state_names[:3], "...",
+                                                 self.state_names[-1]]
+        want = f"(N_ens, d) with d = {d} ({', '.join(names)})"
+        if not isinstance(states, torch.Tensor):
+            raise TypeError(f"states: expected a floating torch.Tensor of shape {want}, got "
+                            f"{type(states).__name__}")
+        if not states.is_floating_point():
+            raise TypeError(f"states: expected a floating dtype, got {states.dtype}; convert "
+                            "them, e.g. states.double()")
+        if states.ndim == 2 and states.shape[1] == d:
+            return
+        hint = ""
+        if states.ndim == 1 and states.shape[0] == d:
+            hint = "; one member: pass states[None]"
+        elif states.ndim == 2 and states.shape[0] == d:
+            hint = ". enkal expects members first: did you pass (d, N_ens)? Transpose it with .T"
+        raise ValueError(f"states: expected shape {want}, got {tuple(states.shape)}{hint}")
+
+    def _member_parameters(self, parameters: Any, n: int) -> torch.Tensor:
+        """``(N_par,)`` or ``(n, N_par)`` parameters -> an ``(n, N_par)`` tensor."""
+        n_par = self._layout.size
+        names = self._layout.names
+        listed = ", ".join(names) if n_par <= 6 else f"{', '.join(names[:3])}, ..."
+        if parameters is None:
+            raise ValueError(
+                f"parameters: the model's parameters are needed to propagate; pass the known "
+                f"physical values ({listed}), shape (N_par,) = ({n_par},), e.g. "
+                "torch.tensor([10., 28., 8 / 3], dtype=torch.float64) for Lorenz-63, or one "
+                "row per member, (N_ens, N_par)")
+        try:
+            theta = parameters if isinstance(parameters, torch.Tensor) else \
+                torch.as_tensor(parameters, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"parameters: expected a tensor or a sequence of floats, got "
+                            f"{type(parameters).__name__} ({err})"[:300]) from None
+        if theta.dtype == torch.bool or theta.is_complex():
+            raise TypeError(f"parameters: expected real values, got dtype {theta.dtype}")
+        if theta.ndim == 1 and theta.shape[0] == n_par:
+            theta = theta.unsqueeze(0).expand(n, -1)
+        if theta.shape != (n, n_par):
+            raise ValueError(f"parameters: expected shape (N_par,) = ({n_par},) or "
+                             f"(N_ens, N_par) = ({n}, {n_par}) ({listed}), got "
+                             f"{tuple(theta.shape)}")
+        return theta.to(dtype=self.dtype)
+
+    def _check_generator(self, generator: Any) -> None:
+        if generator is None:
+            if self._needs_generator:
+                raise ValueError("generator: a stochastic model needs a torch.Generator to "
+                                 "propagate (a filter passes its own), e.g. "
+                                 "torch.Generator().manual_seed(0); got None")
+            return
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got "
+                            f"{type(generator).__name__}")
 
     def __repr__(self) -> str:
         names = ", ".join(b.name for b in self._layout.blocks)

@@ -40,7 +40,8 @@ from numbers import Integral
 
 import torch
 
-__all__ = ["stream_keys", "uniform", "standard_normal", "poisson", "check_seed"]
+__all__ = ["stream_keys", "generator_keys", "uniform", "standard_normal", "poisson",
+           "check_seed"]
 
 _M64 = 1 << 64
 
@@ -119,6 +120,20 @@ def stream_keys(
     cols = torch.arange(1, parameters.shape[1] + 1, dtype=torch.int64, device=host.device)
     h = _mix(bits + cols * _GAMMA).sum(dim=1)  # wraps modulo 2**64
     return _mix(_mix(h + _PAR_SALT) ^ base).to(device)
+
+
+def generator_keys(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``n`` fresh stream keys, shape ``(n,)``, drawn from ``generator`` (uniform int64 words,
+    on the generator's device, then moved to ``device``): the keys of one ``propagate`` call
+    of a stochastic model, one per member, so the caller's generator alone fixes the noise.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> k = generator_keys(3, g, torch.device("cpu"))
+    >>> k.shape, k.dtype, torch.equal(k, generator_keys(3, g, torch.device("cpu")))
+    (torch.Size([3]), torch.int64, False)
+    """
+    return torch.randint(-(2 ** 63), 2 ** 63 - 1, (n,), generator=generator, dtype=torch.int64,
+                         device=generator.device).to(device)
 
 
 def _bits(key: torch.Tensor, counter: torch.Tensor | int) -> torch.Tensor:

@@ -27,6 +27,12 @@ Randomness follows the rules of :mod:`enkal.models.sde` (``seed``, ``common_nois
 ``2m, 2m + 1`` of its stream, whatever the other members do; in tau-leaping step ``k`` and
 channel ``r`` own one Poisson draw.
 
+``propagate(states, t0, t1, *, parameters, generator)`` (a filter's forecast) starts each
+member from its own counts and keys its stream for the call by a draw from the caller's
+``torch.Generator``. The counts are used as given: a Kalman analysis makes them real-valued
+(round or clip them first if the propensities need integers), and a member whose propensities
+are negative or non-finite is a NaN row.
+
 Named systems: :class:`BirthDeath`, :class:`StochasticSIR`, :class:`StochasticLotkaVolterra`.
 
 >>> import torch
@@ -48,7 +54,7 @@ import torch
 from enkal import ParameterLayout, Positive
 
 from ._common import SimulatorModel, _check_float, check_x0, grid_steps, march, steps_for
-from ._random import check_seed, poisson, stream_keys, uniform
+from ._random import check_seed, generator_keys, poisson, stream_keys, uniform
 
 __all__ = [
     "Gillespie",
@@ -179,6 +185,8 @@ class JumpModel(SimulatorModel):
     def n_reactions(self) -> int:
         return self.stoichiometry.shape[0]
 
+    _needs_generator = True
+
     def _rates(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         a = self.propensity(x, p)
         if not isinstance(a, torch.Tensor) or a.shape != (x.shape[0], self.n_reactions):
@@ -198,13 +206,11 @@ class JumpModel(SimulatorModel):
 
     def _advance(self, x: torch.Tensor, p: dict[str, torch.Tensor], t0: float, t1: float,
                  generator: torch.Generator | None) -> torch.Tensor:
-        """The counts at ``t1`` from ``x`` at ``t0`` (:meth:`propagate`): each member's
-        random stream for this call is keyed by a draw from ``generator``."""
-        if not isinstance(generator, torch.Generator):
-            raise ValueError("generator: a stochastic model needs a torch.Generator to "
-                             f"propagate (the filter passes its own), got {generator!r}")
-        keys = torch.randint(-(2 ** 62), 2 ** 62, (x.shape[0],), generator=generator,
-                             dtype=torch.int64, device=generator.device).to(self.device)
+        """The counts at ``t1`` from ``x`` at ``t0`` (:meth:`propagate`), by the code
+        ``forward`` runs. Each member's stream for this call is keyed by one draw from
+        ``generator`` (:func:`~enkal.models._random.generator_keys`). Gillespie returns the
+        state after the last event at or before ``t1`` (right-continuous, as ``forward``); tau-leaping takes whole steps of ``tau``."""
+        keys = generator_keys(x.shape[0], generator, self.device)
         if isinstance(self.solver, Gillespie):
             return self._ssa(x, p, keys, t0, [t1])[:, 0]
         return self._tau_leap(x, p, keys, grid_steps(t0, t1, self.solver.tau, "tau"))[:, 0]

@@ -25,7 +25,10 @@ Every operation is row-wise, so a member evaluated alone gives the same predicti
 batch (bitwise for RK4; to rounding for DormandPrince, whose step-size control uses ``pow``).
 
 The named systems are thin subclasses: :class:`Lorenz63`, :class:`Lorenz96`, :class:`SIR`,
-:class:`LotkaVolterra`.
+:class:`LotkaVolterra`. Every model also advances given states from ``t0`` to ``t1``,
+``propagate(states, t0, t1, *, parameters)``: a filter's forecast, with the same solver code
+(RK4 bitwise the forward's steps; see :meth:`SimulatorModel.propagate
+<enkal.models._common.SimulatorModel.propagate>`).
 
 >>> import torch
 >>> model = Lorenz63(t_obs=[0.5, 1.0], observe=["x"], solver=RK4(dt=0.01))
@@ -50,6 +53,7 @@ from ._common import (
     SimulatorModel,
     _check_float,
     check_x0,
+    grid_origin,
     grid_steps,
     march,
     state_size,
@@ -220,19 +224,26 @@ class ODEModel(SimulatorModel):
 
     def _advance(self, x: torch.Tensor, p: dict[str, torch.Tensor], t0: float, t1: float,
                  generator: torch.Generator | None) -> torch.Tensor:
-        """The state at ``t1`` from ``x`` at ``t0`` (:meth:`propagate`)."""
+        """The state at ``t1`` from ``x`` at ``t0`` (:meth:`propagate`): RK4 steps on the
+        model's grid (see :func:`grid_origin`), or Dormand-Prince to ``t1`` by the very code
+        ``forward`` runs (``_dopri``; failed members are NaN rows)."""
         if isinstance(self.solver, RK4):
-            return self._rk4(x, p, t0, grid_steps(t0, t1, self.solver.dt))[:, 0]
+            dt = self.solver.dt
+            origin, first = grid_origin(t0, self.t0, dt)
+            return self._rk4(x, p, origin, grid_steps(t0, t1, dt), first=first)[:, 0]
         return self._dopri(x, p, t0, [t1])[:, 0]
 
     # -- fixed step ---------------------------------------------------------------------
-    def _rk4(self, x: torch.Tensor, p: dict, t0: float, obs_steps: list[int]) -> torch.Tensor:
+    def _rk4(self, x: torch.Tensor, p: dict, t0: float, obs_steps: list[int], *,
+             first: int = 0) -> torch.Tensor:
+        """RK4 from ``x`` at step ``first`` of the grid ``t0 + k dt``; the states ``obs_steps``
+        steps later, ``(n, len(obs_steps), d)``."""
         n = x.shape[0]
         dt = self.solver.dt
         f = self.rhs
 
         def advance(k: int, x: torch.Tensor) -> torch.Tensor:
-            t = t0 + k * dt
+            t = t0 + (first + k) * dt
             tt = x.new_full((n, 1), t)
             th = x.new_full((n, 1), t + 0.5 * dt)
             k1 = f(tt, x, p)
@@ -248,6 +259,10 @@ class ODEModel(SimulatorModel):
         return torch.sqrt(torch.mean(v * v, dim=1))
 
     def _dopri(self, x: torch.Tensor, p: dict, t0: float, times: list[float]) -> torch.Tensor:
+        """Dormand-Prince from the states ``x`` ``(n, d)`` at ``t0`` through the increasing
+        ``times >= t0``: ``(n, len(times), d)``, NaN for failed members. ``forward`` runs it
+        from the model's ``x0, t0`` through ``t_obs``; ``propagate`` from the members' states
+        to ``[t1]``."""
         s: DormandPrince = self.solver
         f = self.rhs
         n, d = x.shape

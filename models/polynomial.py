@@ -41,7 +41,7 @@ import torch
 
 from enkal import ParameterLayout
 
-from ._common import SimulatorModel, check_x0, march, steps_for
+from ._common import SimulatorModel, check_x0, grid_steps, march, steps_for
 from .ode import RK4
 
 __all__ = ["PolynomialODE", "monomial_exponents", "lorenz63_coefficients"]
@@ -165,6 +165,20 @@ class PolynomialODE(SimulatorModel):
         n, k, d = theta.shape[0], self.n_trajectories, self.state_size
         xi = self.coefficients(theta).repeat_interleave(k, dim=0)     # (n K, terms, d)
         x = self.x0.repeat(n, 1)                                       # (n K, d), member-major
+        states = self._rk4(x, xi, self._obs_steps)                     # (n K, T, d)
+        t = states.shape[1]
+        # members first, then trajectories: (n, K * T, d) -- _observe flattens time-major
+        return states.reshape(n, k * t, d)
+
+    def _advance(self, x: torch.Tensor, p: dict, t0: float, t1: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+        """One state per member from ``t0`` to ``t1`` (:meth:`propagate`; autonomous)."""
+        theta = torch.cat([p[b.name].reshape(x.shape[0], -1) for b in self.layout.blocks], 1)
+        return self._rk4(x, self.coefficients(theta), grid_steps(t0, t1, self.solver.dt))[:, 0]
+
+    def _rk4(self, x: torch.Tensor, xi: torch.Tensor, obs_steps: list[int]) -> torch.Tensor:
+        """RK4 of ``dz/dt = Theta(z) Xi`` for ``(m, d)`` states with ``(m, terms, d)``
+        coefficients; the states at ``obs_steps``, ``(m, len(obs_steps), d)``."""
         dt = self.solver.dt
 
         def f(z: torch.Tensor) -> torch.Tensor:
@@ -177,10 +191,7 @@ class PolynomialODE(SimulatorModel):
             k4 = f(z + dt * k3)
             return z + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
 
-        states = march(x, self._obs_steps, advance)                    # (n K, T, d)
-        t = states.shape[1]
-        # members first, then trajectories: (n, K * T, d) -- _observe flattens time-major
-        return states.reshape(n, k * t, d)
+        return march(x, obs_steps, advance)
 
 
 def lorenz63_coefficients(model: PolynomialODE, sigma: float = 10.0, rho: float = 28.0,

@@ -30,6 +30,10 @@ between calls. The ``key`` is chosen by two switches:
   ``W``, so differences between members are due to their parameters only (smooth in the
   parameters; ``batched == one-by-one``).
 
+``propagate(states, t0, t1, *, parameters, generator)`` (a filter's forecast) draws its
+normals from the caller's ``torch.Generator`` instead, ``(N_ens, d)`` per step in time order:
+a filter that owns the generator repeats and resumes its runs bit for bit.
+
 The named systems: :class:`OrnsteinUhlenbeck`, :class:`GeometricBrownianMotion`,
 :class:`StochasticLorenz63`.
 
@@ -55,6 +59,7 @@ from ._common import (
     SimulatorModel,
     _check_float,
     check_x0,
+    grid_origin,
     grid_steps,
     march,
     state_size,
@@ -152,40 +157,49 @@ class SDEModel(SimulatorModel):
         self.common_noise = bool(common_noise)
         self.row_streams = bool(row_streams)
 
+    _needs_generator = True
+
     def _simulate(self, theta: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        n, d = theta.shape[0], self.state_size
         keys = stream_keys(theta, seed=self.seed, common_noise=self.common_noise,
                            row_streams=self.row_streams)
-        pairs = (d + 1) // 2
-        dt = self.dt
-        sq = math.sqrt(dt)
-        x = self.x0.expand(n, -1).clone()
-
-        def advance(k: int, x: torch.Tensor) -> torch.Tensor:
-            t = x.new_full((n, 1), self.t0 + k * dt)
-            z = standard_normal(keys, k * pairs, d, self.dtype)
-            return x + self.drift(t, x, p) * dt + self.diffusion(t, x, p) * (sq * z)
-
-        return march(x, self._obs_steps, advance)
+        pairs = (self.state_size + 1) // 2
+        x = self.x0.expand(theta.shape[0], -1).clone()
+        return self._euler_maruyama(
+            x, p, self.t0, self._obs_steps,
+            lambda k: standard_normal(keys, k * pairs, self.state_size, self.dtype))
 
     def _advance(self, x: torch.Tensor, p: dict[str, torch.Tensor], t0: float, t1: float,
                  generator: torch.Generator | None) -> torch.Tensor:
-        """Euler-Maruyama from ``t0`` to ``t1`` (:meth:`propagate`): the Brownian increments
-        are drawn from ``generator``, ``(N_ens, d)`` per step in time order."""
-        if not isinstance(generator, torch.Generator):
-            raise ValueError("generator: a stochastic model needs a torch.Generator to "
-                             f"propagate (the filter passes its own), got {generator!r}")
+        """Euler-Maruyama from ``t0`` to ``t1`` (:meth:`propagate`) on the model's grid (see
+        :func:`~enkal.models._common.grid_origin`). The normals come from ``generator``:
+        ``torch.randn((N_ens, d))`` per step in time order, on the generator's device (pass
+        one on the model's device to avoid a copy per step), in the model's dtype."""
         n, d = x.shape
+        origin, first = grid_origin(t0, self.t0, self.dt)
+
+        def normals(k: int) -> torch.Tensor:
+            return torch.randn(n, d, generator=generator, dtype=self.dtype,
+                               device=generator.device).to(self.device)
+
+        return self._euler_maruyama(x, p, origin, grid_steps(t0, t1, self.dt), normals,
+                                    first=first)[:, 0]
+
+    def _euler_maruyama(self, x: torch.Tensor, p: dict, t0: float, obs_steps: list[int],
+                        normals: Callable[[int], torch.Tensor], *, first: int = 0
+                        ) -> torch.Tensor:
+        """Euler-Maruyama from ``x`` at step ``first`` of the grid ``t0 + k dt``, with the
+        ``(n, d)`` normals ``normals(k)`` of the ``k``-th step taken; the states
+        ``obs_steps`` steps later, ``(n, len(obs_steps), d)``."""
+        n = x.shape[0]
         dt = self.dt
         sq = math.sqrt(dt)
 
         def advance(k: int, x: torch.Tensor) -> torch.Tensor:
-            t = x.new_full((n, 1), t0 + k * dt)
-            z = torch.randn(n, d, generator=generator, dtype=self.dtype,
-                            device=generator.device).to(self.device)
+            t = x.new_full((n, 1), t0 + (first + k) * dt)
+            z = normals(k)
             return x + self.drift(t, x, p) * dt + self.diffusion(t, x, p) * (sq * z)
 
-        return march(x, grid_steps(t0, t1, dt), advance)[:, 0]
+        return march(x, obs_steps, advance)
 
 
 def _ou_drift(t, x, p):
