@@ -206,28 +206,49 @@ class IterationsState:
 
 @dataclass(frozen=True)
 class Iterations:
-    """``steps`` updates, each with the same noise inflation ``alpha``.
+    """``steps`` updates at the noise inflation ``alpha``, optionally after a continuation.
 
     For the iterative rules that are not tempering schemes: :class:`~enkal.GaussNewton`
     (``alpha = 1``, the data once per linearisation) and
     :class:`~enkal.UnscentedKalmanInversion` (``alpha = 2``, EKP's default step). Unlike
     :class:`ESMDA`, ``sum 1/alpha`` is not 1: each iteration sees the data in full.
 
+    With ``start``, the first updates are tempered, ``alpha_k = max(start / 2^k, alpha)``
+    (``start=16``: 16, 8, 4, 2, then 1): a continuation from a wide, flat target to the
+    posterior, which keeps Gauss-Newton from diverging on strongly nonlinear models from a
+    prior far from the data (``docs/updates.md`` section 12).
+
     Parameters
     ----------
     steps : int
         The number of updates; the schedule is done after them.
     alpha : float
-        The noise inflation of every update (``> 0``).
+        The noise inflation of the updates (``> 0``), of all of them without ``start``.
+    start : float, optional
+        The first update's inflation (``>= alpha``), halved at every update down to
+        ``alpha``.
     """
 
     steps: int = 10
     alpha: float = 1.0
+    start: float | None = None
 
     def __post_init__(self) -> None:
         check_positive_int(self.steps, "Iterations.steps")
         check_positive_float(self.alpha, "Iterations.alpha")
         object.__setattr__(self, "alpha", float(self.alpha))
+        if self.start is not None:
+            check_positive_float(self.start, "Iterations.start")
+            if self.start < self.alpha:
+                raise ValueError(f"Iterations.start: expected start >= alpha = {self.alpha}, "
+                                 f"got {self.start}")
+            object.__setattr__(self, "start", float(self.start))
+
+    def inflation(self, iteration: int) -> float:
+        """``alpha`` of update ``iteration`` (0 for the first)."""
+        if self.start is None:
+            return self.alpha
+        return max(self.start / 2.0 ** iteration, self.alpha)
 
     @property
     def planned_updates(self) -> int:
@@ -241,7 +262,8 @@ class Iterations:
              predictions: torch.Tensor, observations: Observations):
         if self.done(state):
             raise ScheduleExhaustedError(f"Iterations: all {self.steps} updates are done")
-        return self.alpha, IterationsState(state.iteration + 1), {"step": state.iteration + 1}
+        return (self.inflation(state.iteration), IterationsState(state.iteration + 1),
+                {"step": state.iteration + 1})
 
     def done(self, state: IterationsState) -> bool:
         return state.iteration >= self.steps

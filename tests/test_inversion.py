@@ -230,6 +230,51 @@ def test_iterations_gives_its_alpha_steps_times_then_stops():
         Iterations(0)
     with pytest.raises(ValueError, match="Iterations.alpha"):
         Iterations(2, alpha=0.0)
+    # the continuation: halved from start down to alpha
+    warm, state, alphas = Iterations(7, start=16.0), Iterations(7, start=16.0).init(), []
+    while not warm.done(state):
+        a, state, _ = warm.step(state, parameters=x, predictions=x, observations=None)
+        alphas.append(a)
+    assert alphas == [16.0, 8.0, 4.0, 2.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="Iterations.start: expected start >= alpha"):
+        Iterations(3, alpha=2.0, start=1.0)
+
+
+def test_the_continuation_keeps_gauss_newton_from_diverging():
+    """An SIR epidemic (infected fraction at 20 days, noise 0.01), log-normal rate priors,
+    6 members: plain Gauss-Newton (``Iterations(8)``) ends at another point in 5 of these
+    20 seeds (measured: off by 0.15-14 in the log-rates, one diverged); the continuation
+    ``Iterations(8, start=16)`` (inflations 16, 8, 4, 2, then 1) brings every seed to the
+    same fixed point (all within 0.01 of their median; the posterior sds are ~0.03), 0.06
+    from the truth."""
+    from enkal.models import RK4, SIR
+
+    model = SIR(t_obs=[float(t) for t in range(1, 21)], infected=0.01, observe=["I"],
+                solver=RK4(dt=0.1))
+    truth = torch.log(torch.tensor([0.5, 0.25], dtype=F64))
+    y = model(truth.exp().unsqueeze(0))[0] + 0.01 * torch.randn(
+        20, generator=torch.Generator().manual_seed(1), dtype=F64)
+    obs = Observations(y, noise_std=0.01)
+    m0, s0 = torch.log(torch.tensor([0.4, 0.2], dtype=F64)), torch.full((2,), 0.5, dtype=F64)
+    rule = GaussNewton(m0.tolist(), s0.tolist())
+
+    def ends(schedule):
+        out = []
+        for seed in range(20):
+            x = m0 + s0 * torch.randn(6, 2, generator=torch.Generator().manual_seed(seed),
+                                      dtype=F64)
+            try:
+                out.append(_run(rule, schedule, obs, x, lambda u: model(u.exp()),
+                                8).parameters.mean(0))
+            except enkal.FailedMembersError:
+                out.append(torch.full((2,), math.inf, dtype=F64))
+        return torch.stack(out)
+
+    warm = ends(Iterations(8, start=16.0))
+    assert ((warm - warm.median(0).values).abs() < 0.01).all()
+    assert ((warm.median(0).values - truth).abs() < 0.1).all()
+    plain = ends(Iterations(8))
+    assert ((plain - warm.median(0).values).abs() > 0.1).any(dim=1).sum() >= 3
 
 
 def test_toml_builds_both_with_the_parameters_prior():
