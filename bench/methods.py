@@ -23,21 +23,30 @@ there; ``--mcmc`` recomputes them (minutes).
 Methods, on the same prior draws for each seed (``--seeds``, default 20):
 
 * ``enkal ES-MDA``: :class:`~enkal.SquareRoot` with ``ESMDA.constant(4)``, 100 members;
+* ``enkal ES-MDA PO``: the same with :class:`~enkal.PerturbedObservations` (IES's update);
+* ``enkal ES-MDA E=25``: the square-root one with 25 members (100 forwards, a budget like
+  Gauss-Newton's; its own 25 draws, not a subset of the 100);
 * ``IES ESMDA``: iterative_ensemble_smoother's ``ESMDA`` (perturbed observations,
   ``alpha = (4, 4, 4, 4)``) on the same 100-member draws;
 * ``enkal GaussNewton``: ``GaussNewton(prior)``, ``E = 2 N_par + 2``, 8 iterations,
   ``Iterations(8, start=16)`` (noise inflations 16, 8, 4, 2, then 1: a continuation);
+  ``enkal GN 4(N+1)``: the same with ``E = 4 (N_par + 1)``;
 * ``enkal UKI``: ``UnscentedKalmanInversion(prior)``, ``2 N_par + 1`` sigma points, 15
   iterations at ``alpha = 2`` (deterministic: one run);
 * ``enkal EKS`` (``--eks``): the Ensemble Kalman Sampler, 100 members, ``EKSStable()``,
   averages over the second half of 1000 steps weighted by ``dt``.
 
-Printed per problem and method, all in the unconstrained space: ``err``, the largest over
-parameters of ``|mean - MCMC mean| / MCMC sd`` (median over seeds); ``sd ratio``, the
+Printed per problem and method, all in the unconstrained space: ``err`` and ``rms``, the
+largest and the root mean square over parameters of ``|mean - MCMC mean| / MCMC sd``
+(medians over seeds); ``sd ratio``, the
 smallest and largest over parameters of ``sd / MCMC sd`` (medians over seeds); ``cov90``,
 the fraction of the truth's parameters inside the method's 90% Gaussian interval ``mean +-
 1.645 sd``, over ``--datasets`` independent data sets (default 20; each with its own noise
-draw and the method's seed equal to it); forwards per run; wall seconds per run.
+draw and the method's seed equal to it); forwards per run; wall seconds per run. Then one
+line per problem with issue #17's acceptance (:func:`verdict`): the best enkal row, and the
+cheapest enkal row whose ``err`` is at most IES ESMDA's, with both forward counts. The rows
+of methods this enkal lacks (``GaussNewton``, ``UnscentedKalmanInversion``) print "not
+available" and are skipped.
 
 Run ``python bench/methods.py [--problems lorenz63 sir] [--seeds 20] [--datasets 20]
 [--eks] [--mcmc]``; ``--quick`` (2 seeds, 2 data sets, short MCMC if asked) checks the
@@ -49,6 +58,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import math
 import pathlib
@@ -56,6 +66,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,11 +144,12 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(0), x.std(0)
 
 
-def enkal_esmda(pb: Problem, seed: int):
-    sm = enkal.EnsembleSmoother(pb.observations, rule=enkal.SquareRoot(),
+def enkal_esmda(pb: Problem, seed: int, *, rule: Any = None, members: int = 100):
+    """ES-MDA, ``ESMDA.constant(4)``: the square-root update by default."""
+    sm = enkal.EnsembleSmoother(pb.observations, rule=rule or enkal.SquareRoot(),
                                 schedule=enkal.ESMDA.constant(4), seed=seed)
-    x = sm.run(pb.model, pb.prior(100, seed)).parameters
-    return (*_moments(x), 400)
+    x = sm.run(pb.model, pb.prior(members, seed)).parameters
+    return (*_moments(x), 4 * members)
 
 
 def ies_esmda(pb: Problem, seed: int):
@@ -154,8 +166,9 @@ def ies_esmda(pb: Problem, seed: int):
     return (*_moments(torch.from_numpy(x.T.copy())), 400)
 
 
-def gauss_newton(pb: Problem, seed: int):
-    e = 2 * pb.n_par + 2
+def gauss_newton(pb: Problem, seed: int, *, factor: int = 2):
+    """``E = factor (N_par + 1)`` members, 8 iterations from ``start=16``."""
+    e = factor * (pb.n_par + 1)
     sm = enkal.EnsembleSmoother(
         pb.observations, rule=enkal.GaussNewton(pb.u_mean.tolist(), pb.u_std.tolist()),
         schedule=enkal.Iterations(8, start=16.0), seed=seed)
@@ -190,8 +203,17 @@ def eks(pb: Problem, seed: int, steps: int = 1000):
     return mean, (s2 / total - mean ** 2).clamp_min(0).sqrt(), 100 * steps
 
 
-METHODS: dict[str, Callable] = {"enkal ES-MDA": enkal_esmda, "IES ESMDA": ies_esmda,
-                                "enkal GaussNewton": gauss_newton, "enkal UKI": uki}
+METHODS: dict[str, Callable] = {
+    "enkal ES-MDA": enkal_esmda,
+    "enkal ES-MDA PO": functools.partial(enkal_esmda, rule=enkal.PerturbedObservations()),
+    "enkal ES-MDA E=25": functools.partial(enkal_esmda, members=25),
+    "IES ESMDA": ies_esmda,
+    "enkal GaussNewton": gauss_newton,
+    "enkal GN 4(N+1)": functools.partial(gauss_newton, factor=4),
+    "enkal UKI": uki,
+}
+NEW = {"enkal GaussNewton": "GaussNewton", "enkal GN 4(N+1)": "GaussNewton",
+       "enkal UKI": "UnscentedKalmanInversion"}  # the rows that need these names of enkal
 DETERMINISTIC = {"enkal UKI"}
 
 
@@ -251,20 +273,26 @@ def references(names: list[str], configs: dict, recompute: bool, quick: bool) ->
 
 
 # -- scoring ----------------------------------------------------------------------------------
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
 def score(methods: dict, configs: dict, name: str, ref: dict, seeds: int, datasets: int
           ) -> list[dict]:
     pb = Problem(configs[name], 0)
     m_ref, s_ref = torch.tensor(ref["mean"]), torch.tensor(ref["sd"])
     rows = []
     for label, fn in methods.items():
-        errs, lo, hi, walls, forwards = [], [], [], [], 0
+        errs, rmss, lo, hi, walls, forwards = [], [], [], [], [], 0
         for seed in range(1 if label in DETERMINISTIC else seeds):
             t0 = time.perf_counter()
             mean, sd, forwards = fn(pb, seed)
             walls.append(time.perf_counter() - t0)
             z = ((mean.double() - m_ref) / s_ref).abs()
             ratio = sd.double() / s_ref
-            errs.append(float(z.max()) if bool(torch.isfinite(z).all()) else math.inf)
+            finite = bool(torch.isfinite(z).all())
+            errs.append(float(z.max()) if finite else math.inf)
+            rmss.append(float(z.square().mean().sqrt()) if finite else math.inf)
             lo.append(float(ratio.min()))
             hi.append(float(ratio.max()))
         inside, total = 0, 0
@@ -273,14 +301,60 @@ def score(methods: dict, configs: dict, name: str, ref: dict, seeds: int, datase
             mean, sd, _ = fn(data, d)
             inside += int(((mean.double() - data.truth).abs() <= Z90 * sd.double()).sum())
             total += data.n_par
-        rows.append({"problem": name, "method": label, "err": statistics.median(errs),
-                     "sd_min": statistics.median(lo), "sd_max": statistics.median(hi),
-                     "cov90": inside / max(total, 1), "forwards": forwards,
-                     "wall_s": statistics.median(walls)})
+        rows.append({"problem": name, "method": label, "err": _median(errs),
+                     "rms": _median(rmss), "sd_min": _median(lo), "sd_max": _median(hi),
+                     "cov90": inside / total if total else None, "forwards": forwards,
+                     "wall_s": _median(walls)})
         r = rows[-1]
-        print(f"{name:15} {label:18} {r['err']:7.2f} {r['sd_min']:6.2f}-{r['sd_max']:<5.2f} "
-              f"{r['cov90']:6.2f} {r['forwards']:8d} {r['wall_s']:8.2f}", flush=True)
+        cov = f"{r['cov90']:6.2f}" if total else f"{'-':>6}"
+        print(f"{name:15} {label:18} {r['err']:6.2f} {r['rms']:6.2f} "
+              f"{r['sd_min']:6.2f}-{r['sd_max']:<5.2f} {cov} {r['forwards']:8d} "
+              f"{r['wall_s']:7.2f}", flush=True)
     return rows
+
+
+def verdict(rows: list[dict]) -> dict | None:
+    """Issue #17's acceptance on one problem's rows: the best enkal method (smallest
+    ``err``) within 0.5 MCMC sd with every sd ratio in 0.7-1.4, and reaching IES ESMDA's
+    ``err`` with fewer forwards (the cheapest enkal row that does)."""
+    ours = [r for r in rows if r["method"].startswith("enkal") and math.isfinite(r["err"])]
+    ies = next((r for r in rows if r["method"] == "IES ESMDA"), None)
+    if not ours:
+        return None
+    best = min(ours, key=lambda r: r["err"])
+    out = {"best": best["method"], "best_err": best["err"],
+           "best_sd": [best["sd_min"], best["sd_max"]], "best_forwards": best["forwards"],
+           "within_0.5_sd": best["err"] <= 0.5,
+           "sd_in_0.7_1.4": 0.7 <= best["sd_min"] and best["sd_max"] <= 1.4}
+    if ies is not None:
+        reach = [r for r in ours if r["err"] <= ies["err"]]
+        cheapest = min(reach, key=lambda r: r["forwards"]) if reach else None
+        out.update({"ies_err": ies["err"], "ies_forwards": ies["forwards"],
+                    "reaches_ies": cheapest and cheapest["method"],
+                    "reaches_ies_forwards": cheapest and cheapest["forwards"],
+                    "fewer_forwards": bool(cheapest) and cheapest["forwards"] < ies["forwards"]})
+    return out
+
+
+def _verdicts(rows: list[dict]) -> dict:
+    """:func:`verdict` of every problem in ``rows``, printed."""
+    out = {}
+    for name in dict.fromkeys(r["problem"] for r in rows):
+        v = verdict([r for r in rows if r["problem"] == name])
+        if v is not None:
+            out[name] = v
+            _print_verdict(name, v)
+    return out
+
+
+def _print_verdict(name: str, v: dict) -> None:
+    line = (f"{name}: best {v['best']}, err {v['best_err']:.2f} sd, sd ratio "
+            f"{v['best_sd'][0]:.2f}-{v['best_sd'][1]:.2f}, {v['best_forwards']} forwards")
+    if "ies_err" in v:
+        line += (f"; IES ESMDA err {v['ies_err']:.2f} with {v['ies_forwards']} forwards, "
+                 + (f"reached by {v['reaches_ies']} with {v['reaches_ies_forwards']} forwards"
+                    if v["reaches_ies"] else "not reached by any enkal row"))
+    print(line, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,14 +378,19 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("iterative_ensemble_smoother not installed: its rows are skipped")
         del methods["IES ESMDA"]
+    for label, attr in NEW.items():  # an enkal without them (before issue #17's methods)
+        if not hasattr(enkal, attr):
+            print(f"{label}: not available (enkal has no {attr})")
+            del methods[label]
     if args.eks:
         methods["enkal EKS"] = (lambda pb, seed: eks(pb, seed, steps=60)) if args.quick \
             else eks
     configs = problems()
     refs = references(args.problems, configs, args.mcmc, args.quick)
-    print(f"{'problem':15} {'method':18} {'err':>7} {'sd ratio':>11} {'cov90':>6} "
-          f"{'forwards':>8} {'wall s':>8}   (err: max |mean - MCMC| / MCMC sd, median of "
-          f"{args.seeds} seeds; cov90 over {args.datasets} data sets)")
+    print(f"{'problem':15} {'method':18} {'err':>6} {'rms':>6} {'sd ratio':>11} {'cov90':>6} "
+          f"{'forwards':>8} {'wall s':>7}   (err, rms: max and RMS over parameters of |mean - "
+          f"MCMC| / MCMC sd, medians of {args.seeds} seeds; cov90 over {args.datasets} data "
+          f"sets)")
     rows = []
     for name in args.problems:
         rows += score(methods, configs, name, refs[name], args.seeds, args.datasets)
@@ -319,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
           "datasets": args.datasets,
           "mcmc": {k: {f: v[f] for f in ("walkers", "steps", "acceptance", "se_over_sd")}
                    for k, v in refs.items()},
-          "rows": rows}, args.json)
+          "rows": rows, "verdicts": _verdicts(rows)}, args.json)
     return 0
 
 
