@@ -25,6 +25,30 @@ def test_the_reference_chains_converged():
         assert 0.1 < r["acceptance"] < 0.9, name
 
 
+def test_the_verdict_reads_the_acceptance_of_issue_17():
+    """``verdict``: the best enkal row by error; the cheapest enkal row at or below IES
+    ESMDA's error, and whether it used fewer forwards."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import methods
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    def row(method, err, lo, hi, forwards):
+        return {"problem": "p", "method": method, "err": err, "sd_min": lo, "sd_max": hi,
+                "forwards": forwards}
+
+    rows = [row("enkal ES-MDA", 0.2, 1.1, 1.3, 400), row("IES ESMDA", 0.3, 1.1, 1.3, 400),
+            row("enkal GaussNewton", 0.25, 0.9, 1.5, 64), row("enkal UKI", 0.1, 1.0, 1.0, 105)]
+    v = methods.verdict(rows)
+    assert v["best"] == "enkal UKI" and v["within_0.5_sd"] and v["sd_in_0.7_1.4"]
+    assert v["reaches_ies"] == "enkal GaussNewton" and v["reaches_ies_forwards"] == 64
+    assert v["fewer_forwards"]
+    v = methods.verdict([row("enkal ES-MDA", 0.6, 0.5, 1.0, 800), row("IES ESMDA", 0.3, 1, 1, 400)])
+    assert not v["within_0.5_sd"] and not v["sd_in_0.7_1.4"]
+    assert v["reaches_ies"] is None and not v["fewer_forwards"]
+
+
 def test_the_methods_benchmark_runs(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "methods.py"), "--quick",
