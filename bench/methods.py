@@ -48,8 +48,12 @@ cheapest enkal row whose ``err`` is at most IES ESMDA's, with both forward count
 of methods this enkal lacks (``GaussNewton``, ``UnscentedKalmanInversion``) print "not
 available" and are skipped.
 
+``--exact-coverage`` adds, for two-parameter problems (``sir``), the coverage of the truth by
+the exact posterior's own 90% intervals (marginals on a grid): what a perfect method would
+score with these data sets.
+
 Run ``python bench/methods.py [--problems lorenz63 sir] [--seeds 20] [--datasets 20]
-[--eks] [--mcmc]``; ``--quick`` (2 seeds, 2 data sets, short MCMC if asked) checks the
+[--eks] [--mcmc] [--exact-coverage]``; ``--quick`` (2 seeds, 2 data sets, short MCMC if asked) checks the
 script. One thread by default. The last line is ``BENCH_JSON {...}``.
 """
 
@@ -272,6 +276,42 @@ def references(names: list[str], configs: dict, recompute: bool, quick: bool) ->
     return out
 
 
+def _grid(pb: Problem, centre: list[float], half: list[float], n: int):
+    """The normalised posterior on an ``n x n`` grid ``centre +- half`` and its axes."""
+    axes = [c + h * torch.linspace(-1.0, 1.0, n, dtype=torch.float64)
+            for c, h in zip(centre, half, strict=True)]
+    a, b = torch.meshgrid(*axes, indexing="ij")
+    u = torch.stack([a.reshape(-1), b.reshape(-1)], dim=1)
+    lp = torch.cat([pb.log_posterior(c) for c in u.split(4096)]).reshape(n, n)
+    w = torch.exp(lp - lp.max())
+    return w / w.sum(), axes
+
+
+def grid_coverage(config: dict, datasets: int, n: int = 301) -> float:
+    """For a two-parameter problem: the coverage of the truth by the exact posterior's 90%
+    intervals, its marginals on a grid of the unconstrained space: first +- 8 prior sds,
+    then +- 10 posterior sds around the posterior mean (mass at the edges checked to be
+    below 1e-6)."""
+    inside, total = 0, 0
+    for d in range(datasets):
+        pb = Problem(config, d)
+        w, axes = _grid(pb, pb.u_mean.tolist(), (8 * pb.u_std).tolist(), n)
+        margs = (w.sum(1), w.sum(0))
+        mean = [float((m * x).sum()) for m, x in zip(margs, axes, strict=True)]
+        sd = [float((m * (x - c) ** 2).sum().sqrt())
+              for m, x, c in zip(margs, axes, mean, strict=True)]
+        w, axes = _grid(pb, mean, [10 * s for s in sd], n)
+        for j, marg in enumerate((w.sum(1), w.sum(0))):
+            if float(marg[0] + marg[-1]) > 1e-6:
+                raise RuntimeError(f"data set {d}: posterior mass at the grid's edge")
+            cdf = marg.cumsum(0)
+            lo = axes[j][int(torch.searchsorted(cdf, torch.tensor(0.05, dtype=cdf.dtype)))]
+            hi = axes[j][int(torch.searchsorted(cdf, torch.tensor(0.95, dtype=cdf.dtype)))]
+            inside += int(lo <= pb.truth[j] <= hi)
+            total += 1
+    return inside / total
+
+
 # -- scoring ----------------------------------------------------------------------------------
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
@@ -365,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", type=int, default=20)
     p.add_argument("--eks", action="store_true", help="also the Ensemble Kalman Sampler")
     p.add_argument("--mcmc", action="store_true", help="recompute the MCMC references")
+    p.add_argument("--exact-coverage", action="store_true",
+                   help="also the exact posterior's coverage of the truth (grid; 2 parameters)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="2 seeds, 2 data sets")
     p.add_argument("--json", help="also write the record to this file")
@@ -394,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.problems:
         rows += score(methods, configs, name, refs[name], args.seeds, args.datasets)
+        if args.exact_coverage and Problem(configs[name], 0).n_par == 2:
+            cov = grid_coverage(configs[name], args.datasets)
+            rows.append({"problem": name, "method": "exact posterior (grid)", "cov90": cov})
+            print(f"{name:15} {'exact (grid)':18} {'':6} {'':6} {'':11} {cov:6.2f}", flush=True)
     emit({"bench": "methods", "env": environment(), "seeds": args.seeds,
           "datasets": args.datasets,
           "mcmc": {k: {f: v[f] for f in ("walkers", "steps", "acceptance", "se_over_sd")}

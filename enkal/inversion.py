@@ -89,11 +89,7 @@ class GaussNewton:
     needs_parameters: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "prior_mean", vector(self.prior_mean, "GaussNewton.prior_mean"))
-        object.__setattr__(self, "prior_std", vector(self.prior_std, "GaussNewton.prior_std"))
-        if min(self.prior_std) <= 0:
-            raise ValueError(f"GaussNewton.prior_std: expected values > 0, got "
-                             f"{min(self.prior_std)}")
+        _set_prior(self)
         check_positive_float(self.step, "GaussNewton.step")
         if self.step > 1:
             raise ValueError(f"GaussNewton.step: expected a fraction in (0, 1], got {self.step}")
@@ -176,13 +172,7 @@ class UnscentedKalmanInversion:
     direct: ClassVar[bool] = True  # builds X+ itself (update), not through one W
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "prior_mean",
-                           vector(self.prior_mean, "UnscentedKalmanInversion.prior_mean"))
-        object.__setattr__(self, "prior_std",
-                           vector(self.prior_std, "UnscentedKalmanInversion.prior_std"))
-        if min(self.prior_std) <= 0:
-            raise ValueError("UnscentedKalmanInversion.prior_std: expected values > 0, "
-                             f"got {min(self.prior_std)}")
+        _set_prior(self)
         if not isinstance(self.impose_prior, bool):
             raise TypeError("UnscentedKalmanInversion.impose_prior: expected a bool, got "
                             f"{type(self.impose_prior).__name__}")
@@ -261,6 +251,16 @@ class UnscentedKalmanInversion:
         cov = at.T @ torch.linalg.solve(k, at)
         cov = 0.5 * (cov + cov.T) * (alpha / (alpha - 1.0))  # the prediction step
         return _sigma_points(mean, _root(cov), c).to(parameters.dtype)
+
+
+def _set_prior(rule: Any) -> None:
+    """A frozen rule's ``prior_mean`` and ``prior_std`` as tuples of finite floats, the sds
+    positive (errors name the rule's class)."""
+    name = type(rule).__name__
+    object.__setattr__(rule, "prior_mean", vector(rule.prior_mean, f"{name}.prior_mean"))
+    object.__setattr__(rule, "prior_std", vector(rule.prior_std, f"{name}.prior_std"))
+    if min(rule.prior_std) <= 0:
+        raise ValueError(f"{name}.prior_std: expected values > 0, got {min(rule.prior_std)}")
 
 
 def _residual(observations: Observations, prediction: torch.Tensor) -> torch.Tensor:

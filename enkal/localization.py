@@ -126,8 +126,26 @@ def _blocks(rule: LocalSquareRoot, n_par: int, device: torch.device) -> list:
     return local_blocks(rule, n_par, None, device)
 
 
+class _PerParameter:
+    """What the correlation-localized rules share: no single ``W``, and each block's
+    square-root transforms (``local``: ``enkal.analysis`` calls their ``update``)."""
+
+    local: ClassVar[bool] = True
+
+    def transform(self, predictions: torch.Tensor, observations: Observations, *,
+                  alpha: float = 1.0, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+        """Not one matrix: each parameter has its own transform."""
+        return _no_single_transform(self)
+
+    def transforms(self, predictions: torch.Tensor, values: torch.Tensor,
+                   noise_std: torch.Tensor, *, generator: torch.Generator | None = None,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+        return sqrt_transforms(predictions, values, noise_std, weights)
+
+
 @dataclass(frozen=True)
-class CorrelationLocalSquareRoot:
+class CorrelationLocalSquareRoot(_PerParameter):
     r"""A smoother update rule localized by the ensemble's own correlations, per parameter.
 
     Parameter ``i`` is updated by the square-root analysis with only the observations whose
@@ -147,22 +165,10 @@ class CorrelationLocalSquareRoot:
 
     threshold: float | None = None
     chunk_size: int = 2048
-    local: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_fraction(self.threshold, "CorrelationLocalSquareRoot.threshold")
         check_positive_int(self.chunk_size, "CorrelationLocalSquareRoot.chunk_size")
-
-    def transform(self, predictions: torch.Tensor, observations: Observations, *,
-                  alpha: float = 1.0, generator: torch.Generator | None = None
-                  ) -> torch.Tensor:
-        """Not one matrix: each parameter has its own transform."""
-        return _no_single_transform(self)
-
-    def transforms(self, predictions: torch.Tensor, values: torch.Tensor,
-                   noise_std: torch.Tensor, *, generator: torch.Generator | None = None,
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
-        return sqrt_transforms(predictions, values, noise_std, weights)
 
     def update(self, parameters: torch.Tensor, predictions: torch.Tensor,
                observations: Observations, *, ok: torch.Tensor, alpha: float,
@@ -197,7 +203,7 @@ def _correlation_blocks(x: torch.Tensor, yh: torch.Tensor, threshold: float,
 
 
 @dataclass(frozen=True)
-class SECLocalSquareRoot:
+class SECLocalSquareRoot(_PerParameter):
     r"""A smoother update rule localized by sampling-error correction of the correlations.
 
     Parameter ``i`` is updated by the square-root analysis with observation ``j``'s noise
@@ -235,7 +241,6 @@ class SECLocalSquareRoot:
     cutoff: float = 0.0
     delta: float = 1.0
     chunk_size: int = 2048
-    local: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.exponent is not None:
@@ -249,17 +254,6 @@ class SECLocalSquareRoot:
                              f"{self.cutoff!r}")
         check_positive_float(self.delta, "SECLocalSquareRoot.delta")
         check_positive_int(self.chunk_size, "SECLocalSquareRoot.chunk_size")
-
-    def transform(self, predictions: torch.Tensor, observations: Observations, *,
-                  alpha: float = 1.0, generator: torch.Generator | None = None
-                  ) -> torch.Tensor:
-        """Not one matrix: each parameter has its own transform."""
-        return _no_single_transform(self)
-
-    def transforms(self, predictions: torch.Tensor, values: torch.Tensor,
-                   noise_std: torch.Tensor, *, generator: torch.Generator | None = None,
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
-        return sqrt_transforms(predictions, values, noise_std, weights)
 
     def taper(self, x: torch.Tensor, yh: torch.Tensor) -> tuple[float, float]:
         """The taper's ``(g, b)`` for members ``x`` and predictions ``yh`` (``rho = (1 - b)
