@@ -51,7 +51,7 @@ import torch
 from ._checks import check_positive_float
 from .errors import FailedMembersError
 from .observations import Observations
-from .sampler import block_moments, prior_vectors, vector
+from .sampler import GaussianPriorRule
 
 __all__ = ["GaussNewton", "UnscentedKalmanInversion"]
 
@@ -59,7 +59,7 @@ _F64 = torch.float64
 
 
 @dataclass(frozen=True)
-class GaussNewton:
+class GaussNewton(GaussianPriorRule):
     """Ensemble Gauss-Newton: the MAP in the ensemble's span, the Laplace posterior around it.
 
     Parameters
@@ -89,17 +89,11 @@ class GaussNewton:
     needs_parameters: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        _set_prior(self)
+        self._check_prior()
         check_positive_float(self.step, "GaussNewton.step")
         if self.step > 1:
             raise ValueError(f"GaussNewton.step: expected a fraction in (0, 1], got {self.step}")
         check_positive_float(self.rcond, "GaussNewton.rcond")
-
-    @classmethod
-    def from_blocks(cls, blocks: Any, **kwargs: Any) -> GaussNewton:
-        """The rule for the prior that :func:`enkal.prior_ensemble` draws from ``blocks``."""
-        mean, std = block_moments(blocks)
-        return cls(mean, std, **kwargs)
 
     def transform(self, predictions: torch.Tensor, observations: Observations, *,
                   alpha: float, generator: torch.Generator | None,
@@ -112,7 +106,7 @@ class GaussNewton:
         _check_alpha(alpha, 0.0, "GaussNewton")
         x = parameters.to(_F64)
         e, n_par = x.shape
-        m0, s0 = prior_vectors(self.prior_mean, self.prior_std, n_par, x, "GaussNewton")
+        m0, s0 = self._prior(n_par, x)
         scale = math.sqrt(e - 1)
         mean = x.mean(dim=0)
         b = (x - mean) / scale  # B: the anomalies, B^T B the ensemble covariance
@@ -138,7 +132,7 @@ class GaussNewton:
 
 
 @dataclass(frozen=True)
-class UnscentedKalmanInversion:
+class UnscentedKalmanInversion(GaussianPriorRule):
     """Unscented Kalman Inversion [Huang2022]: ``2 N_par + 1`` sigma points, few iterations.
 
     Parameters
@@ -172,16 +166,10 @@ class UnscentedKalmanInversion:
     direct: ClassVar[bool] = True  # builds X+ itself (update), not through one W
 
     def __post_init__(self) -> None:
-        _set_prior(self)
+        self._check_prior()
         if not isinstance(self.impose_prior, bool):
             raise TypeError("UnscentedKalmanInversion.impose_prior: expected a bool, got "
                             f"{type(self.impose_prior).__name__}")
-
-    @classmethod
-    def from_blocks(cls, blocks: Any, **kwargs: Any) -> UnscentedKalmanInversion:
-        """The rule for the prior that :func:`enkal.prior_ensemble` draws from ``blocks``."""
-        mean, std = block_moments(blocks)
-        return cls(mean, std, **kwargs)
 
     @staticmethod
     def spread(n_par: int) -> float:
@@ -199,8 +187,7 @@ class UnscentedKalmanInversion:
         if not isinstance(n_par, int) or isinstance(n_par, bool) or n_par < 1:
             raise ValueError(f"n_par: expected a positive int, got {n_par!r}")
         like = torch.empty(0, dtype=_F64, device=device)
-        m0, s0 = prior_vectors(self.prior_mean, self.prior_std, n_par, like,
-                               "UnscentedKalmanInversion")
+        m0, s0 = self._prior(n_par, like)
         return _sigma_points(m0, torch.diag(s0), self.spread(n_par)).to(dtype)
 
     def posterior(self, parameters: torch.Tensor, alpha: float = 2.0
@@ -234,8 +221,7 @@ class UnscentedKalmanInversion:
             raise FailedMembersError(
                 f"UnscentedKalmanInversion: sigma point(s) {bad[:10]} failed; UKI needs "
                 "every sigma point (a narrower prior_std, or a model that runs there)")
-        m0, s0 = prior_vectors(self.prior_mean, self.prior_std, n_par, x,
-                               "UnscentedKalmanInversion")
+        m0, s0 = self._prior(n_par, x)
         c = self.spread(n_par)
         root = 1.0 / (math.sqrt(2.0) * c * math.sqrt(alpha))  # sqrt(W_c / alpha)
         a = x[1:] - x[0]  # (2 N_par, N_par): the sigma anomalies
@@ -251,16 +237,6 @@ class UnscentedKalmanInversion:
         cov = at.T @ torch.linalg.solve(k, at)
         cov = 0.5 * (cov + cov.T) * (alpha / (alpha - 1.0))  # the prediction step
         return _sigma_points(mean, _root(cov), c).to(parameters.dtype)
-
-
-def _set_prior(rule: Any) -> None:
-    """A frozen rule's ``prior_mean`` and ``prior_std`` as tuples of finite floats, the sds
-    positive (errors name the rule's class)."""
-    name = type(rule).__name__
-    object.__setattr__(rule, "prior_mean", vector(rule.prior_mean, f"{name}.prior_mean"))
-    object.__setattr__(rule, "prior_std", vector(rule.prior_std, f"{name}.prior_std"))
-    if min(rule.prior_std) <= 0:
-        raise ValueError(f"{name}.prior_std: expected values > 0, got {min(rule.prior_std)}")
 
 
 def _residual(observations: Observations, prediction: torch.Tensor) -> torch.Tensor:

@@ -80,6 +80,38 @@ def block_moments(blocks: Any) -> tuple[list[float], list[float]]:
     return mean, std
 
 
+class GaussianPriorRule:
+    """What the rules that know the Gaussian prior ``N(m0, diag(s0^2))`` of the unconstrained
+    space share (:class:`EnsembleKalmanSampler`, :class:`~enkal.GaussNewton`,
+    :class:`~enkal.UnscentedKalmanInversion`): the checked ``prior_mean`` and ``prior_std``
+    fields, their tensors, and :meth:`from_blocks`."""
+
+    prior_mean: Any
+    prior_std: Any
+
+    def _check_prior(self) -> None:
+        """``prior_mean`` and ``prior_std`` (of a frozen dataclass) as tuples of finite
+        floats, the sds positive; errors name the class."""
+        name = type(self).__name__
+        object.__setattr__(self, "prior_mean", vector(self.prior_mean, f"{name}.prior_mean"))
+        std = vector(self.prior_std, f"{name}.prior_std")
+        if min(std) <= 0:
+            raise ValueError(f"{name}.prior_std: expected values > 0, got {min(std)}")
+        object.__setattr__(self, "prior_std", std)
+
+    def _prior(self, n_par: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return prior_vectors(self.prior_mean, self.prior_std, n_par, like,
+                             type(self).__name__)
+
+    @classmethod
+    def from_blocks(cls, blocks: Any, **kwargs: Any) -> Any:
+        """The rule for the prior :func:`enkal.prior_ensemble` draws from ``blocks`` (the
+        :class:`~enkal.PriorBlock` list of :func:`enkal.constrained_gaussian`); ``kwargs``:
+        the rule's other fields."""
+        mean, std = block_moments(blocks)
+        return cls(mean, std, **kwargs)  # type: ignore[call-arg]
+
+
 def _interaction(predictions: torch.Tensor, observations: Observations) -> torch.Tensor:
     """``D = Dw Ew^T / E`` ``(E, E)``: whitened prediction anomalies (rows) against whitened
     residuals ``G(u_j) - y`` (columns)."""
@@ -90,7 +122,7 @@ def _interaction(predictions: torch.Tensor, observations: Observations) -> torch
 
 
 @dataclass(frozen=True)
-class EnsembleKalmanSampler:
+class EnsembleKalmanSampler(GaussianPriorRule):
     r"""The EKS update rule, with ALDI's finite-size correction by default.
 
     Parameters
@@ -115,23 +147,10 @@ class EnsembleKalmanSampler:
     needs_parameters: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "prior_mean", vector(self.prior_mean,
-                                                       "EnsembleKalmanSampler.prior_mean"))
-        std = vector(self.prior_std, "EnsembleKalmanSampler.prior_std")
-        if min(std) <= 0:
-            raise ValueError(f"EnsembleKalmanSampler.prior_std: expected values > 0, got "
-                             f"{min(std)}")
-        object.__setattr__(self, "prior_std", std)
+        self._check_prior()
         if not isinstance(self.correction, bool):
             raise TypeError(f"EnsembleKalmanSampler.correction: expected a bool, got "
                             f"{self.correction!r}")
-
-    @classmethod
-    def from_blocks(cls, blocks: Any, *, correction: bool = True) -> EnsembleKalmanSampler:
-        """The sampler of the prior :func:`enkal.prior_ensemble` draws from ``blocks`` (the
-        :class:`~enkal.PriorBlock` list of :func:`enkal.constrained_gaussian`)."""
-        mean, std = block_moments(blocks)
-        return cls(mean, std, correction=correction)
 
     def transform(self, predictions: torch.Tensor, observations: Observations, *,
                   alpha: float, generator: torch.Generator | None,
@@ -146,8 +165,7 @@ class EnsembleKalmanSampler:
                              f"alpha = {alpha}")
         x = parameters.to(torch.float64)
         e, n_par = x.shape
-        m0, s0 = prior_vectors(self.prior_mean, self.prior_std, n_par, x,
-                               "EnsembleKalmanSampler")
+        m0, s0 = self._prior(n_par, x)
         dt = 1.0 / alpha
         a = x - x.mean(dim=0, keepdim=True)
         a_s = a / (s0 * s0)  # A S0^-1

@@ -518,15 +518,8 @@ class EnsembleSmoother:
                 raise ValueError("accelerator state given, but this smoother has no "
                                  "accelerator")
             return None
-        like = type(self.accelerator.init(params))
-        if saved is None:
-            return self.accelerator.init(params)
-        state = decode_state(saved, like, what="accelerator")
-        # tensors come back on the CPU: move them where the ensemble lives
-        moved = {f.name: getattr(state, f.name).to(params.device)
-                 for f in dataclasses.fields(state)
-                 if isinstance(getattr(state, f.name), torch.Tensor)}
-        return dataclasses.replace(state, **moved) if moved else state
+        fresh = self.accelerator.init(params)
+        return fresh if saved is None else decode_state(saved, type(fresh), what="accelerator")
 
 
 def _check_state(state: Any, name: str = "state") -> None:
