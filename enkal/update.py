@@ -144,58 +144,100 @@ def _check_rule(rule: object) -> None:
     check_component(rule, UpdateRule, "rule", "SquareRoot() or PerturbedObservations()")
 
 
-def _spectral_basis(s: torch.Tensor, truncation: float | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lam, V)``: squared singular values ``Sig^2`` (descending) and left singular
-    vectors ``V`` of ``S`` (``E x N_obs``), for the non-negligible singular values only.
+#: Up to this many members the ``(E, E)`` algebra of an update on an accelerator runs on the
+#: host after one copy (a GPU float64 eigh of 64 x 64 took 0.56 ms; the crossover is a guess).
+HOST_ALGEBRA_MAX_MEMBERS = 256
+
+
+class _NonFinite(ArithmeticError):
+    """The whitened anomalies' Gram matrix is not finite (explained by the caller)."""
+
+
+def _small(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The small float64 tensors where the ``(E, E)`` algebra runs: as they are on the CPU
+    or for large ensembles, else on the host, brought over in one copy."""
+    first = tensors[0]
+    if first.device.type == "cpu" or first.shape[0] > HOST_ALGEBRA_MAX_MEMBERS:
+        return list(tensors)
+    return _to_host(tensors)
+
+
+def _to_host(tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """``tensors`` (one dtype and device) on the CPU after one copy, shapes kept."""
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()  # the one synchronisation
+    return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]),
+                                             tensors, strict=True)]
+
+
+def _spectral_basis(s: torch.Tensor, truncation: float | None, *extra: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """``(lam, V, extra)``: squared singular values ``Sig^2`` (descending) and left singular
+    vectors ``V`` of ``S`` (``E x N_obs``), for the non-negligible singular values only, and
+    the small ``extra`` tensors on the same device as them (:func:`_small`).
 
     Diagonalises the ``E x E`` Gram matrix ``S S^T`` when ``E <= N_obs`` (the usual case),
     else takes the thin SVD of ``S`` (``O(E N_obs^2)``). Directions with ``Sig = 0`` need no
-    vectors: every formula below acts as the identity on them.
+    vectors: every formula below acts as the identity on them. Raises :class:`_NonFinite`
+    when ``S`` has a NaN/inf or ``S S^T`` overflows (its trace, ``sum S^2``, is not finite).
     """
     n, m = s.shape
-    # One reduction: a NaN/inf in S, or an overflow of S^T S, makes the sum non-finite.
-    if not math.isfinite(float(s.square().sum())):
-        raise ValueError(
-            "predictions: the noise-whitened prediction anomalies overflow float64 (largest "
-            f"|S| = {float(s.abs().max()):.3g}); such members are garbage: leave them out "
-            "with ok= or a failure policy with max_abs, or rescale the outputs"
-        )
     if n <= m:
         # E x E Gram: orthonormal V by construction, O(N_obs E^2) in one GEMM
-        lam, vec = torch.linalg.eigh(s @ s.T)
+        gram, *extra_ = _small(s @ s.T, *extra)
+        if not math.isfinite(float(gram.trace())):
+            raise _NonFinite
+        lam, vec = torch.linalg.eigh(gram)
         lam = lam.flip(0).clamp_min(0.0)
         vec = vec.flip(1)
     else:
         # more members than data: the thin SVD of S (O(E N_obs^2)); V = S U / Sig from the
         # small Gram would lose orthogonality for the weakest directions
+        if not math.isfinite(float(s.square().sum())):
+            raise _NonFinite
         vec, sig, _ = torch.linalg.svd(s, full_matrices=False)
-        lam = sig.square()
-    top = float(lam[0]) if lam.numel() else 0.0
-    keep = int((lam > top * max(n, m) * 1e-14).sum()) if top > 0 else 0
+        lam, extra_ = sig.square(), list(extra)
+    values = lam.tolist()  # on the host already (or E > N_obs / a large ensemble)
+    top = values[0] if values else 0.0
+    keep = sum(v > top * max(n, m) * 1e-14 for v in values) if top > 0 else 0
     if truncation is not None and truncation < 1.0 and keep > 0:
         cum = torch.cumsum(lam[:keep], 0) / float(lam[:keep].sum())
         r = int((cum < truncation).sum()) + 1
         keep = min(keep, r)
-    lam, vec = lam[:keep], vec[:, :keep]
-    return lam, vec
+    return lam[:keep], vec[:, :keep], extra_
 
 
-def _whitened(predictions: torch.Tensor, observations: Observations, alpha: float,
-              truncation: float | None):
-    """``(yh, ybar, y, s, lam, v)``: float64 predictions, their mean, the data, ``S`` and
-    its spectral basis (``Sig^2``, ``V``), shared by both rules."""
+def _basis(predictions: torch.Tensor, s: torch.Tensor, alpha: float,
+           truncation: float | None, *extra: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """:func:`_spectral_basis`, with a non-finite ``S`` explained: NaN/inf predictions
+    (``ValueError`` naming them, as :func:`_check_ok` did before any work) or an overflow of
+    the whitening (naming ``alpha``). The predictions are read only on this failure path."""
+    try:
+        return _spectral_basis(s, truncation, *extra)
+    except _NonFinite:
+        bad = ~torch.isfinite(predictions).all(dim=1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"predictions: {int(bad.sum())} members have NaN/inf predictions; pass "
+                "ok= (a bool mask of the members to use) or let EnsembleSmoother's failure "
+                "policy handle them") from None
+        raise ValueError(
+            "predictions: the noise-whitened prediction anomalies overflow float64 (largest "
+            f"|S| = {float(s.abs().max()):.3g}); such members are garbage: leave them out "
+            "with ok= or a failure policy with max_abs, or rescale the outputs (noise "
+            f"inflation alpha = {alpha:g})") from None
+
+
+def _whitened(predictions: torch.Tensor, observations: Observations, alpha: float):
+    """``(yh, ybar, y, s)``: float64 predictions, their mean, the data and ``S``, shared by
+    both rules."""
     n = predictions.shape[0]
     y = observations.values.to(predictions.device)
     yh = predictions.to(torch.float64)
     ybar = yh.mean(dim=0)
     scale = 1.0 / math.sqrt(alpha * (n - 1))
     s = observations.whiten(yh - ybar) * scale  # (E, N_obs), S = D L^-T / sqrt(alpha (E-1))
-    try:
-        lam, v = _spectral_basis(s, truncation)
-    except ValueError as err:  # the scaling by alpha may be the cause: say what it was
-        raise ValueError(f"{err} (noise inflation alpha = {alpha:g})") from None
-    return yh, ybar, y, s, lam, v
+    return yh, ybar, y, s
 
 
 def square_root_transform(predictions: torch.Tensor, observations: Observations, *,
@@ -204,14 +246,15 @@ def square_root_transform(predictions: torch.Tensor, observations: Observations,
     """The deterministic square-root transform ``W`` (``(E, E)``, float64; see the module
     docstring): ``X+ = W X`` moves the mean by ``A^T w`` and the anomalies by ``T``."""
     n = predictions.shape[0]
-    _, ybar, y, s, lam, v = _whitened(predictions, observations, alpha, truncation)
-    eye = torch.eye(n, dtype=torch.float64, device=s.device)
+    _, ybar, y, s = _whitened(predictions, observations, alpha)
     d = observations.whiten((y - ybar).unsqueeze(0)).squeeze(0) / math.sqrt(alpha)
-    sd = s @ d  # S d: (E,)
+    lam, v, (sd,) = _basis(predictions, s, alpha, truncation, s @ d)  # S d: (E,)
+    eye = torch.eye(n, dtype=torch.float64, device=lam.device)
     w = v @ ((v.T @ sd) / (lam + 1.0)) / math.sqrt(n - 1)
     t = eye + (v * ((lam + 1.0).rsqrt() - 1.0)) @ v.T
     # W = 1 1^T / E + 1 (Pi w)^T + T Pi, with M Pi = M - (M 1) 1^T / E in O(E^2)
-    return (t - t.sum(dim=1, keepdim=True) / n) + (1.0 / n) + (w - w.mean()).unsqueeze(0)
+    w = (t - t.sum(dim=1, keepdim=True) / n) + (1.0 / n) + (w - w.mean()).unsqueeze(0)
+    return w.to(predictions.device, non_blocking=True)
 
 
 def perturbed_transform(predictions: torch.Tensor, observations: Observations,
@@ -220,12 +263,14 @@ def perturbed_transform(predictions: torch.Tensor, observations: Observations,
     """The perturbed-observation transform ``W = I + G Pi`` (``(E, E)``, float64) for given
     perturbations ``eps ~ N(0, alpha R)`` ``(E, N_obs)`` (the seed paper's eq. 11)."""
     n = predictions.shape[0]
-    yh, _, y, s, lam, v = _whitened(predictions, observations, alpha, truncation)
-    eye = torch.eye(n, dtype=torch.float64, device=s.device)
+    yh, _, y, s = _whitened(predictions, observations, alpha)
     psi = (y + perturbations.to(device=s.device, dtype=torch.float64)) - yh
     psi_w = observations.whiten(psi) / math.sqrt(alpha)  # (E, N_obs)
-    g = (((psi_w @ s.T) @ v) / (lam + 1.0)) @ v.T / math.sqrt(n - 1)
-    return eye + (g - g.sum(dim=1, keepdim=True) / n)
+    lam, v, (ps,) = _basis(predictions, s, alpha, truncation, psi_w @ s.T)
+    eye = torch.eye(n, dtype=torch.float64, device=lam.device)
+    g = ((ps @ v) / (lam + 1.0)) @ v.T / math.sqrt(n - 1)
+    return (eye + (g - g.sum(dim=1, keepdim=True) / n)).to(predictions.device,
+                                                          non_blocking=True)
 
 
 def ensemble_transform(
@@ -429,7 +474,6 @@ def _check_pair(parameters, predictions, observations, rule, alpha) -> None:
             f"predictions: expected dtype {parameters.dtype} (the parameters' dtype), got "
             f"{predictions.dtype}; cast one of them with .to()"
         )
-    check_finite(parameters, "parameters")
 
 
 def _check_ok(ok, predictions: torch.Tensor, n: int) -> torch.Tensor | None:
@@ -445,14 +489,8 @@ def _check_ok(ok, predictions: torch.Tensor, n: int) -> torch.Tensor | None:
             raise FailedMembersError(
                 f"only {int(ok.sum())} of {n} members succeeded; at least 2 are needed"
             )
-    else:
-        bad = ~torch.isfinite(predictions).all(dim=1)
-        if bool(bad.any()):
-            raise ValueError(
-                f"predictions: {int(bad.sum())} members have NaN/inf predictions; pass "
-                "ok= (a bool mask of the members to use) or let EnsembleSmoother's failure "
-                "policy handle them"
-            )
+    # without ok, NaN/inf predictions are found on the whitened anomalies' Gram matrix, with
+    # no extra pass and no host synchronisation of their own (_basis says which they are)
     return ok
 
 
@@ -496,10 +534,17 @@ def assimilate(
     -------
     Tensor, shape (N_ens, N_par), dtype and device of ``parameters``.
 
-    Every argument is checked before anything is computed: ``TypeError`` for a wrong type
-    or dtype (a class given for ``rule``, an int for ``generator``), ``ValueError`` for a
+    Every argument is checked, each error naming it: ``TypeError`` for a wrong type or
+    dtype (a class given for ``rule``, an int for ``generator``), ``ValueError`` for a
     wrong shape, device or value (non-finite parameters, ``alpha <= 0``, NaN predictions of
-    members not excluded by ``ok``), each naming the argument. The update is never
+    members not excluded by ``ok``). Types, shapes and devices are checked before anything
+    is computed. The values are checked where it costs no extra pass and no extra host
+    synchronisation: NaN/inf predictions on the whitened anomalies' Gram matrix (before
+    ``X`` is read), non-finite parameters on the first row of the result (``W X`` spreads a
+    NaN in ``X`` over its column), so a given ``out`` buffer may have been written when that
+    error is raised; with ``out=parameters`` they are checked before the update instead. On
+    an accelerator with ``N_ens <= HOST_ALGEBRA_MAX_MEMBERS`` the ``(E, E)`` algebra runs on
+    the host after one copy: two host synchronisations per call in all. The update is never
     differentiated: ``parameters`` and ``predictions`` are detached.
     """
     ok = _validate(parameters, predictions, observations, rule, alpha, ok)
@@ -510,7 +555,25 @@ def assimilate(
     parameters, predictions = parameters.detach(), predictions.detach()
     used = predictions if ok is None or bool(ok.all()) else predictions[ok]
     w = draw_transform(used, observations, rule=rule, alpha=alpha, generator=generator, ok=ok)
-    return apply_transform(w, parameters, out=out, chunk_size=chunk_size)
+    inplace = out is not None and out.data_ptr() == parameters.data_ptr()
+    if inplace:  # the result overwrites X: check X first (a pass over it, a synchronisation)
+        check_finite(parameters, "parameters")
+    result = apply_transform(w, parameters, out=out, chunk_size=chunk_size)
+    if not inplace:
+        _check_result(result, parameters)
+    return result
+
+
+def _check_result(result: torch.Tensor, parameters: torch.Tensor) -> None:
+    """Finite ``parameters``, checked on the first row of ``W X`` (``1/N_ens`` of a pass):
+    a NaN or inf in column ``j`` of ``X`` makes ``(W X)[0, j] = sum_i W[0, i] X[i, j]``
+    non-finite (IEEE: ``0 * NaN`` and ``0 * inf`` are NaN; ``W`` is finite), so a finite
+    first row proves the parameters finite; only a non-finite one pays for the count."""
+    if math.isfinite(float(result[0].sum())):
+        return
+    check_finite(parameters, "parameters")
+    raise ValueError("parameters: the update overflowed (finite parameters, non-finite "
+                     "result); rescale the parameters")
 
 
 def draw_transform(
