@@ -86,7 +86,7 @@ def measure(P: int, E: int, M: int, device: torch.device, repeats: int) -> dict:
     row["ms"] = 1e3 * statistics.median(times["assimilate"])
     row["floor_ms"] = 1e3 * statistics.median(times["floor"])
     row["over_floor"] = statistics.median(a / f for a, f in zip(times["assimilate"],
-                                                                 times["floor"]))
+                                                                 times["floor"], strict=True))
     return row
 
 

@@ -20,7 +20,7 @@ from conftest import torch_threads
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, StepLR
 
-from enkal import CollapseGuard, FixedAnnealing, PerturbedObservations
+from enkal import CollapseGuard, FixedAnnealing, PerturbedObservations, RelativeNoise
 from enkal.nn import Carry, EnsembleKalmanOptimizer, HybridOptimizer, Sections
 
 EPS = torch.finfo(torch.float64).eps
@@ -55,8 +55,8 @@ def _batches(n: int = 4):
 PAPER = dict(members=Carry(CollapseGuard(threshold=1e-4, reset=1e-3)),
              rule=PerturbedObservations(),
              schedule=FixedAnnealing(factor=0.75, initial=1.0, floor=0.1))
-CONFIGS = {
-    "redraw": {},
+CONFIGS = {  # "redraw": the schedule of its recording (the default before RelativeNoise.newton)
+    "redraw": dict(schedule=RelativeNoise()),
     "sections": dict(sections=Sections(one_at_a_time=True), members=Carry()),
     "carry": PAPER,
 }

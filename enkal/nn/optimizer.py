@@ -44,12 +44,13 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
     The default is the researched recipe (``docs/nn.md``): ``members=Redraw()`` (every
     step a fresh ensemble around the mean, each weight's spread Kaiming-relative and divided
     by the RMS of its layer's input; only the new mean is kept), ``rule=SquareRoot()``,
-    ``schedule=RelativeNoise()`` (noise relative to the predictions' spread, growing: a
-    step-size decay; its size from the coverage of a run of ``steps=500`` updates: a short
-    run gains from ``RelativeNoise(steps=...)``), and for class labels ``Classification()``
-    (probabilities with multinomial noise: a Gauss-Newton step on the cross-entropy).
-    Digits MLP 64-32-10, ``E=64``, 20 epochs: 0.956 (AdamW 0.961); seven networks in
-    ``docs/nn.md`` (``bench/nn_suite.py``). The seed paper's literal variant carries
+    ``schedule=RelativeNoise.newton()`` (noise 0.01 times the predictions' spread, so the
+    step solves the minibatch's Gauss-Newton problem in the ensemble's subspace, and a
+    constant ``step_size=0.03`` of it: no run length needed), and for class labels
+    ``Classification()`` (probabilities with multinomial noise: Gauss-Newton on the
+    cross-entropy). Digits MLP 64-32-10, ``E=64``, 20 epochs: 0.947 (AdamW 0.961); seven
+    networks in ``docs/nn.md`` 1.5 (``bench/nn_suite.py``). With ``Carry`` the default
+    schedule is ``RelativeNoise()`` (growing noise, the plain step). The seed paper's literal variant carries
     the ensemble: ``members=Carry(CollapseGuard(1e-4, 1e-3)), rule=PerturbedObservations(),
     schedule=FixedAnnealing(0.75, initial=1.0, floor=0.1)`` (0.91-0.93 there).
 
@@ -58,10 +59,11 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
     :meth:`state_dict` (with torch's ``param_groups``) work as with any optimizer.
 
     * ``lr`` (``param_groups[0]["lr"]``, read at every step, so schedulers act on it)
-      multiplies the step's *mean increment*: ``m+ = m + lr * (m_a - m)``, ``m_a`` the
-      analysis mean. With :class:`Redraw` only the mean is kept: that is the whole effect;
+      multiplies the step's *mean increment*: ``m+ = m + lr * s * (m_a - m)``, ``m_a`` the
+      analysis mean, ``s`` the schedule's ``step_size`` (0.03 for the default
+      ``RelativeNoise.newton()``, 1 for schedules without one). With :class:`Redraw` only the mean is kept: that is the whole effect;
       with :class:`Carry` every member is shifted by ``(lr - 1) * (m_a - m)``, keeping the
-      analysis anomalies. ``lr = 1`` (default) is the plain update, bit for bit (no
+      analysis anomalies. ``lr * s = 1`` is the plain update, bit for bit (no
       arithmetic added); ``lr < 1`` damps it, on top of the schedule's own step-size control
       (:class:`RelativeNoise`'s growing noise); ``lr = 0`` keeps the mean (a warm-up's
       first step; with ``Carry`` the spread still contracts); ``lr > 1`` extrapolates (not
@@ -92,9 +94,10 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         ``max_sigma``) are handled exactly as in :class:`~enkal.EnsembleSmoother`: left out
         of the update and redrawn (default), kept, or the step refused.
     schedule : RelativeNoise, FixedAnnealing, ESMDA, DataMisfitController or compatible
-        Noise per step. Default ``RelativeNoise()`` (``gamma="auto"``, ``steps=500``);
-        ``RelativeNoise(steps=n)`` with your run's number of updates helps runs much
-        shorter than 500 updates. ``FixedAnnealing(factor=0.75,
+        Noise per step. Default (``None``): ``RelativeNoise.newton()`` with
+        :class:`Redraw`, ``RelativeNoise()`` with :class:`Carry`. Session 5's recipe,
+        ``RelativeNoise(steps=n)`` told your run's number of updates, is still the better
+        one for short MLP runs (``docs/nn.md`` 1.5). ``FixedAnnealing(factor=0.75,
         initial=1.0, floor=0.1)`` is the seed paper's absolute annealing (with a floor);
         ``FixedAnnealing(factor=1.0, initial=r, floor=r)`` keeps ``rho = r``.
     members : Redraw or Carry
@@ -151,7 +154,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         noise: float = 1.0,
         rule: UpdateRule = SquareRoot(),
         failure: FailurePolicy = ResampleFailed(),
-        schedule: Any = RelativeNoise(),
+        schedule: Any = None,
         members: Redraw | Carry = Redraw(),
         task: Classification | Regression | None = None,
         prior_std: float | None = None,
@@ -170,6 +173,9 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         check_positive_float(noise, "noise")
         _check_rule(rule)
         check_policy(failure)
+        if schedule is None:
+            schedule = RelativeNoise.newton() if isinstance(members, Redraw) else \
+                RelativeNoise()
         check_schedule(schedule)
         if not isinstance(members, (Redraw, Carry)):
             raise TypeError(f"members: expected Redraw(...) or Carry(...), got "
@@ -378,6 +384,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         active = [self._iteration % n_sec] if one else list(range(n_sec))
         redraw = self._redraw_std is not None
         rng, std = self._generator.get_state(), self._redraw_std
+        lr = lr * getattr(self.schedule, "step_size", 1.0)
         start = None if lr == 1 else self._mean.clone()  # lr = 1: not one extra operation
         try:  # a refused step (bad targets, too many failed members) changes nothing
             if isinstance(self.members, Redraw) and self.members.scale == "inputs":
