@@ -11,9 +11,11 @@ For each ``P`` (parameters) at ``E`` members and ``M`` observations, float32:
   (``aten::_to_copy``/``aten::copy_`` into a CPU tensor from another device): on a GPU each
   one waits for the queue to drain; on a CPU they are free, but the count is the same code
   path's;
-* ``ms`` and ``floor_ms``: medians over ``--repeats`` interleaved rounds of the call (output
-  buffer reused) and of the floor ``torch.matmul(T, X, out=buf)``; ``over_floor`` is the
-  median of the per-round ratios (robust to a shared machine's load).
+* ``ms``, ``floor_ms`` and ``copy_ms``: medians over ``--repeats`` interleaved rounds of the
+  call (output buffer reused), of the GEMM floor ``torch.matmul(T, X, out=buf)`` and of the
+  copy floor ``buf.copy_(X)`` (one read and one write of ``X``: the bandwidth bound of any
+  update); ``over_floor`` and ``over_copy`` are the medians of the per-round ratios (robust
+  to a shared machine's load).
 
 ``--compare DIR`` also runs this script on the enkal checkout in ``DIR`` (a ``git
 worktree`` of an older commit), alternating the two processes round by round, and prints
@@ -73,7 +75,8 @@ def measure(P: int, E: int, M: int, device: torch.device, repeats: int) -> dict:
     buf = torch.empty_like(x)
     t = torch.randn(E, E, generator=g).to(device)
     calls = {"assimilate": lambda: enkal.assimilate(x, y, obs, out=buf),
-             "floor": lambda: torch.matmul(t, x, out=buf)}
+             "floor": lambda: torch.matmul(t, x, out=buf),
+             "copy": lambda: buf.copy_(x)}
     row = {"P": P, "E": E, "M": M, **_counts(calls["assimilate"], device)}
     times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(repeats):
@@ -85,8 +88,11 @@ def measure(P: int, E: int, M: int, device: torch.device, repeats: int) -> dict:
             times[k].append(time.perf_counter() - t0)
     row["ms"] = 1e3 * statistics.median(times["assimilate"])
     row["floor_ms"] = 1e3 * statistics.median(times["floor"])
+    row["copy_ms"] = 1e3 * statistics.median(times["copy"])
     row["over_floor"] = statistics.median(a / f for a, f in zip(times["assimilate"],
                                                                  times["floor"], strict=True))
+    row["over_copy"] = statistics.median(a / c for a, c in zip(times["assimilate"],
+                                                               times["copy"], strict=True))
     return row
 
 
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {device}, "
           f"E={args.E}, M={args.M}, float32; medians")
     print(f"{'code':7s} {'P':>9s} {'ops':>5s} {'top':>5s} {'syncs':>5s} {'ms':>9s} "
-          f"{'floor':>9s} {'/floor':>7s}")
+          f"{'floor':>9s} {'/floor':>7s} {'copy':>9s} {'/copy':>7s}")
     rows = []
     for P in sizes:
         got: dict[str, list[dict]] = {k: [] for k in roots}
@@ -134,12 +140,13 @@ def main(argv: list[str] | None = None) -> dict:
             for name, root in roots.items():
                 got[name].append(_child(args, root, P, args.repeats))
         for name, rs in got.items():
-            r = dict(rs[0], code=name, ms=statistics.median(x["ms"] for x in rs),
-                     floor_ms=statistics.median(x["floor_ms"] for x in rs),
-                     over_floor=statistics.median(x["over_floor"] for x in rs))
+            med = {k: statistics.median(x[k] for x in rs)
+                   for k in ("ms", "floor_ms", "copy_ms", "over_floor", "over_copy")}
+            r = dict(rs[0], code=name, **med)
             rows.append(r)
             print(f"{name:7s} {P:9d} {r['ops']:5d} {r['top_ops']:5d} {r['syncs']:5d} "
-                  f"{r['ms']:9.3f} {r['floor_ms']:9.3f} {r['over_floor']:7.3f}", flush=True)
+                  f"{r['ms']:9.3f} {r['floor_ms']:9.3f} {r['over_floor']:7.3f} "
+                  f"{r['copy_ms']:9.3f} {r['over_copy']:7.3f}", flush=True)
         if args.compare:
             this, before = rows[-2], rows[-1]
             print(f"{'':7s} {P:9d} this/before: time {this['ms'] / before['ms']:.3f}, "

@@ -41,18 +41,17 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
     that evaluates ``model`` needs no change. Ensemble Kalman inversion as a training method
     [Kovachki2019]; the seed paper's learning [Trautner2020].
 
-    The default is the researched recipe (``docs/nn.md``): ``members=Redraw()`` (every
-    step a fresh ensemble around the mean, each weight's spread Kaiming-relative and divided
-    by the RMS of its layer's input; only the new mean is kept), ``rule=SquareRoot()``,
-    ``schedule=RelativeNoise.newton()`` (noise 0.01 times the predictions' spread, so the
-    step solves the minibatch's Gauss-Newton problem in the ensemble's subspace, and a
-    constant ``step_size=0.03`` of it: no run length needed), and for class labels
-    ``Classification()`` (probabilities with multinomial noise: Gauss-Newton on the
-    cross-entropy). Digits MLP 64-32-10, ``E=64``, 20 epochs: 0.947 (AdamW 0.961); seven
-    networks in ``docs/nn.md`` 1.5 (``bench/nn_suite.py``). With ``Carry`` the default
-    schedule is ``RelativeNoise()`` (growing noise, the plain step). The seed paper's literal variant carries
-    the ensemble: ``members=Carry(CollapseGuard(1e-4, 1e-3)), rule=PerturbedObservations(),
-    schedule=FixedAnnealing(0.75, initial=1.0, floor=0.1)`` (0.91-0.93 there).
+    The default is the researched recipe (``docs/nn.md``): ``members=Redraw()`` (a fresh
+    ensemble around the mean every step, each weight's spread Kaiming-relative over its
+    layer input's RMS; only the new mean is kept), ``rule=SquareRoot()``,
+    ``schedule=RelativeNoise.newton()`` (noise 0.01 times the predictions' spread: the
+    minibatch's Gauss-Newton step in the ensemble's subspace, of which a constant
+    ``step_size=0.03`` is taken; no run length) and for labels ``Classification()``
+    (multinomial noise). Digits MLP 64-32-10, ``E=64``, 20 epochs: 0.947 (AdamW 0.961);
+    seven networks in ``docs/nn.md`` 1.5. With ``Carry`` the default schedule is
+    ``RelativeNoise()``; the seed paper's literal variant: ``members=Carry(CollapseGuard(1e-4,
+    1e-3)), rule=PerturbedObservations(), schedule=FixedAnnealing(0.75, initial=1.0,
+    floor=0.1)`` (0.91-0.93 there).
 
     As a torch optimizer: one parameter group, the model's trainable parameters (a second
     group is refused), so ``zero_grad``, LR schedulers, Lightning's manual optimization and
@@ -61,13 +60,12 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
     * ``lr`` (``param_groups[0]["lr"]``, read at every step, so schedulers act on it)
       multiplies the step's *mean increment*: ``m+ = m + lr * s * (m_a - m)``, ``m_a`` the
       analysis mean, ``s`` the schedule's ``step_size`` (0.03 for the default
-      ``RelativeNoise.newton()``, 1 for schedules without one). With :class:`Redraw` only the mean is kept: that is the whole effect;
-      with :class:`Carry` every member is shifted by ``(lr - 1) * (m_a - m)``, keeping the
-      analysis anomalies. ``lr * s = 1`` is the plain update, bit for bit (no
-      arithmetic added); ``lr < 1`` damps it, on top of the schedule's own step-size control
-      (:class:`RelativeNoise`'s growing noise); ``lr = 0`` keeps the mean (a warm-up's
-      first step; with ``Carry`` the spread still contracts); ``lr > 1`` extrapolates (not
-      measured). It acts after the analysis: from one state, any ``lr`` draws and reports alike.
+      ``RelativeNoise.newton()``, 1 for schedules without one). With :class:`Redraw` only
+      the mean is kept: that is the whole effect; with :class:`Carry` every member is
+      shifted by ``(lr s - 1) * (m_a - m)``, keeping the analysis anomalies. ``lr s = 1``
+      is the plain update, bit for bit (no arithmetic added); ``lr < 1`` damps it further;
+      ``lr = 0`` keeps the mean (a warm-up's first step; with ``Carry`` the spread still
+      contracts). It acts after the analysis: from one state, any ``lr`` draws alike.
     * ``step(inputs, targets, *, closure=None)``: the batch is required (positional, or the
       keywords ``inputs=``, ``targets=`` as ``LightningOptimizer.step(closure, **kwargs)``
       passes them). The update uses no loss, so a ``closure`` (torch's "re-evaluate the model
@@ -85,8 +83,8 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
     noise : float
         Observation noise standard deviation in units of the mapped targets
         (probabilities for classification, times ``sqrt(pbar + floor)`` with the
-        multinomial weighting), scaled by the schedule's ``rho``. Irrelevant
-        for :class:`RelativeNoise` (which sets the noise from the predictions).
+        multinomial weighting), scaled by the schedule's ``rho`` (irrelevant for
+        :class:`RelativeNoise`).
     rule : SquareRoot, PerturbedObservations or an UpdateRule
         Default :class:`~enkal.SquareRoot`.
     failure : ResampleFailed, IgnoreFailed, Raise or a FailurePolicy
@@ -94,12 +92,10 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         ``max_sigma``) are handled exactly as in :class:`~enkal.EnsembleSmoother`: left out
         of the update and redrawn (default), kept, or the step refused.
     schedule : RelativeNoise, FixedAnnealing, ESMDA, DataMisfitController or compatible
-        Noise per step. Default (``None``): ``RelativeNoise.newton()`` with
-        :class:`Redraw`, ``RelativeNoise()`` with :class:`Carry`. Session 5's recipe,
-        ``RelativeNoise(steps=n)`` told your run's number of updates, is still the better
-        one for short MLP runs (``docs/nn.md`` 1.5). ``FixedAnnealing(factor=0.75,
-        initial=1.0, floor=0.1)`` is the seed paper's absolute annealing (with a floor);
-        ``FixedAnnealing(factor=1.0, initial=r, floor=r)`` keeps ``rho = r``.
+        Default (``None``): ``RelativeNoise.newton()`` with :class:`Redraw`,
+        ``RelativeNoise()`` with :class:`Carry`. ``RelativeNoise(steps=n)``, told the run's
+        updates, is better for short MLP runs (``docs/nn.md`` 1.5); ``FixedAnnealing(1.0,
+        initial=r, floor=r)`` keeps ``rho = r``.
     members : Redraw or Carry
         What happens to the ensemble between steps. Default ``Redraw()`` (``spread=0.03``,
         ``scale="inputs"``);
@@ -125,8 +121,8 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
     chunk_size : int, optional
         Parameter columns per GEMM block of the update.
     lr : float
-        Multiplier of the mean increment (finite, ``>= 0``; default 1.0: the plain update).
-        Stored as ``param_groups[0]["lr"]``, where schedulers change it.
+        Multiplier of the mean increment (finite, ``>= 0``; default 1.0), with the
+        schedule's ``step_size``. Stored as ``param_groups[0]["lr"]`` (schedulers change it).
 
     Attributes
     ----------
@@ -174,15 +170,14 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         _check_rule(rule)
         check_policy(failure)
         if schedule is None:
-            schedule = RelativeNoise.newton() if isinstance(members, Redraw) else \
-                RelativeNoise()
+            schedule = RelativeNoise.newton() if isinstance(members, Redraw) else RelativeNoise()
         check_schedule(schedule)
         if not isinstance(members, (Redraw, Carry)):
             raise TypeError(f"members: expected Redraw(...) or Carry(...), got "
                             f"{type(members).__name__}")
         if isinstance(members, Redraw) and prior_std is not None:
-            raise ValueError("prior_std: only used with members=Carry(...); Redraw draws "
-                             "with spread * Kaiming std (Redraw.std)")
+            raise ValueError("prior_std: only used with members=Carry(...); Redraw draws with "
+                             "Redraw.std")
         if task is not None:
             _check_output_map(task, "task")
         check_positive_float(prior_std, "prior_std", allow_none=True)
@@ -595,8 +590,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
                              "members=Redraw needs the mean")
         return mean
 
-    def __getstate__(self) -> dict[str, Any]:
-        # torch's keeps only defaults, state and param_groups; copy and pickle need all
+    def __getstate__(self) -> dict[str, Any]:  # torch's keeps too little for copy and pickle
         return dict(self.__dict__)
 
     def __repr__(self) -> str:
