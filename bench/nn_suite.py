@@ -699,8 +699,10 @@ def figure_title(settings: Settings, args: argparse.Namespace, pairs: Iterable[s
     seeds = ", ".join(map(str, args.seeds))
     over = (f"median and range over seeds {seeds}" if len(args.seeds) > 1
             else f"seed {seeds} (one run per method)")
-    return (f"AdamW vs enkal defaults (E={args.ensemble}) vs hybrid: test accuracy, {over}"
-            + (" [SUBSET]" if subset else ""))
+    names = {"adamw": "AdamW", "enkal": f"enkal defaults (E={args.ensemble})",
+             "hybrid": "hybrid"}
+    shown = " vs ".join(names[m] for m in METHODS if m in args.methods)
+    return f"{shown}: test accuracy, {over}" + (" [SUBSET]" if subset else "")
 
 
 # -- command line ---------------------------------------------------------------------------

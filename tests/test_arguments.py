@@ -310,7 +310,7 @@ _TRANSFORMS = [
          ValueError, "predictions"),
     case("et-predictions-nan", lambda: ensemble_transform(_preds() * math.nan, _obs(),
                                                           rule=SquareRoot()),
-         ValueError, "predictions", r"largest \|S\| = nan"),
+         ValueError, "predictions", r"\d+ members have NaN/inf"),
     case("et-observations-tensor", lambda: ensemble_transform(_preds(), torch.zeros(M),
                                                               rule=SquareRoot()),
          TypeError, "observations"),
