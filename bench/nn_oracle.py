@@ -51,7 +51,10 @@ def oracle_step(net: nn.Module, names: list[tuple], m: torch.Tensor, std: torch.
     h = torch.einsum("kbc,lbc->kl", pj, jd) - torch.einsum("kb,lb->kl", pj.sum(-1), pj.sum(-1))
     h, b = h / len(y), b / len(y)
     h = h + lam * h.diagonal().mean() * torch.eye(k, dtype=h.dtype)
-    return m - alpha * (torch.linalg.solve(h, b).to(m.dtype) @ d)
+    w, info = torch.linalg.solve_ex(h, b)
+    if int(info) != 0:  # H singular (lam = 0, or a direction with no effect): least squares
+        w = torch.linalg.lstsq(h, b.unsqueeze(1)).solution.squeeze(1)
+    return m - alpha * (w.to(m.dtype) @ d)
 
 
 def main(argv: list[str] | None = None) -> dict:
