@@ -253,8 +253,8 @@ def square_root_transform(predictions: torch.Tensor, observations: Observations,
     w = v @ ((v.T @ sd) / (lam + 1.0)) / math.sqrt(n - 1)
     t = eye + (v * ((lam + 1.0).rsqrt() - 1.0)) @ v.T
     # W = 1 1^T / E + 1 (Pi w)^T + T Pi, with M Pi = M - (M 1) 1^T / E in O(E^2)
-    w = (t - t.sum(dim=1, keepdim=True) / n) + (1.0 / n) + (w - w.mean()).unsqueeze(0)
-    return w.to(predictions.device, non_blocking=True)
+    full = (t - t.sum(dim=1, keepdim=True) / n) + (1.0 / n) + (w - w.mean()).unsqueeze(0)
+    return full.to(predictions.device, non_blocking=True)
 
 
 def perturbed_transform(predictions: torch.Tensor, observations: Observations,
