@@ -67,8 +67,9 @@ def test_a_step_is_the_kalman_mean_update_with_multinomial_noise():
     # The optimizer's new mean against the closed form, computed here from the members it
     # drew and their predictions: m+ = mean(X) + A^T w, w = (S S^T + (E-1) I)^-1 S r, with
     # S = D / sqrt(alpha R), r = (y - mean(Yh)) / sqrt(alpha R), R = diag(pbar + floor),
-    # alpha = gamma * sum((D / sqrt(R))^2) / (E-1)^2; the default takes step_size = 0.03 of
-    # it: m+ = m + 0.03 (m_a - m). float32 parameters: 1e-5.
+    # alpha = gamma * sum((D / sqrt(R))^2) / (E-1)^2; the default takes the step whole but
+    # at most trust_radius = 1.25 of the redraw's spread: m+ = m + c (m_a - m), c = min(1,
+    # 1.25 / rho), rho = rms((m_a - m) / std). float32 parameters: 1e-5.
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
     x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 1, 0])
@@ -84,7 +85,10 @@ def test_a_step_is_the_kalman_mean_update_with_multinomial_noise():
     alpha = info.schedule["gamma"] * float(d.square().sum()) / (e - 1) ** 2
     s, r = d / alpha ** 0.5, (obs - P.mean(0)) / std / alpha ** 0.5
     w = torch.linalg.solve(s @ s.T + (e - 1) * torch.eye(e, dtype=torch.float64), s @ r)
-    expected = start + 0.03 * (X.mean(0) + w @ (X - X.mean(0)) - start)
+    step = X.mean(0) + w @ (X - X.mean(0)) - start
+    std = opt._redraw_std.double()
+    c = min(1.0, 1.25 / float((step / std).square().mean().sqrt()))
+    expected = start + c * step
     torch.testing.assert_close(opt.mean.double(), expected, atol=1e-6, rtol=0)
 
 

@@ -23,6 +23,7 @@ from ._torch_optim import check_batch, check_lr, group_lr, loaded_group, saved_g
 from .members import Carry, Redraw, Sections, kaiming_std
 from .model import NeuralModel
 from .noise import RelativeNoise
+from .steps import drawn_std, scale_increment
 from .tasks import Classification, Regression, _check_output_map, _describe
 
 __all__ = ["EnsembleKalmanOptimizer"]
@@ -45,10 +46,11 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
     ensemble around the mean every step, each weight's spread Kaiming-relative over its
     layer input's RMS; only the new mean is kept), ``rule=SquareRoot()``,
     ``schedule=RelativeNoise.newton()`` (noise 0.01 times the predictions' spread: the
-    minibatch's Gauss-Newton step in the ensemble's subspace, of which a constant
-    ``step_size=0.03`` is taken; no run length) and for labels ``Classification()``
+    minibatch's Gauss-Newton step in the ensemble's subspace, taken whole but at most
+    ``trust_radius=1.25`` times the redraw's spread; no run length) and for labels
+    ``Classification()``
     (multinomial noise). Digits MLP 64-32-10, ``E=64``, 20 epochs: 0.947 (AdamW 0.961);
-    seven networks in ``docs/nn.md`` 1.5. With ``Carry`` the default schedule is
+    seven networks in ``docs/nn.md`` 1.6. With ``Carry`` the default schedule is
     ``RelativeNoise()``; the seed paper's literal variant: ``members=Carry(CollapseGuard(1e-4,
     1e-3)), rule=PerturbedObservations(), schedule=FixedAnnealing(0.75, initial=1.0,
     floor=0.1)`` (0.91-0.93 there).
@@ -59,11 +61,14 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
 
     * ``lr`` (``param_groups[0]["lr"]``, read at every step, so schedulers act on it)
       multiplies the step's *mean increment*: ``m+ = m + lr * s * (m_a - m)``, ``m_a`` the
-      analysis mean, ``s`` the schedule's ``step_size`` (0.03 for the default
-      ``RelativeNoise.newton()``, 1 for schedules without one). With :class:`Redraw` only
-      the mean is kept: that is the whole effect; with :class:`Carry` every member is
-      shifted by ``(lr s - 1) * (m_a - m)``, keeping the analysis anomalies. ``lr s = 1``
-      is the plain update, bit for bit (no arithmetic added); ``lr < 1`` damps it further;
+      analysis mean, ``s`` the schedule's ``step_size`` (1 for schedules without one);
+      with a ``trust_radius`` ``r`` (:class:`Redraw`; the default) ``s`` becomes ``min(s,
+      r / rho)``, ``rho`` the increment's RMS in units of the redraw's spread
+      (``enkal.nn.steps``), so ``lr`` scales the step the trust region allows. With
+      :class:`Redraw` only the mean is kept: that is the whole effect; with :class:`Carry`
+      every member is shifted by ``(lr s - 1) * (m_a - m)``, keeping the analysis
+      anomalies. ``lr s = 1`` without a trust radius is the plain update, bit for bit (no
+      arithmetic added); ``lr < 1`` damps it further;
       ``lr = 0`` keeps the mean (a warm-up's first step; with ``Carry`` the spread still
       contracts). It acts after the analysis: from one state, any ``lr`` draws alike.
     * ``step(inputs, targets, *, closure=None)``: the batch is required (positional, or the
@@ -94,7 +99,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
     schedule : RelativeNoise, FixedAnnealing, ESMDA, DataMisfitController or compatible
         Default (``None``): ``RelativeNoise.newton()`` with :class:`Redraw`,
         ``RelativeNoise()`` with :class:`Carry`. ``RelativeNoise(steps=n)``, told the run's
-        updates, is better for short MLP runs (``docs/nn.md`` 1.5); ``FixedAnnealing(1.0,
+        updates, is better for short MLP runs (``docs/nn.md`` 1.6); ``FixedAnnealing(1.0,
         initial=r, floor=r)`` keeps ``rho = r``.
     members : Redraw or Carry
         What happens to the ensemble between steps. Default ``Redraw()`` (``spread=0.03``,
@@ -175,6 +180,9 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         if not isinstance(members, (Redraw, Carry)):
             raise TypeError(f"members: expected Redraw(...) or Carry(...), got "
                             f"{type(members).__name__}")
+        if isinstance(members, Carry) and getattr(schedule, "trust_radius", None) is not None:
+            raise ValueError("schedule: a trust_radius needs members=Redraw(...) (it is in "
+                             "units of the redraw's spread); pass trust_radius=None")
         if isinstance(members, Redraw) and prior_std is not None:
             raise ValueError("prior_std: only used with members=Carry(...); Redraw draws with "
                              "Redraw.std")
@@ -245,16 +253,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
               generator: torch.Generator | None = None) -> torch.Tensor:
         """``m + std * Z`` (``Z`` from ``generator``, default the optimizer's; all columns
         drawn); with ``section`` only those columns deviate from the mean."""
-        std = self._redraw_std
-        if std is None:  # pragma: no cover - only Redraw optimizers draw
-            raise RuntimeError("_draw: members=Carry(...) has no redraw spread")
-        if self.mask is not None:
-            std = std * self.mask
-        if section is not None:
-            keep = torch.zeros_like(std)
-            for s in section:
-                keep[s] = 1
-            std = std * keep
+        std = drawn_std(self._redraw_std, self.mask, section)
         z = torch.randn(self.ensemble_size, self.net.n_parameters,
                         generator=self._generator if generator is None else generator,
                         dtype=self.net.dtype, device=self.net.device)
@@ -379,8 +378,10 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         active = [self._iteration % n_sec] if one else list(range(n_sec))
         redraw = self._redraw_std is not None
         rng, std = self._generator.get_state(), self._redraw_std
-        lr = lr * getattr(self.schedule, "step_size", 1.0)
-        start = None if lr == 1 else self._mean.clone()  # lr = 1: not one extra operation
+        size = getattr(self.schedule, "step_size", 1.0)
+        trust = getattr(self.schedule, "trust_radius", None) if redraw else None
+        # lr * step_size = 1 without a trust radius: not one extra operation
+        start = None if lr * size == 1 and trust is None else self._mean.clone()
         try:  # a refused step (bad targets, too many failed members) changes nothing
             if isinstance(self.members, Redraw) and self.members.scale == "inputs":
                 self._redraw_std = self.members.std(self.net, inputs, self._mean,
@@ -408,7 +409,10 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
             self._redraw_std = std
             raise
         if start is not None:
-            self._scale_increment(x, start, lr, redraw)
+            std = None if trust is None else drawn_std(
+                self._redraw_std, self.mask, self._sections[active[0]] if one else None)
+            scale_increment(x, self._mean, start, lr, step_size=size, redraw=redraw,
+                            trust=trust, std=std)
         self.ensemble = x
         self._schedule_states = list(a.schedule)
         self._iteration += 1
@@ -419,15 +423,6 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
             iteration=self._iteration, alpha=a.alpha, misfit=a.misfit,
             mean_misfit=a.mean_misfit, spread=a.spread, n_failed=a.n_failed,
             n_resampled=a.n_resampled, done=False, schedule=a.schedule_info, n_live=a.n_live)
-
-    def _scale_increment(self, x: torch.Tensor, start: torch.Tensor, lr: float,
-                         redraw: bool) -> None:
-        """``m+ = start + lr * (m_a - start)``: with Redraw on the kept mean, with Carry by
-        shifting every member (anomalies kept)."""
-        if redraw:  # (m_a - m) * lr + m, in place
-            self._mean.sub_(start).mul_(lr).add_(start)
-        else:
-            x += (x.mean(dim=0) - start).mul_(lr - 1)
 
     # -- the mean, prediction and gradient hybrids ------------------------------------------
     def predict(self, inputs: torch.Tensor, *, task: Classification | Regression | None = None

@@ -1,0 +1,105 @@
+"""The optimizer's mean step (``enkal/nn/steps.py``): ``lr * step_size`` of the analysis
+increment, held inside the schedule's ``trust_radius`` in units of the redraw's spread."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from enkal import EnsembleKalmanOptimizer
+from enkal.nn import Carry, RelativeNoise
+from enkal.nn.steps import drawn_std, scale_increment, step_radius
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
+
+
+def _schedule(step_size: float, trust: float | None) -> RelativeNoise:
+    return RelativeNoise(gamma=0.01, growth=1.0, final_gamma=None, step_size=step_size,
+                         trust_radius=trust)
+
+
+def _one_step(schedule, mask=None):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4))
+    x, y = torch.randn(16, 5), torch.arange(16) % 4
+    opt = EnsembleKalmanOptimizer(net, ensemble_size=9, seed=3, schedule=schedule)
+    if mask is not None:
+        opt.set_mask(mask)
+    start = opt.mean
+    opt.step(x, y)
+    return opt, start
+
+
+def test_the_step_radius_is_the_rms_of_the_increment_in_units_of_the_spread():
+    d = torch.tensor([0.3, -0.4, 7.0, 0.0], dtype=torch.float64)
+    std = torch.tensor([0.1, 0.2, 0.0, 1.0], dtype=torch.float64)
+    # entries 0, 1, 3 are drawn: (3^2 + 2^2 + 0^2) / 3
+    assert float(step_radius(d, std)) == pytest.approx((13 / 3) ** 0.5, rel=1e-15)
+    assert float(step_radius(torch.zeros(3), torch.zeros(3))) == 0.0  # nothing drawn
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(1e-3, 10.0), st.floats(1e-3, 2.0), st.floats(1e-3, 1.0),
+       st.integers(0, 2**31 - 1))
+def test_a_capped_step_never_leaves_the_trust_radius(trust, lr, step_size, seed):
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randn(50, generator=g, dtype=torch.float64)
+    std = torch.rand(50, generator=g, dtype=torch.float64)
+    analysis = start + 3 * torch.randn(50, generator=g, dtype=torch.float64) * std
+    mean = analysis.clone()
+    scale_increment(torch.empty(0), mean, start, lr, step_size=step_size, redraw=True,
+                    std=std, trust=trust)
+    rho_a = float(step_radius(analysis - start, std))
+    taken = lr * min(step_size, trust / rho_a)    # the closed form of the factor
+    torch.testing.assert_close(mean, start + taken * (analysis - start), rtol=1e-12,
+                               atol=1e-12)
+    # lr scales what the trust region allows (an LR scheduler still acts). mean - start
+    # carries a rounding of |start| ~ 1 (eps = 2e-16) against steps of >= 1e-6: 1e-9
+    assert float(step_radius(mean - start, std)) <= lr * trust * (1 + 1e-9)
+
+
+def test_a_large_trust_radius_is_the_plain_step_bit_for_bit():
+    plain, _ = _one_step(_schedule(0.1, None))
+    wide, _ = _one_step(_schedule(0.1, 1e30))
+    assert torch.equal(plain.mean, wide.mean)
+
+
+def test_a_small_trust_radius_moves_the_mean_exactly_that_far():
+    # The analysis step of this batch is far longer than 1e-3 member radii, so the cap
+    # binds: the step's radius, measured in the spread the members were drawn with
+    # (Redraw(scale="inputs") sets it at the step), is the trust radius (float32 parameters: 1e-4 relative). The direction is the plain
+    # step's: the two increments are parallel.
+    opt, start = _one_step(_schedule(1.0, 1e-3))
+    plain, _ = _one_step(_schedule(1.0, None))
+    std = drawn_std(opt._redraw_std, opt.mask)
+    d, full = opt.mean - start, plain.mean - start
+    assert float(step_radius(d, std)) == pytest.approx(1e-3, rel=1e-4)
+    cos = float(d @ full / (d.norm() * full.norm()))
+    assert cos == pytest.approx(1.0, abs=1e-5)
+
+
+def test_masked_parameters_neither_move_nor_count_in_the_radius():
+    torch.manual_seed(0)
+    n = sum(p.numel() for p in nn.Sequential(nn.Linear(5, 7), nn.ReLU(),
+                                            nn.Linear(7, 4)).parameters())
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[::3] = False
+    opt, start = _one_step(_schedule(1.0, 1e-3), mask=mask)
+    from enkal.nn.steps import drawn_std
+
+    assert bool((opt.mean[~mask] == 0).all())
+    std = drawn_std(opt._redraw_std, opt.mask)
+    assert float(step_radius(opt.mean - start, std)) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_a_trust_radius_with_carry_is_refused():
+    net = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="trust_radius"):
+        EnsembleKalmanOptimizer(net, members=Carry(), schedule=_schedule(0.1, 1.0))
+    with pytest.raises(ValueError, match="RelativeNoise.trust_radius"):
+        RelativeNoise(trust_radius=0.0)
+    with pytest.raises(TypeError, match="RelativeNoise.trust_radius"):
+        RelativeNoise(trust_radius="1")
