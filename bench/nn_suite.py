@@ -27,6 +27,10 @@ Methods (``--methods``, comma separated, default ``adamw,enkal,hybrid``):
 * ``hybrid``: ``enkal.HybridOptimizer(EnsembleKalmanOptimizer(...the same...),
   AdamW(...defaults...), loss_fn=cross_entropy)``.
 
+``--dtype bfloat16`` gives the ensemble optimizers ``dtype=torch.bfloat16`` (members, mean
+and forward in bfloat16; issue #16's low-precision ensembles); AdamW stays in float32. Runs
+are keyed by it, so float32 and bfloat16 runs share a ``runs.jsonl``.
+
 For each seed the network's initialisation (``torch.manual_seed(seed)`` right before building
 it), the split and the minibatch order (a ``randperm`` per epoch from
 ``torch.Generator().manual_seed(1000 + seed)``) are the same for every method. After every
@@ -167,6 +171,7 @@ class Spec:
     n_train: int
     n_test: int
     defaults: str | None  # repr of enkal's defaults (enkal, hybrid); None for adamw
+    dtype: str = "float32"  # of the ensemble optimizers; float32 for adamw
 
     @property
     def subset(self) -> bool:
@@ -175,7 +180,8 @@ class Spec:
 
     def label(self) -> str:
         e = f" E={self.ensemble}" if self.ensemble is not None else ""
-        return f"{self.pair} {self.method}{e} seed {self.seed}"
+        d = f" {self.dtype}" if self.dtype != "float32" else ""
+        return f"{self.pair} {self.method}{e}{d} seed {self.seed}"
 
 
 SPEC_FIELDS = tuple(f.name for f in fields(Spec))
@@ -189,6 +195,7 @@ class Settings:
     train_subset: int | None
     test_subset: int | None
     defaults: str
+    dtype: str = "float32"
 
     def spec(self, pair: str, method: str, seed: int, ensemble: int) -> Spec:
         ds = DATASETS[PAIRS[pair].dataset]
@@ -197,7 +204,8 @@ class Settings:
                     epochs=self.epochs or ds.epochs, batch=ds.batch,
                     n_train=min(self.train_subset or ds.n_train, ds.n_train),
                     n_test=min(self.test_subset or ds.n_test, ds.n_test),
-                    defaults=None if method == "adamw" else self.defaults)
+                    defaults=None if method == "adamw" else self.defaults,
+                    dtype="float32" if method == "adamw" else self.dtype)
 
 
 def enkal_defaults() -> str:
@@ -236,6 +244,7 @@ def read_runs(path: Path) -> dict[tuple, dict]:
                 continue
             try:
                 rec = json.loads(line)
+                rec.setdefault("dtype", "float32")  # runs recorded before --dtype
                 key = tuple(rec[f] for f in SPEC_FIELDS)
             except (json.JSONDecodeError, KeyError, TypeError):
                 bad += 1
@@ -286,8 +295,8 @@ def load(dataset: str, n_train: int, n_test: int) -> Data:
 
 
 # -- one training run -----------------------------------------------------------------------
-def make_step(method: str, net: nn.Module, ensemble: int | None,
-              seed: int) -> Callable[[torch.Tensor, torch.Tensor], object]:
+def make_step(method: str, net: nn.Module, ensemble: int | None, seed: int,
+              dtype: str = "float32") -> Callable[[torch.Tensor, torch.Tensor], object]:
     loss_fn = nn.functional.cross_entropy
     if method == "adamw":
         opt = torch.optim.AdamW(net.parameters())
@@ -297,7 +306,8 @@ def make_step(method: str, net: nn.Module, ensemble: int | None,
             loss_fn(net(x), y).backward()
             opt.step()
         return step
-    kalman = enkal.EnsembleKalmanOptimizer(net, ensemble_size=ensemble, seed=seed)
+    kw = {} if dtype == "float32" else {"dtype": getattr(torch, dtype)}
+    kalman = enkal.EnsembleKalmanOptimizer(net, ensemble_size=ensemble, seed=seed, **kw)
     if method == "enkal":
         return kalman.step
     if method == "hybrid":  # step(x, y) -> (loss, StepInfo)
@@ -332,7 +342,7 @@ def train(spec: Spec, commit: str | None) -> dict:
                            f"{spec.n_test} (DATASETS is out of date)")
     torch.manual_seed(spec.seed)
     net = PAIRS[spec.pair].build()
-    step = make_step(spec.method, net, spec.ensemble, spec.seed)
+    step = make_step(spec.method, net, spec.ensemble, spec.seed, spec.dtype)
     order = torch.Generator().manual_seed(1000 + spec.seed)
     progress = Progress(spec, math.ceil(spec.n_train / spec.batch))
     acc, wall, step_times = [accuracy(net, xte, yte)], [0.0], []
@@ -493,6 +503,8 @@ def target_reasons(spec: Spec, n_seeds: int) -> list[str]:
         why.append(f"SUBSET ({spec.n_train}/{ds.n_train} train, {spec.n_test}/{ds.n_test} test)")
     if n_seeds < TARGET_SEEDS:
         why.append(f"{n_seeds} seed(s) (target median of {TARGET_SEEDS})")
+    if spec.dtype != "float32":
+        why.append(f"{spec.dtype} (targets in float32)")
     return why
 
 
@@ -699,7 +711,8 @@ def figure_title(settings: Settings, args: argparse.Namespace, pairs: Iterable[s
     seeds = ", ".join(map(str, args.seeds))
     over = (f"median and range over seeds {seeds}" if len(args.seeds) > 1
             else f"seed {seeds} (one run per method)")
-    names = {"adamw": "AdamW", "enkal": f"enkal defaults (E={args.ensemble})",
+    low = "" if args.dtype == "float32" else f", {args.dtype}"
+    names = {"adamw": "AdamW", "enkal": f"enkal defaults (E={args.ensemble}{low})",
              "hybrid": "hybrid"}
     shown = " vs ".join(names[m] for m in METHODS if m in args.methods)
     return f"{shown}: test accuracy, {over}" + (" [SUBSET]" if subset else "")
@@ -734,6 +747,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="train on N images only (labelled SUBSET)")
     parser.add_argument("--test-subset", type=int, default=None,
                         help="evaluate on N test images only (labelled SUBSET)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="precision of the ensemble optimizers (AdamW: float32)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--out", default=None,
@@ -786,12 +801,14 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     commit = enkal_commit()
     settings = Settings(epochs=args.epochs, train_subset=args.train_subset,
-                        test_subset=args.test_subset, defaults=enkal_defaults())
+                        test_subset=args.test_subset, defaults=enkal_defaults(),
+                        dtype=args.dtype)
     print(f"# enkal {enkal.__version__} (commit {commit}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), cpu; load average {os.getloadavg()[0]:.1f}; "
           f"out {args.out}/", flush=True)
     print(f"# enkal defaults: {settings.defaults}", flush=True)
-    print(f"# pairs {args.pairs}; methods {args.methods}; seeds {args.seeds}; E={args.ensemble}"
+    print(f"# pairs {args.pairs}; methods {args.methods}; seeds {args.seeds}; "
+          f"E={args.ensemble}; {args.dtype}"
           + (f"; reach {args.reach}" if args.reach else "")
           + ("; report only" if args.report_only else ""), flush=True)
     t0 = time.perf_counter()

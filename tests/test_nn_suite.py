@@ -225,6 +225,23 @@ def test_suite_runs_file_survives_a_torn_line(suite, tmp_path, capsys):
     assert adamw.ensemble is None and adamw.defaults is None and adamw.subset
 
 
+def test_suite_keys_runs_by_dtype_and_reads_older_runs_as_float32(suite, tmp_path):
+    f32 = suite.Settings(epochs=1, train_subset=10, test_subset=10, defaults="D")
+    b16 = suite.Settings(epochs=1, train_subset=10, test_subset=10, defaults="D",
+                         dtype="bfloat16")
+    spec, low = (s.spec("digits/mlp-relu", "enkal", 0, 8) for s in (f32, b16))
+    assert low.dtype == "bfloat16" and suite.astuple(low) != suite.astuple(spec)
+    assert b16.spec("digits/mlp-relu", "adamw", 0, 8).dtype == "float32"  # AdamW: float32
+    assert "bfloat16 (targets in float32)" in suite.target_reasons(low, 3)
+    old = {k: v for k, v in suite.asdict(spec).items() if k != "dtype"}  # before --dtype
+    path = tmp_path / "runs.jsonl"
+    suite.append_run(path, {**old, "accuracy": [0.1, 0.5]})
+    suite.append_run(path, {**suite.asdict(low), "accuracy": [0.1, 0.4]})
+    runs = suite.read_runs(path)
+    assert runs[suite.astuple(spec)]["accuracy"] == [0.1, 0.5]
+    assert runs[suite.astuple(low)]["accuracy"] == [0.1, 0.4]
+
+
 # -- the benchmark script: a tiny run, twice ------------------------------------------------
 def _run_suite(out: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(SCRIPT), "--pairs", "digits/mlp-relu", "--methods", "adamw,enkal",
