@@ -108,10 +108,16 @@ def set_columns(x: torch.Tensor, slices: Sequence[slice], values: torch.Tensor) 
 
 def mean_variance(x: torch.Tensor, chunk_size: int = 1 << 18) -> float:
     """Mean over columns of the ensemble variance of ``x`` ``(N_ens, N_par)``, in blocks."""
-    total = 0.0
+    return float(_variance_sum(x, chunk_size)) / max(x.shape[1], 1)
+
+
+def _variance_sum(x: torch.Tensor, chunk_size: int = 1 << 18) -> torch.Tensor:
+    """The sum over columns of the ensemble variance, a float64 0-d tensor (no host read):
+    each block's sum in ``x``'s dtype, accumulated in float64 in block order."""
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[1], chunk_size):
-        total += float(column_variance(x[:, start:start + chunk_size]).sum())
-    return total / max(x.shape[1], 1)
+        total = total + column_variance(x[:, start:start + chunk_size]).sum().double()
+    return total
 
 
 def analyse(
@@ -182,7 +188,7 @@ def analyse(
     ok = failure.classify(predictions, ok, observations)
     n_failed = int((~ok).sum())
     used = predictions if n_failed == 0 else predictions[ok]
-    spread = math.sqrt(mean_variance(parameters))
+    variance = _variance_sum(parameters)  # read with the misfits, after the update
 
     states = list(schedule_states)
     alphas, infos = {}, {}
@@ -213,7 +219,8 @@ def analyse(
                                       failure=failure, generator=generator, guard=guard,
                                       mask=mask, sections=[sections[k] for k in active],
                                       alphas=[alphas[k] for k in active], out=out,
-                                      mean=mean, chunk_size=chunk_size)
+                                      mean=mean, chunk_size=chunk_size,
+                                      all_ok=n_failed == 0)
     if mask is not None and not bool(mask.all()):
         if mean is not None:
             result[~mask] = 0
@@ -223,14 +230,18 @@ def analyse(
     phi = observations.misfit(used)
     mean_phi = observations.misfit(used.mean(dim=0, keepdim=True))
     m = observations.size
+    # the diagnostics in one host read (each computed in its own dtype, then widened
+    # exactly to float64)
+    var, misfit, mean_misfit = torch.stack([
+        variance, (2 * phi.mean() / m).double(), (2 * mean_phi[0] / m).double()]).tolist()
     info = {"sections": len(alphas)} if len(alphas) != 1 else \
         {k: v for k, v in next(iter(infos.values())).items()
          if isinstance(v, (int, float, bool))}
     return Analysis(
         parameters=result, schedule=tuple(states), adapt=adapt_state, mask=mask,
         alpha=float(sum(alphas.values()) / max(len(alphas), 1)), schedule_info=info,
-        misfit=float(2 * phi.mean() / m), mean_misfit=float(2 * mean_phi[0] / m),
-        spread=spread, n_failed=n_failed, n_resampled=n_resampled, n_pruned=n_pruned,
+        misfit=misfit, mean_misfit=mean_misfit,
+        spread=math.sqrt(var / max(n_par, 1)), n_failed=n_failed, n_resampled=n_resampled, n_pruned=n_pruned,
         n_live=n_par if mask is None else int(mask.sum()),
     )
 
@@ -239,11 +250,11 @@ def _update(parameters: torch.Tensor, used: torch.Tensor, observations: Observat
             ok: torch.Tensor, *, rule: UpdateRule, failure: FailurePolicy,
             generator: torch.Generator, guard: Guard | None, mask: torch.Tensor | None,
             sections: list, alphas: list, out: torch.Tensor | None,
-            mean: torch.Tensor | None, chunk_size: int | None
+            mean: torch.Tensor | None, chunk_size: int | None, all_ok: bool
             ) -> tuple[torch.Tensor, int]:
     """Transform, apply and guard each updated section, in order (the draws' order): the
-    new ensemble (or ``mean``) and the guard's redraw count."""
-    all_ok = bool(ok.all())
+    new ensemble (or ``mean``) and the guard's redraw count (``all_ok``: no member failed,
+    as ``analyse`` counted them)."""
     target = out
     n_resampled = 0
     for slices, alpha in zip(sections, alphas, strict=True):

@@ -125,7 +125,7 @@ class Classification:
                 f"targets: expected integer class labels of shape ({batch},) = (B,) to match "
                 f"the inputs, got {tuple(targets.shape)}"
             )
-        lo, hi = int(targets.min()), int(targets.max())
+        lo, hi = torch.stack(torch.aminmax(targets)).tolist()  # one host read, not two
         if lo < 0 or hi >= n_out:
             raise ValueError(
                 f"targets: expected labels in [0, {n_out - 1}] (the network has {n_out} "
