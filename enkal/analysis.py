@@ -263,9 +263,9 @@ def _update(parameters: torch.Tensor, used: torch.Tensor, observations: Observat
         if not all_ok:
             w = failure.embed(w, ok, generator)
         if mean is not None:  # keep only the new mean m+ = (1^T W / E) X
-            r = w.mean(dim=0).to(parameters.dtype)
-            for s in slices:
-                mean[s] = r @ parameters[:, s]
+            r = w.mean(dim=0).to(mean.dtype)  # in the mean's precision (float32 for a
+            for s in slices:                  # bfloat16 ensemble: no-ops otherwise)
+                mean[s] = r @ parameters[:, s].to(mean.dtype)
             continue
         target = _apply(w, parameters, slices, target, chunk_size)
         if guard is not None:

@@ -137,3 +137,46 @@ def test_an_optimizer_step_reads_the_host_few_times(monkeypatch):
     with Count():
         opt.step(x, y)
     assert len(reads) <= 12, reads
+
+
+# -- a bfloat16 ensemble (issue #16): members and forward in bfloat16, the mean in float32 ----
+def test_a_bfloat16_ensemble_keeps_its_mean_in_float32():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4))
+    x, y = torch.randn(16, 5), torch.arange(16) % 4
+    opt = EnsembleKalmanOptimizer(net, ensemble_size=9, seed=3, dtype=torch.bfloat16)
+    start = opt.mean
+    assert start.dtype == torch.float32
+    assert torch.equal(start, torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+    opt.step(x, y)
+    assert opt.ensemble.dtype == torch.bfloat16 and opt.mean.dtype == torch.float32
+    assert opt.last_predictions.dtype == torch.float32    # mapped in float32
+    # the module holds the float32 mean, not a bfloat16 rounding of it
+    assert torch.equal(opt.mean, torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+    state = opt.state_dict()
+    twin = EnsembleKalmanOptimizer(net, ensemble_size=9, seed=4, dtype=torch.bfloat16)
+    twin.load_state_dict(state)
+    assert twin.mean.dtype == torch.float32 and torch.equal(twin.mean, opt.mean)
+
+
+def test_a_small_step_of_a_bfloat16_ensemble_is_not_rounded_away():
+    # With lr = 1e-3 the mean moves by about 1e-3 of the trust-region step, far below
+    # bfloat16's resolution of the weights (2^-8 relative: a mean kept in bfloat16 would
+    # not move at all); in float32 it moves by exactly lr times the lr = 1 increment from
+    # the same state and draw (a step's draw does not depend on lr), up to the float32
+    # roundings of m + d and (m + d) - m: 2 eps max|m| (max|m| < 1 for this init).
+    def stepped(lr):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4))
+        opt = EnsembleKalmanOptimizer(net, ensemble_size=9, seed=3, dtype=torch.bfloat16,
+                                      lr=lr)
+        start = opt.mean
+        opt.step(torch.randn(16, 5, generator=torch.Generator().manual_seed(1)),
+                 torch.arange(16) % 4)
+        return opt.mean - start
+
+    small, full = stepped(1e-3), stepped(1.0)
+    assert float(small.abs().max()) > 0
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(small, 1e-3 * full, rtol=0, atol=2 * eps)
+    assert float((small - 1e-3 * full).norm() / (1e-3 * full).norm()) < 1e-2

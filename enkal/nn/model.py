@@ -145,11 +145,11 @@ class NeuralModel:
                 "NeuralModel was built?"
             ) from None
 
-    def flatten(self) -> torch.Tensor:
+    def flatten(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The module's current trainable parameters as one vector ``(N_par,)``
-        (on ``device``, in ``dtype``)."""
+        (on ``device``, in ``dtype``: default the model's)."""
         with torch.no_grad():
-            return torch.cat([p.detach().reshape(-1).to(self.device, self.dtype)
+            return torch.cat([p.detach().reshape(-1).to(self.device, dtype or self.dtype)
                               for p in self._module_params()])
 
     def load_into(self, vector: torch.Tensor) -> None:

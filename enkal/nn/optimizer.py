@@ -48,9 +48,8 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
     ``schedule=RelativeNoise.newton()`` (noise 0.01 times the predictions' spread: the
     minibatch's Gauss-Newton step in the ensemble's subspace, taken whole but at most
     ``trust_radius=1.25`` times the redraw's spread; no run length) and for labels
-    ``Classification()``
-    (multinomial noise). Digits MLP 64-32-10, ``E=64``, 20 epochs: 0.947 (AdamW 0.961);
-    seven networks in ``docs/nn.md`` 1.6. With ``Carry`` the default schedule is
+    ``Classification()`` (multinomial noise). Digits MLP 64-32-10, ``E=64``, 20 epochs:
+    0.953 (AdamW 0.961); seven networks in ``docs/nn.md`` 1.6. ``Carry``'s default schedule is
     ``RelativeNoise()``; the seed paper's literal variant: ``members=Carry(CollapseGuard(1e-4,
     1e-3)), rule=PerturbedObservations(), schedule=FixedAnnealing(0.75, initial=1.0,
     floor=0.1)`` (0.91-0.93 there).
@@ -121,6 +120,8 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         Seed of the optimizer's ``torch.Generator`` (prior, perturbations, redraws).
     device, dtype :
         Where and in what precision the ensemble lives and computes (default the model's).
+        ``torch.bfloat16`` (or ``float16``) with :class:`Redraw`: members and forward in it,
+        the mean, outputs and update in float32 (the transform in float64; docs/nn.md 3).
     backend, members_per_call, devices :
         As for :class:`NeuralModel`.
     chunk_size : int, optional
@@ -200,6 +201,9 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
                                device=device, dtype=dtype, devices=devices)
         # torch's bookkeeping (param_groups, state, hooks): one group, the layout's tensors
         super().__init__(self.net._module_params(), {"lr": lr})
+        # a bfloat16/float16 Redraw ensemble keeps its mean (and outputs) in float32
+        low = self.net.dtype in (torch.bfloat16, torch.float16)
+        self._master = torch.float32 if low and isinstance(members, Redraw) else self.net.dtype
         self.ensemble_size = int(ensemble_size)
         self.noise = float(noise)
         self.rule = rule
@@ -222,7 +226,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         if isinstance(members, Redraw):  # Kaiming stds depend on the shapes only: once
             self._kaiming = kaiming_std(model, [b.name for b in self.net.layout.blocks])
             self._redraw_std = members.std(self.net, kaiming=self._kaiming)
-            self._mean = self.net.flatten()
+            self._mean = self.net.flatten(self._master)
             self.ensemble = self._draw()
         else:
             self.ensemble = self._prior()
@@ -256,8 +260,9 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         std = drawn_std(self._redraw_std, self.mask, section)
         z = torch.randn(self.ensemble_size, self.net.n_parameters,
                         generator=self._generator if generator is None else generator,
-                        dtype=self.net.dtype, device=self.net.device)
-        return z.mul_(std).add_(self._mean)  # m + std * Z without (N_ens, N_par) temporaries
+                        dtype=self._master, device=self.net.device)
+        x = z.mul_(std).add_(self._mean)  # m + std * Z without (N_ens, N_par) temporaries
+        return x if x.dtype == self.net.dtype else x.to(self.net.dtype)  # bfloat16 members
 
     @property
     def guard(self) -> CollapseGuard | None:
@@ -394,7 +399,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
                 fwd = x.mean(dim=0, keepdim=True).expand_as(x).clone()
                 for s in self._sections[active[0]]:
                     fwd[:, s] = x[:, s]
-            outputs = self.net.predict(fwd, inputs)              # (E, B, n_out)
+            outputs = self.net.predict(fwd, inputs).to(self._master)  # (E, B, n_out)
             y = task.targets(targets, outputs.shape[1], outputs.shape[2]).to(outputs.device)
             preds = task.predictions(outputs)                     # (E, N_obs)
             obs = Observations(y, noise_std=task.noise_std(preds, self.noise))
@@ -509,7 +514,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         """Shift every member by ``theta_model - mean``: the step a gradient optimizer just
         took on the model (which held the mean) moves the whole ensemble, spread unchanged.
         Masked parameters stay zero."""
-        delta = self.net.flatten().to(self.ensemble.device) - self._mean
+        delta = self.net.flatten(self._mean.dtype).to(self.ensemble.device) - self._mean
         if self.mask is not None:
             delta = delta * self.mask
         self.ensemble += delta
@@ -565,7 +570,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         group = loaded_group(state.get("param_groups"), self.param_groups[0])
         self.ensemble = ens.to(self.ensemble.device, self.ensemble.dtype).clone()
         if mean is not None:
-            self._mean = mean.to(self.ensemble.device, self.ensemble.dtype).clone()
+            self._mean = mean.to(self.ensemble.device, self._mean.dtype).clone()
         self._generator.set_state(torch.as_tensor(rng, dtype=torch.uint8).cpu())
         self._iteration = int(it)
         self._schedule_states = states
