@@ -39,9 +39,9 @@ The update needs predictions ``(N_ens, N_obs)`` and observations ``y`` ``(N_obs,
 The noise is diagonal, ``noise_std = noise`` for every entry (in units of the mapped
 targets: probabilities for classification), scaled by the schedule's ``rho`` (``alpha =
 rho^2``). The default schedule, :meth:`RelativeNoise.newton`, sets ``rho`` from the spread
-of the predictions instead (small: a Gauss-Newton step in the ensemble's subspace, which
-the optimizer takes whole inside a trust region of the redraw's spread), and the default
-:class:`Redraw` draws a fresh ensemble around the mean every step (the researched recipe;
+of the predictions instead (small: a Gauss-Newton step in the ensemble's subspace, of
+which the optimizer takes a tenth, inside a trust region of the redraw's spread), and the
+default :class:`Redraw` draws a fresh ensemble around the mean every step (the researched recipe;
 ``docs/nn.md`` 1.6).
 
 Backends

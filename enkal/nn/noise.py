@@ -114,19 +114,19 @@ class RelativeNoise:
                              f"smaller steps late), got {self.growth}")
 
     @classmethod
-    def newton(cls, gamma: float = 0.01, trust_radius: float = 1.25,
-               step_size: float = 1.0) -> RelativeNoise:
+    def newton(cls, gamma: float = 0.01, step_size: float = 0.1,
+               trust_radius: float = 1.25) -> RelativeNoise:
         """The optimizer's default with :class:`~enkal.nn.Redraw` (issue #15): a constant
         small ``gamma`` (the step solves the minibatch's Gauss-Newton problem in the
-        ensemble's subspace, every direction normalised by its own sensitivity), taken
-        whole but never farther than ``trust_radius`` times the redraw's spread (a trust
-        region: the ensemble measured the network only that far from the mean). Nothing
-        depends on the run's length. Measured on seven network x dataset pairs in
-        ``docs/nn.md`` 1.6.
+        ensemble's subspace, every direction normalised by its own sensitivity), of which a
+        constant ``step_size`` is taken, but never farther than ``trust_radius`` times the
+        redraw's spread (a trust region: the ensemble measured the network only that far
+        from the mean). Nothing depends on the run's length. Measured on seven network x
+        dataset pairs in ``docs/nn.md`` 1.6.
 
         >>> RelativeNoise.newton()
         RelativeNoise(gamma=0.01, growth=1.0, final_gamma=None, steps=500, min_gamma=3.0, \
-budget=0.6, final_coverage=2.0, step_size=1.0, trust_radius=1.25)
+budget=0.6, final_coverage=2.0, step_size=0.1, trust_radius=1.25)
         """
         return cls(gamma=gamma, growth=1.0, final_gamma=None, step_size=step_size,
                    trust_radius=trust_radius)
