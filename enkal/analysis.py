@@ -240,8 +240,8 @@ def analyse(
     return Analysis(
         parameters=result, schedule=tuple(states), adapt=adapt_state, mask=mask,
         alpha=float(sum(alphas.values()) / max(len(alphas), 1)), schedule_info=info,
-        misfit=misfit, mean_misfit=mean_misfit,
-        spread=math.sqrt(var / max(n_par, 1)), n_failed=n_failed, n_resampled=n_resampled, n_pruned=n_pruned,
+        misfit=misfit, mean_misfit=mean_misfit, spread=math.sqrt(var / max(n_par, 1)),
+        n_failed=n_failed, n_resampled=n_resampled, n_pruned=n_pruned,
         n_live=n_par if mask is None else int(mask.sum()),
     )
 
