@@ -78,7 +78,7 @@ class RelativeNoise:
         :meth:`newton`. Other users of a schedule ignore it.
     trust_radius : float or None
         The longest step of the mean, in units of the redraw's spread (``Redraw`` only):
-        :class:`~enkal.EnsembleKalmanOptimizer` takes ``min(lr * step_size, trust_radius /
+        :class:`~enkal.EnsembleKalmanOptimizer` takes ``lr * min(step_size, trust_radius /
         rho)`` of the analysis increment, ``rho`` its root mean square over the drawn
         parameters in units of their spread (a member sits at ``rho ~ 1``). Default
         ``None``: no limit. Other users of a schedule ignore it; with ``Carry`` it is refused.
