@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 
 import pytest
@@ -33,6 +34,24 @@ def torch_threads(n: int = 1):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def blas_fingerprint() -> str:
+    """The first 12 hex digits of the sha256 of seeded float64 GEMMs of small shapes, an
+    ``eigh`` and an ``svd`` (one thread): equal where the BLAS/LAPACK kernels round alike."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(16, 24, generator=g, dtype=torch.float64),
+            torch.randn(24, 110, generator=g, dtype=torch.float64))
+    x = torch.randn(96, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    with torch_threads(1):
+        gram = a @ a.T
+        parts = [a @ b, x @ w, gram, *torch.linalg.eigh(gram),
+                 *torch.linalg.svd(a, full_matrices=False)]
+    h = hashlib.sha256()
+    for t in parts:
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 @pytest.fixture
