@@ -16,7 +16,7 @@ import tempfile
 
 import torch
 
-__all__ = ["environment", "emit", "rounded", "accuracy"]
+__all__ = ["environment", "emit", "rounded", "accuracy", "synchronize", "parse_device"]
 
 
 def environment() -> dict:
@@ -26,6 +26,24 @@ def environment() -> dict:
     return {"enkal": enkal.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine()}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a timer around a CUDA call would time the launch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def parse_device(text: str) -> torch.device:
+    """``--device``: a ``torch.device`` that exists here, or ``SystemExit`` naming the flag."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise SystemExit(f"--device: expected a torch device such as cpu or cuda:0 ({err})"
+                         ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {text}: CUDA is not available on this machine")
+    return device
 
 
 def rounded(obj: object, digits: int = 4) -> object:

@@ -43,18 +43,17 @@ import sys
 import time
 
 import torch
+from _common import parse_device, synchronize
 
 from enkal import EnsembleKalmanOptimizer, NeuralModel
 from enkal.models.nn import LeNet5, mlp
 
 
 def _time(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     t = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - t
 
 
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = parse_device(args.device)
     sizes = (16, 64) if args.quick else (16, 64, 256)
     g = torch.Generator().manual_seed(0)
     nets = {

@@ -54,7 +54,7 @@ the ensemble is redrawn every step with a fixed Kaiming-relative spread, so the 
 
 Run ``python bench/nn_training.py [--problem digits|fashion|both] [--methods
 adamw,enkal,hybrid[,paper]] [--seeds 0 1 2] [--epochs N] [--ensemble 64] [--batch B] [--out DIR]
-[--threads T] [--quick] [--sweep [--no-main]] [--train-subset N] [--test-subset N]
+[--threads T] [--device cpu|cuda] [--quick] [--sweep [--no-main]] [--train-subset N] [--test-subset N]
 [--json PATH]``. ``--quick`` (digits,
 2 epochs, seed 0) is a smoke check of well under a minute. Threads: one by default (the
 shared 2-core development machine); ``--threads 0`` keeps torch's default. The last line is
@@ -72,7 +72,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import accuracy, emit, environment
+from _common import accuracy, emit, environment, parse_device, synchronize
 from torch import nn
 
 import enkal
@@ -93,7 +93,8 @@ FASHION_FLOOR, FASHION_TARGET, FASHION_GOAL = 0.70, 0.80, 0.863
 
 
 # -- data and models ------------------------------------------------------------------------
-def load(problem: str, train_subset: int | None, test_subset: int | None):
+def load(problem: str, train_subset: int | None, test_subset: int | None,
+         device: torch.device | None = None):
     if problem == "digits":
         from enkal.problems.datasets import load_digits
 
@@ -110,6 +111,8 @@ def load(problem: str, train_subset: int | None, test_subset: int | None):
     if test_subset is not None and test_subset < xte.shape[0]:
         idx = torch.randperm(xte.shape[0], generator=g)[:test_subset]
         xte, yte = xte[idx], yte[idx]
+    if device is not None:
+        xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
     return xtr, ytr, xte, yte
 
 
@@ -127,7 +130,8 @@ def train(problem: str, method: str, seed: int, data, *, epochs: int, batch: int
           ensemble: int, sizes: list[int] | None, keep_variances: bool,
           log_prefix: str = "") -> dict:
     xtr, ytr, xte, yte = data
-    net = make_net(problem, sizes, seed)
+    device = xtr.device
+    net = make_net(problem, sizes, seed).to(device)
     loss_fn = nn.functional.cross_entropy
     kalman = None
     schedule = enkal.RelativeNoise(steps=epochs * math.ceil(xtr.shape[0] / batch))
@@ -174,8 +178,10 @@ def train(problem: str, method: str, seed: int, data, *, epochs: int, batch: int
         for i in range(0, n, batch):
             idx = perm[i:i + batch]
             x, y = xtr[idx], ytr[idx]
+            synchronize(device)
             t = time.perf_counter()
             info = step(x, y)
+            synchronize(device)
             step_times.append(time.perf_counter() - t)
             if method == "hybrid":
                 info = info[1]
@@ -275,7 +281,7 @@ def run_problem(problem: str, args, out: Path) -> dict:
     sizes = cfg["sizes"]
     subset = args.train_subset if problem == "fashion" else None
     test_subset = args.test_subset if problem == "fashion" else None
-    data = load(problem, subset, test_subset)
+    data = load(problem, subset, test_subset, args.device)
     n_train, n_test = data[0].shape[0], data[2].shape[0]
     full = {"digits": 1437, "fashion": 60000}[problem]
     is_subset = n_train < full or (problem == "fashion" and n_test < 10000)
@@ -384,7 +390,7 @@ def check_targets(problem, args, med, epochs, batch, n_train, full, is_subset) -
 def run_sweep(args, out: Path) -> dict:
     epochs = args.epochs or PROBLEMS["digits"]["epochs"]
     batch = args.batch or PROBLEMS["digits"]["batch"]
-    data = load("digits", None, None)
+    data = load("digits", None, None, args.device)
     print(f"\n## sweep: enkal defaults on digits, E in {SWEEP_ENSEMBLES} x MLPs "
           f"{['-'.join(map(str, s)) for s in SWEEP_SIZES]}, batch {batch}, {epochs} epochs, "
           f"seeds {args.seeds}", flush=True)
@@ -450,6 +456,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="bench_out/nn_training")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of the networks, data and ensembles (cpu; cuda...)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke check: digits, 2 epochs, seed 0")
     parser.add_argument("--sweep", action="store_true",
@@ -464,19 +472,23 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--methods: unknown {bad}; expected some of {METHODS}")
     if args.quick:
         args.problem, args.epochs, args.seeds = "digits", args.epochs or 2, args.seeds[:1]
+    args.device = parse_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"# enkal {enkal.__version__}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s), cpu; load average "
+          f"{torch.get_num_threads()} thread(s), device {args.device}"
+          + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.type == "cuda"
+             else "") + "; load average "
           f"{os.getloadavg()[0]:.1f}; figures in {out}/", flush=True)
     ek = enkal.EnsembleKalmanOptimizer(nn.Linear(2, 2))  # every default
     defaults = repr(ek).replace(f"N_par={ek.net.n_parameters}, ", "")
     print(f"# enkal defaults: {defaults}; schedule per run: "
           f"RelativeNoise(steps=epochs * steps_per_epoch)", flush=True)
     t0 = time.perf_counter()
-    record: dict = {"bench": "nn_training", **environment(), "quick": args.quick,
+    record: dict = {"bench": "nn_training", **environment(), "device": str(args.device),
+                    "quick": args.quick,
                     "methods": args.methods, "defaults": defaults, "problems": []}
     if not args.no_main:
         problems = ("digits", "fashion") if args.problem == "both" else (args.problem,)

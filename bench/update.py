@@ -25,6 +25,16 @@ the peer's two methods the same way (kept apart from torch's calls: see ``_time_
 * ``peer_pm``   the same peer call given a C-contiguous ``(P, E)`` array (its native layout),
   to separate the transposing copy from the rest of its work.
 
+On ``--device cuda`` (issue #16) the tensors live on the GPU, every timed call ends with a
+``torch.cuda.synchronize`` and two floors are printed: the GEMM above and the copy floor
+``buf.copy_(X)`` (one read and one write of ``X``: the bandwidth bound of any update), with
+the bandwidth and GEMM rate they imply; ``SR/copy`` is the update over the copy floor. The
+peer (numpy) and the parameter-major layout run on the CPU only. ``--dtypes bfloat16`` times
+a bfloat16 ensemble (predictions in bfloat16 too, as ``assimilate`` requires); its ``SR/copy``
+is against its own copy floor, and the headline also gives it over float32's copy floor.
+``--no-alloc`` skips ``sr_alloc``/``po_alloc`` (a third ``(E, P)`` buffer: at ``P = 1e8``
+float32, ``E = 64`` each buffer is 25.6 GB).
+
 The prepare alone (``enkal.update.ensemble_transform``, and the peer's
 ``prepare_assimilation``) is timed per ``(M, dtype)``: it does not depend on ``P``, and its
 growth with ``M`` should be linear (ratio ~10 from M=2000 to M=20000). The enkal PO prepare
@@ -49,7 +59,8 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from _common import emit
+import torch
+from _common import emit, parse_device, synchronize
 
 E_DEFAULT = 64
 HEADLINE_P, HEADLINE_M = 1_000_000, 2000
@@ -75,7 +86,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="parameter counts (default 1e4 1e5 1e6)")
     p.add_argument("--M", type=float, nargs="+", default=None,
                    help="observation counts (default 100 2000 20000)")
-    p.add_argument("--dtypes", nargs="+", choices=("float32", "float64"),
+    p.add_argument("--device", default="cpu", help="torch device (cpu; cuda, cuda:1...)")
+    p.add_argument("--no-alloc", action="store_true",
+                   help="skip the sr_alloc/po_alloc methods (one (E, P) buffer fewer)")
+    p.add_argument("--dtypes", nargs="+", choices=("float32", "float64", "bfloat16"),
                    default=["float32", "float64"])
     p.add_argument("--no-peer", action="store_true", help="skip iterative_ensemble_smoother")
     p.add_argument("--peer-limit", type=float, default=30.0,
@@ -103,8 +117,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
-                      limits: dict[str, float] | None = None) -> dict[str, list[float]]:
-    """One warm-up call each, then ``repeats`` rounds calling every method once per round.
+                      limits: dict[str, float] | None = None,
+                      sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """One warm-up call each, then ``repeats`` rounds calling every method once per round;
+    ``sync()`` after each call is timed with it (the device's queued work).
 
     A method whose warm-up took longer than ``limits[name]`` seconds is not repeated (its
     warm-up time is kept as its only sample, flagged by the caller).
@@ -115,6 +131,7 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
     for name, fn in fns.items():
         t0 = time.perf_counter()
         fn()
+        sync()
         dt = time.perf_counter() - t0
         if dt > limits.get(name, math.inf):
             samples[name].append(dt)
@@ -125,12 +142,14 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
                 continue
             t0 = time.perf_counter()
             fn()
+            sync()
             samples[name].append(time.perf_counter() - t0)
     return samples
 
 
 def _time_groups(fns: dict[str, Callable[[], object]], repeats: int,
-                 limits: dict[str, float] | None = None) -> dict[str, list[float]]:
+                 limits: dict[str, float] | None = None,
+                 sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
     """Time the torch methods interleaved, then the peer's (numpy) methods interleaved.
 
     The two libraries run separate thread pools (OpenMP for torch, OpenBLAS for numpy) whose
@@ -145,7 +164,7 @@ def _time_groups(fns: dict[str, Callable[[], object]], repeats: int,
     for grp in groups:
         if grp:
             time.sleep(0.05)  # let the other pool's workers go to sleep
-            samples.update(_time_interleaved(grp, repeats, limits))
+            samples.update(_time_interleaved(grp, repeats, limits, sync))
     return samples
 
 
@@ -156,6 +175,10 @@ def _paired(a: list[float], b: list[float]) -> float | None:
     return statistics.median(pairs) if pairs else None
 
 
+def _device_name(device: torch.device) -> str:
+    return f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+
+
 def _fmt(v: float | None, width: int, prec: int = 1) -> str:
     return f"{'-':>{width}}" if v is None else f"{v:>{width}.{prec}f}"
 
@@ -164,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
 
     import numpy as np
-    import torch
 
     import enkal
     from enkal import Observations, PerturbedObservations, SquareRoot, assimilate
@@ -179,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn/scipy
         blas_note = "threadpoolctl missing: numpy BLAS threads not set"
 
+    device = parse_device(args.device)
+    sync = partial(synchronize, device)
+    on_cpu = device.type == "cpu"
     peer = None
-    if not args.no_peer:
+    if not on_cpu:
+        print(f"device {device}: the peer (numpy, CPU) and the parameter-major layout skipped")
+    elif not args.no_peer:
         try:
             import iterative_ensemble_smoother as peer
         except ImportError:
@@ -188,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     peer_version = getattr(peer, "__version__", None) if peer is not None else None
 
     E = args.ensemble
-    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    dtypes = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
     sr, po = SquareRoot(), PerturbedObservations()
     print(f"enkal {enkal.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
           f"iterative_ensemble_smoother {peer_version}; {threads} threads; {blas_note}; "
-          f"E={E}; {args.repeats} repeats, medians in ms")
+          f"device {device}{_device_name(device)}; E={E}; {args.repeats} repeats, medians in ms")
 
     # -- observations and predictions, per (M, dtype); prepare timings ---------------------
     gen = torch.Generator().manual_seed(0)
@@ -201,12 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     for M in args.M:
         y64 = torch.randn(M, dtype=torch.float64, generator=gen)
         std64 = 0.5 + torch.rand(M, dtype=torch.float64, generator=gen)
-        obs = Observations(y64, noise_std=std64)
+        obs = Observations(y64.to(device), noise_std=std64.to(device))
         Y64 = y64 + torch.randn(E, M, dtype=torch.float64, generator=gen)  # sensible scale
         for name, dt in dtypes.items():
             if name not in args.dtypes:
                 continue
-            Y = Y64.to(dt)
+            Y = Y64.to(device=device, dtype=dt)
             data[M, name] = (obs, Y, y64, std64)
             eps = obs.sample_noise(E, generator=gen)
             fns = {
@@ -214,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 "prep_po": lambda Y=Y, obs=obs, eps=eps: ensemble_transform(
                     Y, obs, rule=po, perturbations=eps),
             }
-            if peer is not None:
+            if peer is not None and name != "bfloat16":
                 npdt = np.float32 if name == "float32" else np.float64
                 yn, var = y64.numpy().astype(npdt), std64.square().numpy().astype(npdt)
                 Yt = Y.numpy().T
@@ -223,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                     s = peer.ESMDA(covariance=var, observations=yn, alpha=1, seed=0)
                     s.prepare_assimilation(Y=Yt, truncation=1.0)
                 fns["prep_peer"] = peer_prep
-            smp = _time_groups(fns, args.repeats if args.quick else max(args.repeats, 5))
+            smp = _time_groups(fns, args.repeats if args.quick else max(args.repeats, 5),
+                               sync=sync)
             prepare_rows.append({"M": M, "dtype": name,
                                  **{k + "_ms": _median_ms(v) for k, v in smp.items()}})
 
@@ -237,33 +265,38 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- the full update, per (P, M, dtype) --------------------------------------------------
     rows = []
-    header = (f"\n{'P':>8} {'M':>6} {'dtype':>7} | {'floor':>8} {'floorPM':>8} | {'SR':>8} "
-              f"{'PO':>8} {'SRalloc':>8} {'POalloc':>8} | {'peer':>8} {'peerPM':>8} | "
-              f"{'SR/fl':>6} {'PO/fl':>6} {'SR/peer':>7} {'PO/peer':>7} {'flPM/fl':>7}")
+    header = (f"\n{'P':>8} {'M':>6} {'dtype':>8} | {'copy':>8} {'floor':>8} {'floorPM':>8} | "
+              f"{'SR':>8} {'PO':>8} {'SRalloc':>8} {'POalloc':>8} | {'peer':>8} {'peerPM':>8} | "
+              f"{'SR/fl':>6} {'PO/fl':>6} {'SR/copy':>7} {'SR/peer':>7} {'PO/peer':>7} "
+              f"{'flPM/fl':>7} | {'GB/s':>6} {'GFLOP/s':>7}")
     print(header)
     print("-" * (len(header) - 1))
     for name in args.dtypes:
         dt = dtypes[name]
         for P in args.P:
             g = torch.Generator().manual_seed(1)
-            X = torch.randn(E, P, dtype=dt, generator=g)
+            X = torch.randn(E, P, dtype=dt, generator=g).to(device)
             buf = torch.empty_like(X)
-            T = torch.eye(E, dtype=dt) + 0.01 * torch.randn(E, E, dtype=dt, generator=g)
-            Xpm = X.T.contiguous()
-            buf_pm = torch.empty_like(Xpm)
+            T = (torch.eye(E, dtype=dt)
+                 + 0.01 * torch.randn(E, E, dtype=dt, generator=g)).to(device)
+            Xpm = X.T.contiguous() if on_cpu else None
+            buf_pm = torch.empty_like(Xpm) if on_cpu else None
             for M in args.M:
                 obs, Y, y64, std64 = data[M, name]
-                pg = torch.Generator().manual_seed(2)
+                pg = torch.Generator(device).manual_seed(2)
                 fns = {
+                    "copy": partial(buf.copy_, X),
                     "floor": partial(torch.matmul, T, X, out=buf),
-                    "floor_pm": partial(torch.matmul, Xpm, T.T, out=buf_pm),
                     "sr": partial(assimilate, X, Y, obs, rule=sr, out=buf),
                     "po": partial(assimilate, X, Y, obs, rule=po, generator=pg, out=buf),
-                    "sr_alloc": partial(assimilate, X, Y, obs, rule=sr),
-                    "po_alloc": partial(assimilate, X, Y, obs, rule=po, generator=pg),
                 }
+                if Xpm is not None:
+                    fns["floor_pm"] = partial(torch.matmul, Xpm, T.T, out=buf_pm)
+                if not args.no_alloc:
+                    fns["sr_alloc"] = partial(assimilate, X, Y, obs, rule=sr)
+                    fns["po_alloc"] = partial(assimilate, X, Y, obs, rule=po, generator=pg)
                 peer_note = None
-                if peer is not None:
+                if peer is not None and name != "bfloat16":
                     npdt = np.float32 if name == "float32" else np.float64
                     yn = y64.numpy().astype(npdt)
                     var = std64.square().numpy().astype(npdt)
@@ -277,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
                     fns["peer"] = partial(run_peer, Xt)
                     fns["peer_pm"] = partial(run_peer, Xn_pm)
                 smp = _time_groups(fns, args.repeats,
-                                   {"peer": args.peer_limit, "peer_pm": args.peer_limit})
+                                   {"peer": args.peer_limit, "peer_pm": args.peer_limit}, sync)
                 ms = {k: _median_ms(v) for k, v in smp.items()}
+                nbytes = X.numel() * X.element_size()
                 for k in ("peer", "peer_pm"):
                     if k in ms and ms[k] is not None and ms[k] > 1e3 * args.peer_limit:
                         peer_note = (f"{k}: one call took {ms[k] / 1e3:.1f} s > "
@@ -287,26 +321,35 @@ def main(argv: list[str] | None = None) -> int:
                        **{k + "_ms": v for k, v in ms.items()},
                        **{k + "_min_ms": 1e3 * min(v) for k, v in smp.items() if v},
                        "sr_over_floor": _ratio(ms["sr"], ms["floor"]),
+                       "sr_over_copy": _ratio(ms["sr"], ms["copy"]),
+                       "sr_over_copy_paired": _paired(smp["sr"], smp["copy"]),
+                       "copy_gb_per_s": 2 * nbytes / ms["copy"] / 1e6,
+                       "floor_gflop_per_s": 2 * E * E * P / ms["floor"] / 1e6,
                        "po_over_floor": _ratio(ms["po"], ms["floor"]),
-                       "sr_alloc_over_floor": _ratio(ms["sr_alloc"], ms["floor"]),
+                       "sr_alloc_over_floor": _ratio(ms.get("sr_alloc"), ms["floor"]),
                        "sr_over_peer": _ratio(ms["sr"], ms.get("peer")),
                        "po_over_peer": _ratio(ms["po"], ms.get("peer")),
                        "po_over_peer_pm": _ratio(ms["po"], ms.get("peer_pm")),
-                       "floor_pm_over_floor": _ratio(ms["floor_pm"], ms["floor"]),
+                       "floor_pm_over_floor": _ratio(ms.get("floor_pm"), ms["floor"]),
                        "sr_over_floor_paired": _paired(smp["sr"], smp["floor"]),
                        "po_over_floor_paired": _paired(smp["po"], smp["floor"]),
-                       "sr_alloc_over_floor_paired": _paired(smp["sr_alloc"], smp["floor"]),
-                       "floor_pm_over_floor_paired": _paired(smp["floor_pm"], smp["floor"])}
+                       "sr_alloc_over_floor_paired": _paired(smp["sr_alloc"], smp["floor"])
+                       if "sr_alloc" in smp else None,
+                       "floor_pm_over_floor_paired": _paired(smp["floor_pm"], smp["floor"])
+                       if "floor_pm" in smp else None}
                 if peer_note:
                     row["note"] = peer_note
                 rows.append(row)
-                print(f"{P:>8} {M:>6} {name:>7} | {_fmt(ms['floor'], 8)} "
-                      f"{_fmt(ms['floor_pm'], 8)} | {_fmt(ms['sr'], 8)} {_fmt(ms['po'], 8)} "
-                      f"{_fmt(ms['sr_alloc'], 8)} {_fmt(ms['po_alloc'], 8)} | "
+                print(f"{P:>8} {M:>6} {name:>8} | {_fmt(ms['copy'], 8, 2)} "
+                      f"{_fmt(ms['floor'], 8)} {_fmt(ms.get('floor_pm'), 8)} | "
+                      f"{_fmt(ms['sr'], 8)} {_fmt(ms['po'], 8)} "
+                      f"{_fmt(ms.get('sr_alloc'), 8)} {_fmt(ms.get('po_alloc'), 8)} | "
                       f"{_fmt(ms.get('peer'), 8)} {_fmt(ms.get('peer_pm'), 8)} | "
                       f"{_fmt(row['sr_over_floor'], 6, 2)} {_fmt(row['po_over_floor'], 6, 2)} "
+                      f"{_fmt(row['sr_over_copy'], 7, 2)} "
                       f"{_fmt(row['sr_over_peer'], 7, 2)} {_fmt(row['po_over_peer'], 7, 2)} "
-                      f"{_fmt(row['floor_pm_over_floor'], 7, 2)}"
+                      f"{_fmt(row['floor_pm_over_floor'], 7, 2)} | "
+                      f"{_fmt(row['copy_gb_per_s'], 6, 0)} {_fmt(row['floor_gflop_per_s'], 7, 0)}"
                       + (f"  ({peer_note})" if peer_note else ""))
                 sys.stdout.flush()
             del X, buf, Xpm, buf_pm
@@ -344,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         headline[name] = {
             "P": r["P"], "M": r["M"], "E": E, "is_target_case": bool(exact),
             "sr_over_floor": r["sr_over_floor"], "po_over_floor": r["po_over_floor"],
+            "sr_over_copy": r["sr_over_copy"],
             "sr_over_peer": r["sr_over_peer"], "po_over_peer": r["po_over_peer"],
             "po_over_peer_pm": r["po_over_peer_pm"],
             "floor_pm_over_floor": r["floor_pm_over_floor"],
@@ -356,6 +400,15 @@ def main(argv: list[str] | None = None) -> int:
             "peer_target_met": (max(peers) <= TARGET_PEER) if peers else None,
         }
 
+    f32 = headline.get("float32")
+    if "bfloat16" in headline and f32 is not None and f32["P"] == headline["bfloat16"]["P"]:
+        h = headline["bfloat16"]
+        h["sr_over_float32_copy"] = _ratio(
+            next(r["sr_ms"] for r in rows if r["dtype"] == "bfloat16" and r["P"] == h["P"]
+                 and r["M"] == h["M"]),
+            next(r["copy_ms"] for r in rows if r["dtype"] == "float32" and r["P"] == h["P"]
+                 and r["M"] == h["M"]))
+
     print("\nlinearity in M (prepare alone; and enkal minus floor at the largest P):")
     for lin in linearity:
         print("  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
@@ -367,10 +420,14 @@ def main(argv: list[str] | None = None) -> int:
               f"PO/floor={h['po_over_floor']:.3f} SR/peer={_fmt(h['sr_over_peer'], 0, 3)} "
               f"PO/peer={_fmt(h['po_over_peer'], 0, 3)} -> floor target "
               f"{'met' if h['floor_target_met'] else 'MISSED'}, peer target "
-              f"{ {True: 'met', False: 'MISSED', None: 'n/a'}[h['peer_target_met']] }")
+              f"{ {True: 'met', False: 'MISSED', None: 'n/a'}[h['peer_target_met']] }; "
+              f"SR/copy={_fmt(h['sr_over_copy'], 0, 3)}"
+              + (f", SR/float32 copy={_fmt(h['sr_over_float32_copy'], 0, 3)}"
+                 if "sr_over_float32_copy" in h else ""))
 
     record = {
-        "bench": "update", "enkal": enkal.__version__, "torch": torch.__version__,
+        "bench": "update", "device": str(device), "device_name": _device_name(device).strip(" ()"),
+        "enkal": enkal.__version__, "torch": torch.__version__,
         "numpy": np.__version__, "peer": peer_version, "threads": threads,
         "machine": platform.processor() or platform.machine(), "E": E,
         "repeats": args.repeats, "quick": args.quick,

@@ -37,11 +37,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from _common import parse_device, synchronize  # noqa: E402 (bench/ on the path first)
 
 
 def _counts(call, device: torch.device) -> dict:
@@ -51,10 +47,10 @@ def _counts(call, device: torch.device) -> dict:
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     call()  # warm-up outside the profile
-    _sync(device)
+    synchronize(device)
     with profile(activities=activities) as prof:
         call()
-        _sync(device)
+        synchronize(device)
     events = [e for e in prof.events() if e.name.startswith("aten::")]
     top = [e for e in events if e.cpu_parent is None or
            not e.cpu_parent.name.startswith("aten::")]
@@ -81,10 +77,10 @@ def measure(P: int, E: int, M: int, device: torch.device, repeats: int) -> dict:
     times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(repeats):
         for k, fn in calls.items():
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             times[k].append(time.perf_counter() - t0)
     row["ms"] = 1e3 * statistics.median(times["assimilate"])
     row["floor_ms"] = 1e3 * statistics.median(times["floor"])
@@ -121,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = parse_device(args.device)
     sizes = [int(v) for v in args.P]
     if args.child:
         print(json.dumps(measure(sizes[0], args.E, args.M, device, args.repeats)))
