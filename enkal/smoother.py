@@ -97,6 +97,18 @@ _RUN_KEYWORDS = ("state", "max_iterations", "tolerance", "executor", "callbacks"
                  "progress", "inplace")
 
 
+def _check_whole_step(schedule: Any) -> None:
+    """The smoother takes the whole update: a schedule's ``step_size`` and ``trust_radius``
+    (:class:`~enkal.RelativeNoise`, read by the network optimizer) would be ignored."""
+    size, radius = getattr(schedule, "step_size", 1.0), getattr(schedule, "trust_radius", None)
+    if size != 1.0 or radius is not None:
+        raise ValueError(
+            f"schedule: step_size={size} and trust_radius={radius} shape "
+            "EnsembleKalmanOptimizer's step of the mean; EnsembleSmoother takes the whole "
+            "update and would ignore them. Use a schedule without them (RelativeNoise("
+            "gamma=...) with step_size=1 and trust_radius=None), or tune the noise instead")
+
+
 class EnsembleSmoother:
     """Iterated ensemble smoother (ensemble Kalman inversion).
 
@@ -157,6 +169,7 @@ class EnsembleSmoother:
             )
         _check_rule(rule)
         check_schedule(schedule)
+        _check_whole_step(schedule)
         if guard is not None:
             check_component(guard, Guard, "guard", "CollapseGuard(...) or None")
         check_policy(failure)

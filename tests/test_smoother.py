@@ -331,3 +331,15 @@ def test_smoother_input_validation():
         smoother.run(nonlinear_model(), torch.zeros(4, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="exactly one"):
         smoother.run(nonlinear_model())
+
+
+def test_a_schedule_with_a_step_size_or_trust_radius_is_refused():
+    """``RelativeNoise.step_size`` and ``trust_radius`` shape the optimizer's step of the
+    mean; the smoother takes the whole update, so it used to ignore them silently (a
+    ``RelativeNoise.newton()`` there gave an almost undamped full step): refused, naming them."""
+    obs = enkal.Observations([1.0, 2.0], noise_std=0.1)
+    for schedule in (enkal.RelativeNoise.newton(), enkal.RelativeNoise(step_size=0.5),
+                     enkal.RelativeNoise(trust_radius=1.0)):
+        with pytest.raises(ValueError, match="schedule: .*step_size.*trust_radius"):
+            enkal.EnsembleSmoother(obs, schedule=schedule)
+    enkal.EnsembleSmoother(obs, schedule=enkal.RelativeNoise())  # the plain one is fine

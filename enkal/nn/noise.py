@@ -75,13 +75,13 @@ class RelativeNoise:
         :class:`~enkal.EnsembleKalmanOptimizer` takes (it multiplies the optimizer's ``lr``;
         default 1: the plain update). Small ``gamma`` with a small ``step_size`` is a damped
         Newton step in the ensemble's subspace: the optimizer's default,
-        :meth:`newton`. Other users of a schedule ignore it.
+        :meth:`newton`. :class:`~enkal.EnsembleSmoother` refuses a value other than 1.
     trust_radius : float or None
         The longest step of the mean, in units of the redraw's spread (``Redraw`` only):
         :class:`~enkal.EnsembleKalmanOptimizer` takes ``lr * min(step_size, trust_radius /
         rho)`` of the analysis increment, ``rho`` its root mean square over the drawn
         parameters in units of their spread (a member sits at ``rho ~ 1``). Default
-        ``None``: no limit. Other users of a schedule ignore it; with ``Carry`` it is refused.
+        ``None``: no limit. :class:`~enkal.EnsembleSmoother` and ``Carry`` refuse it.
     """
 
     gamma: float | str = "auto"
