@@ -27,9 +27,10 @@ Methods (``--methods``, comma separated, default ``adamw,enkal,hybrid``):
 * ``hybrid``: ``enkal.HybridOptimizer(EnsembleKalmanOptimizer(...the same...),
   AdamW(...defaults...), loss_fn=cross_entropy)``.
 
-``--dtype bfloat16`` gives the ensemble optimizers ``dtype=torch.bfloat16`` (members, mean
-and forward in bfloat16; issue #16's low-precision ensembles); AdamW stays in float32. Runs
-are keyed by it, so float32 and bfloat16 runs share a ``runs.jsonl``.
+``--dtype bfloat16`` gives the ensemble optimizers ``dtype=torch.bfloat16`` (members and
+forward in bfloat16, the mean and its update in float32; issue #16's low-precision
+ensembles); AdamW stays in float32. Runs are keyed by it, so float32 and bfloat16 runs share
+a ``runs.jsonl``.
 
 For each seed the network's initialisation (``torch.manual_seed(seed)`` right before building
 it), the split and the minibatch order (a ``randperm`` per epoch from

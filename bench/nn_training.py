@@ -54,10 +54,11 @@ the ensemble is redrawn every step with a fixed Kaiming-relative spread, so the 
 
 Run ``python bench/nn_training.py [--problem digits|fashion|both] [--methods
 adamw,enkal,hybrid[,paper]] [--seeds 0 1 2] [--epochs N] [--ensemble 64] [--batch B] [--out DIR]
-[--threads T] [--device cpu|cuda] [--quick] [--sweep [--no-main]] [--train-subset N] [--test-subset N]
-[--json PATH]``. ``--quick`` (digits,
-2 epochs, seed 0) is a smoke check of well under a minute. Threads: one by default (the
-shared 2-core development machine); ``--threads 0`` keeps torch's default. The last line is
+[--threads T] [--device cpu|cuda] [--quick] [--sweep [--no-main]] [--train-subset N]
+[--test-subset N] [--json PATH]``. ``--quick`` (digits, 2 epochs, seed 0) is a smoke check
+of well under a minute. Threads: one by default (the shared 2-core development machine);
+``--threads 0`` keeps torch's default. ``--device cuda`` runs the networks, data and
+ensembles there, with the step timed between synchronisations. The last line is
 ``BENCH_JSON {...}`` (``bench/_common.emit``).
 """
 

@@ -70,8 +70,9 @@ def test_a_large_trust_radius_is_the_plain_step_bit_for_bit():
 def test_a_small_trust_radius_moves_the_mean_exactly_that_far():
     # The analysis step of this batch is far longer than 1e-3 member radii, so the cap
     # binds: the step's radius, measured in the spread the members were drawn with
-    # (Redraw(scale="inputs") sets it at the step), is the trust radius (float32 parameters: 1e-4 relative). The direction is the plain
-    # step's: the two increments are parallel.
+    # (Redraw(scale="inputs") sets it at the step), is the trust radius (float32
+    # parameters: 1e-4 relative). The direction is the plain step's: the increments are
+    # parallel.
     opt, start = _one_step(_schedule(1.0, 1e-3))
     plain, _ = _one_step(_schedule(1.0, None))
     std = drawn_std(opt._redraw_std, opt.mask)
@@ -88,8 +89,6 @@ def test_masked_parameters_neither_move_nor_count_in_the_radius():
     mask = torch.ones(n, dtype=torch.bool)
     mask[::3] = False
     opt, start = _one_step(_schedule(1.0, 1e-3), mask=mask)
-    from enkal.nn.steps import drawn_std
-
     assert bool((opt.mean[~mask] == 0).all())
     std = drawn_std(opt._redraw_std, opt.mask)
     assert float(step_radius(opt.mean - start, std)) == pytest.approx(1e-3, rel=1e-4)

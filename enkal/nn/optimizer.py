@@ -253,11 +253,11 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
                         device=self.net.device)
         return theta + std * z
 
-    def _draw(self, section: list[slice] | None = None,
+    def _draw(self, std: torch.Tensor | None = None,
               generator: torch.Generator | None = None) -> torch.Tensor:
-        """``m + std * Z`` (``Z`` from ``generator``, default the optimizer's; all columns
-        drawn); with ``section`` only those columns deviate from the mean."""
-        std = drawn_std(self._redraw_std, self.mask, section)
+        """``m + std * Z`` (``Z`` from ``generator``, default the optimizer's); ``std``
+        default :func:`drawn_std` over all columns (zero outside a drawn section)."""
+        std = drawn_std(self._redraw_std, self.mask) if std is None else std
         z = torch.randn(self.ensemble_size, self.net.n_parameters,
                         generator=self._generator if generator is None else generator,
                         dtype=self._master, device=self.net.device)
@@ -392,8 +392,9 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
                 self._redraw_std = self.members.std(self.net, inputs, self._mean,
                                                     kaiming=self._kaiming)
             # a fresh ensemble around the mean (only the active section if one)
-            x = self._draw(self._sections[active[0]] if one else None) if redraw \
-                else self.ensemble
+            drawn = drawn_std(self._redraw_std, self.mask,
+                              self._sections[active[0]] if one else None) if redraw else None
+            x = self._draw(drawn) if redraw else self.ensemble
             fwd = x
             if one and not redraw:  # members differ only in the active section
                 fwd = x.mean(dim=0, keepdim=True).expand_as(x).clone()
@@ -413,11 +414,9 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
             self._generator.set_state(rng)
             self._redraw_std = std
             raise
-        if start is not None:
-            std = None if trust is None else drawn_std(
-                self._redraw_std, self.mask, self._sections[active[0]] if one else None)
+        if start is not None:  # the trust radius in the spread the members were drawn with
             scale_increment(x, self._mean, start, lr, step_size=size, redraw=redraw,
-                            trust=trust, std=std)
+                            trust=trust, std=drawn)
         self.ensemble = x
         self._schedule_states = list(a.schedule)
         self._iteration += 1
