@@ -208,3 +208,21 @@ class Carry:
         if self.guard is not None and not isinstance(self.guard, CollapseGuard):
             raise TypeError(f"Carry.guard: expected CollapseGuard or None, got "
                             f"{type(self.guard).__name__}")
+
+    def prior(self, net: NeuralModel, n: int, prior_std: float | None,
+              generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+        """The initial ensemble ``(n, N_par)`` in ``dtype``: the module's parameters plus
+        ``prior_std`` (default per tensor the std of its entries, ``0.1`` for a constant
+        one) times a standard normal draw from ``generator``."""
+        theta = net.flatten(dtype)
+        std = torch.empty(theta.numel(), dtype=dtype, device=net.device)
+        for block in net.layout.blocks:
+            if prior_std is not None:
+                s = prior_std
+            else:
+                vals = theta[block.slice]
+                s = float(vals.std()) if vals.numel() > 1 else 0.0
+                s = s if s > 0 and math.isfinite(s) else 0.1
+            std[block.slice] = s
+        z = torch.randn(n, theta.numel(), generator=generator, dtype=dtype, device=net.device)
+        return theta + std * z

@@ -30,6 +30,13 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d
          nn.ConvTranspose3d)
 
 
+def check_dtype(dtype: Any, name: str) -> None:
+    """``None`` or a floating ``torch.dtype``, else a ``TypeError`` naming ``name``."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype)
+                              or not dtype.is_floating_point):
+        raise TypeError(f"{name}: expected a floating torch.dtype, got {dtype!r}")
+
+
 def _check_stateless(module: nn.Module) -> None:
     """Refuse layers whose training-mode forward mutates buffers or draws random numbers."""
     for name, sub in module.named_modules():
@@ -109,9 +116,7 @@ class NeuralModel:
             raise TypeError(
                 f"module: expected floating parameters of one dtype, got {sorted(map(str, dtypes))}"
             )
-        if dtype is not None and (not isinstance(dtype, torch.dtype)
-                                  or not dtype.is_floating_point):
-            raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        check_dtype(dtype, "dtype")
         self.module = module
         self.backend = backend
         self.members_per_call = members_per_call

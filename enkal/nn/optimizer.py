@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
@@ -19,9 +18,10 @@ from ..failures import ResampleFailed, check_policy
 from ..observations import Observations
 from ..schedule import check_schedule
 from ..update import SquareRoot, UpdateRule, _check_rule
+from ._scoring import score_draws
 from ._torch_optim import check_batch, check_lr, group_lr, loaded_group, saved_groups
 from .members import Carry, Redraw, Sections, kaiming_std
-from .model import NeuralModel
+from .model import NeuralModel, check_dtype
 from .noise import RelativeNoise
 from .steps import drawn_std, scale_increment
 from .tasks import Classification, Regression, _check_output_map, _describe
@@ -29,6 +29,23 @@ from .tasks import Classification, Regression, _check_output_map, _describe
 __all__ = ["EnsembleKalmanOptimizer"]
 
 _T = TypeVar("_T")
+
+
+def _recipe(members: Any, schedule: Any, prior_std: Any) -> Any:
+    """The schedule (``None``: the default for ``members``), checked with ``members``."""
+    if schedule is None:
+        schedule = RelativeNoise.newton() if isinstance(members, Redraw) else RelativeNoise()
+    check_schedule(schedule)
+    if not isinstance(members, (Redraw, Carry)):
+        raise TypeError(f"members: expected Redraw(...) or Carry(...), got "
+                        f"{type(members).__name__}")
+    if isinstance(members, Carry) and getattr(schedule, "trust_radius", None) is not None:
+        raise ValueError("schedule: a trust_radius needs members=Redraw(...) (it is in "
+                         "units of the redraw's spread); pass trust_radius=None")
+    if isinstance(members, Redraw) and prior_std is not None:
+        raise ValueError("prior_std: only used with members=Carry(...); Redraw draws with "
+                         "Redraw.std")
+    return schedule
 
 
 # -- the optimizer ----------------------------------------------------------------------------
@@ -119,9 +136,14 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
     seed : int
         Seed of the optimizer's ``torch.Generator`` (prior, perturbations, redraws).
     device, dtype :
-        Where and in what precision the ensemble lives and computes (default the model's).
-        ``torch.bfloat16`` (or ``float16``) with :class:`Redraw`: members and forward in it,
-        the mean, outputs and update in float32 (the transform in float64; docs/nn.md 3).
+        Where and in what precision the ensemble lives (default the model's).
+        ``torch.bfloat16`` (or ``float16``) with :class:`Redraw`: the members are stored in
+        it; the mean, the forward, outputs and update in float32 (the transform in float64;
+        docs/nn.md 3).
+    forward_dtype : torch.dtype, optional
+        Precision of the members' forward (default the mean's: float32 for a bfloat16 or
+        float16 :class:`Redraw` ensemble, else ``dtype``). ``torch.bfloat16`` runs the
+        networks in it too (faster on GPUs; its rounding costs accuracy, docs/nn.md 3).
     backend, members_per_call, devices :
         As for :class:`NeuralModel`.
     chunk_size : int, optional
@@ -164,6 +186,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        forward_dtype: torch.dtype | None = None,
         backend: str = "auto",
         members_per_call: int | None = None,
         devices: Sequence[torch.device | str] | None = None,
@@ -175,18 +198,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         check_positive_float(noise, "noise")
         _check_rule(rule)
         check_policy(failure)
-        if schedule is None:
-            schedule = RelativeNoise.newton() if isinstance(members, Redraw) else RelativeNoise()
-        check_schedule(schedule)
-        if not isinstance(members, (Redraw, Carry)):
-            raise TypeError(f"members: expected Redraw(...) or Carry(...), got "
-                            f"{type(members).__name__}")
-        if isinstance(members, Carry) and getattr(schedule, "trust_radius", None) is not None:
-            raise ValueError("schedule: a trust_radius needs members=Redraw(...) (it is in "
-                             "units of the redraw's spread); pass trust_radius=None")
-        if isinstance(members, Redraw) and prior_std is not None:
-            raise ValueError("prior_std: only used with members=Carry(...); Redraw draws with "
-                             "Redraw.std")
+        schedule = _recipe(members, schedule, prior_std)
         if task is not None:
             _check_output_map(task, "task")
         check_positive_float(prior_std, "prior_std", allow_none=True)
@@ -196,14 +208,23 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise TypeError(f"seed: expected a non-negative int, got {seed!r}")
         check_positive_int(chunk_size, "chunk_size", allow_none=True)
+        check_dtype(forward_dtype, "forward_dtype")
         self.model = model
-        self.net = NeuralModel(model, backend=backend, members_per_call=members_per_call,
-                               device=device, dtype=dtype, devices=devices)
+
+        def network(precision: torch.dtype | None) -> NeuralModel:
+            return NeuralModel(model, backend=backend, members_per_call=members_per_call,
+                               device=device, dtype=precision, devices=devices)
+
+        self.net = network(dtype)  # checks the module and dtype
+        # a bfloat16/float16 Redraw ensemble keeps its mean (and outputs) in float32, and
+        # runs the members in float32 unless told otherwise (docs/nn.md 3)
+        self._store = self.net.dtype
+        low = self._store in (torch.bfloat16, torch.float16)
+        self._master = torch.float32 if low and isinstance(members, Redraw) else self._store
+        if (forward_dtype or self._master) != self._store:
+            self.net = network(forward_dtype or self._master)
         # torch's bookkeeping (param_groups, state, hooks): one group, the layout's tensors
         super().__init__(self.net._module_params(), {"lr": lr})
-        # a bfloat16/float16 Redraw ensemble keeps its mean (and outputs) in float32
-        low = self.net.dtype in (torch.bfloat16, torch.float16)
-        self._master = torch.float32 if low and isinstance(members, Redraw) else self.net.dtype
         self.ensemble_size = int(ensemble_size)
         self.noise = float(noise)
         self.rule = rule
@@ -229,7 +250,8 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
             self._mean = self.net.flatten(self._master)
             self.ensemble = self._draw()
         else:
-            self.ensemble = self._prior()
+            self.ensemble = members.prior(self.net, self.ensemble_size, prior_std,
+                                          self._generator, self._store)
             self._mean = self.ensemble.mean(dim=0)
         self.last_predictions: torch.Tensor | None = None
         self.last_observations: torch.Tensor | None = None
@@ -237,22 +259,6 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         self._write_mean()
 
     # -- construction ------------------------------------------------------------------------
-    def _prior(self) -> torch.Tensor:
-        theta = self.net.flatten()
-        n, p = self.ensemble_size, theta.numel()
-        std = torch.empty(p, dtype=self.net.dtype, device=self.net.device)
-        for block in self.net.layout.blocks:
-            if self.prior_std is not None:
-                s = self.prior_std
-            else:
-                vals = theta[block.slice]
-                s = float(vals.std()) if vals.numel() > 1 else 0.0
-                s = s if s > 0 and math.isfinite(s) else 0.1
-            std[block.slice] = s
-        z = torch.randn(n, p, generator=self._generator, dtype=self.net.dtype,
-                        device=self.net.device)
-        return theta + std * z
-
     def _draw(self, std: torch.Tensor | None = None,
               generator: torch.Generator | None = None) -> torch.Tensor:
         """``m + std * Z`` (``Z`` from ``generator``, default the optimizer's); ``std``
@@ -262,7 +268,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
                         generator=self._generator if generator is None else generator,
                         dtype=self._master, device=self.net.device)
         x = z.mul_(std).add_(self._mean)  # m + std * Z without (N_ens, N_par) temporaries
-        return x if x.dtype == self.net.dtype else x.to(self.net.dtype)  # bfloat16 members
+        return x if x.dtype == self._store else x.to(self._store)  # bfloat16 members
 
     @property
     def guard(self) -> CollapseGuard | None:
@@ -478,28 +484,12 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
 
         Memory: ``draws * N_ens * N_par`` parameters and ``draws * N_ens * N_obs`` errors.
         """
-        from ..information import mutual_information
-
-        check_positive_int(draws, "draws")
-        score = mutual_information if score is None else score
-        if not callable(score):
-            raise TypeError(f"score: expected a callable score(parameters, errors), got "
-                            f"{type(score).__name__}")
-        if self._redraw_std is None and draws != 1:
-            raise ValueError(f"draws: with Carry the carried ensemble is the sample; expected "
-                             f"draws=1, got {draws}")
-        self.net._check_inputs(inputs)
-        task = self._task_for(targets)
-        seed = self.seed * 1_000_003 + self._iteration if seed is None else seed
-        gen = torch.Generator(device=self.net.device).manual_seed(int(seed))
-        xs, es = [], []
-        for _ in range(draws):
-            x = self.ensemble if self._redraw_std is None else self._draw(generator=gen)
-            out = self.net.predict(x, inputs)
-            y = task.targets(targets, out.shape[1], out.shape[2]).to(out.device)
-            xs.append(x)
-            es.append(task.predictions(out) - y.to(out.dtype))
-        return score(torch.cat(xs), torch.cat(es))
+        carried = self._redraw_std is None
+        return score_draws(
+            self.net, lambda gen: self.ensemble if carried else self._draw(generator=gen),
+            self._task_for(targets), inputs, targets, draws=draws, score=score,
+            seed=self.seed * 1_000_003 + self._iteration if seed is None else seed,
+            carried=carried)
 
     def members_at_mean(self) -> torch.Tensor:
         """The ensemble's anomalies around the current mean, ``(N_ens, N_par)``: with
