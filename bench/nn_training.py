@@ -54,11 +54,13 @@ the ensemble is redrawn every step with a fixed Kaiming-relative spread, so the 
 
 Run ``python bench/nn_training.py [--problem digits|fashion|both] [--methods
 adamw,enkal,hybrid[,paper]] [--seeds 0 1 2] [--epochs N] [--ensemble 64] [--batch B] [--out DIR]
-[--threads T] [--device cpu|cuda] [--quick] [--sweep [--no-main]] [--train-subset N]
-[--test-subset N] [--json PATH]``. ``--quick`` (digits, 2 epochs, seed 0) is a smoke check
-of well under a minute. Threads: one by default (the shared 2-core development machine);
+[--threads T] [--device cpu|cuda] [--dtype bfloat16] [--forward-dtype bfloat16] [--quick]
+[--sweep [--no-main]] [--train-subset N] [--test-subset N] [--json PATH]``. ``--quick``
+(digits, 2 epochs, seed 0) is a smoke check of well under a minute. Threads: one by default (the shared 2-core development machine);
 ``--threads 0`` keeps torch's default. ``--device cuda`` runs the networks, data and
-ensembles there, with the step timed between synchronisations. The last line is
+ensembles there, with the step timed between synchronisations. ``--dtype bfloat16`` stores
+the ensemble optimizers' members in bfloat16 (the mean and forward in float32);
+``--forward-dtype bfloat16`` runs their networks in bfloat16 too (issue #16). The last line is
 ``BENCH_JSON {...}`` (``bench/_common.emit``).
 """
 
@@ -129,13 +131,14 @@ def variance_snapshot_epochs(epochs: int) -> list[int]:
 # -- one training run -----------------------------------------------------------------------
 def train(problem: str, method: str, seed: int, data, *, epochs: int, batch: int,
           ensemble: int, sizes: list[int] | None, keep_variances: bool,
-          log_prefix: str = "") -> dict:
+          log_prefix: str = "", dtypes: dict | None = None) -> dict:
     xtr, ytr, xte, yte = data
     device = xtr.device
     net = make_net(problem, sizes, seed).to(device)
     loss_fn = nn.functional.cross_entropy
     kalman = None
     schedule = enkal.RelativeNoise(steps=epochs * math.ceil(xtr.shape[0] / batch))
+    low = dtypes or {}  # dtype / forward_dtype of the ensemble optimizers
     if method == "adamw":
         opt = torch.optim.AdamW(net.parameters())
 
@@ -145,11 +148,11 @@ def train(problem: str, method: str, seed: int, data, *, epochs: int, batch: int
             opt.step()
     elif method == "enkal":
         kalman = enkal.EnsembleKalmanOptimizer(net, ensemble_size=ensemble, seed=seed,
-                                               schedule=schedule)
+                                               schedule=schedule, **low)
         step = kalman.step
     elif method == "hybrid":
         kalman = enkal.EnsembleKalmanOptimizer(net, ensemble_size=ensemble, seed=seed,
-                                               schedule=schedule)
+                                               schedule=schedule, **low)
         hybrid = enkal.HybridOptimizer(kalman, torch.optim.AdamW(net.parameters()),
                                        loss_fn=loss_fn)
         step = hybrid.step
@@ -157,7 +160,7 @@ def train(problem: str, method: str, seed: int, data, *, epochs: int, batch: int
         kalman = enkal.EnsembleKalmanOptimizer(
             net, ensemble_size=ensemble, seed=seed, rule=enkal.PerturbedObservations(),
             members=enkal.Carry(guard=enkal.CollapseGuard(threshold=1e-4, reset=1e-3)),
-            schedule=enkal.FixedAnnealing(factor=0.75, initial=1.0, floor=0.1))
+            schedule=enkal.FixedAnnealing(factor=0.75, initial=1.0, floor=0.1), **low)
         step = kalman.step
     else:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -165,7 +168,7 @@ def train(problem: str, method: str, seed: int, data, *, epochs: int, batch: int
     snaps = variance_snapshot_epochs(epochs) if keep_variances and kalman is not None else []
     variances: dict[int, torch.Tensor] = {}
     if 0 in snaps:
-        variances[0] = column_variance(kalman.ensemble).cpu()
+        variances[0] = column_variance(kalman.ensemble).float().cpu()
     acc = [accuracy(net, xte, yte)]
     wall = [0.0]
     step_times: list[float] = []
@@ -196,7 +199,7 @@ def train(problem: str, method: str, seed: int, data, *, epochs: int, batch: int
             mean = kalman.mean if hasattr(kalman, "mean") else kalman.ensemble.mean(0)
             mean_gap = max(mean_gap, float((theta - mean).abs().max()))
             if epoch in snaps:
-                variances[epoch] = column_variance(kalman.ensemble).cpu()
+                variances[epoch] = column_variance(kalman.ensemble).float().cpu()
             redrawn.append(n_redrawn / math.ceil(n / batch) / kalman.net.n_parameters)
         print(f"{log_prefix}{method:6s} seed {seed} epoch {epoch:3d}: test acc {acc[-1]:.4f}, "
               f"train {wall[-1]:8.1f} s, step median {statistics.median(step_times):.4f} s"
@@ -275,6 +278,14 @@ def plot_variances(path: Path, problem: str, method: str, variances: dict[int, t
 
 
 # -- one problem ----------------------------------------------------------------------------
+def precision(args) -> dict:
+    """``dtype`` / ``forward_dtype`` keywords of the ensemble optimizers from ``--dtype`` and
+    ``--forward-dtype`` (float32: the model's own, no keyword)."""
+    return {k: getattr(torch, v) for k, v in (("dtype", args.dtype),
+                                              ("forward_dtype", args.forward_dtype))
+            if v != "float32"}
+
+
 def run_problem(problem: str, args, out: Path) -> dict:
     cfg = PROBLEMS[problem]
     batch = args.batch or cfg["batch"]
@@ -287,14 +298,17 @@ def run_problem(problem: str, args, out: Path) -> dict:
     full = {"digits": 1437, "fashion": 60000}[problem]
     is_subset = n_train < full or (problem == "fashion" and n_test < 10000)
     net_name = "MLP " + "-".join(map(str, sizes)) if sizes else "LeNet-5"
+    low = precision(args)
     label = (f"{net_name}, E={args.ensemble}, batch {batch}, {epochs} epochs, "
-             f"{n_train} train / {n_test} test" + (" [SUBSET]" if is_subset else ""))
+             f"{n_train} train / {n_test} test" + (" [SUBSET]" if is_subset else "")
+             + "".join(f", {k} {str(v).removeprefix('torch.')}" for k, v in low.items()))
     print(f"\n## {problem}: {label}; seeds {args.seeds}", flush=True)
     by_method: dict[str, list[dict]] = {}
     for method in args.methods:
         by_method[method] = [
             train(problem, method, seed, data, epochs=epochs, batch=batch,
-                  ensemble=args.ensemble, sizes=sizes, keep_variances=(k == 0))
+                  ensemble=args.ensemble, sizes=sizes, keep_variances=(k == 0),
+                  dtypes=low)
             for k, seed in enumerate(args.seeds)]
 
     # table: median over seeds per epoch
@@ -459,6 +473,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--device", default="cpu",
                         help="torch device of the networks, data and ensembles (cpu; cuda...)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the ensemble optimizers' ensemble (bfloat16: stored in it, the "
+                             "mean and forward in float32)")
+    parser.add_argument("--forward-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the members' forward (bfloat16: the networks run in it)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke check: digits, 2 epochs, seed 0")
     parser.add_argument("--sweep", action="store_true",
@@ -489,7 +508,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"RelativeNoise(steps=epochs * steps_per_epoch)", flush=True)
     t0 = time.perf_counter()
     record: dict = {"bench": "nn_training", **environment(), "device": str(args.device),
-                    "quick": args.quick,
+                    "quick": args.quick, "dtype": args.dtype,
+                    "forward_dtype": args.forward_dtype,
                     "methods": args.methods, "defaults": defaults, "problems": []}
     if not args.no_main:
         problems = ("digits", "fashion") if args.problem == "both" else (args.problem,)
