@@ -55,6 +55,7 @@ def test_an_absent_device_is_refused_naming_the_flag(bench):
             bench.main(["--device", "cuda", "--quick"])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_runs_on_the_gpu(bench, capsys):  # pragma: no cover - no GPU in CI
     assert bench.main(["--device", "cuda", "--P", "10000", "--M", "50", "--repeats", "1",

@@ -317,6 +317,7 @@ def test_classify_batch_equals_classify_filter_by_filter(policy):
     assert torch.equal(policy.classify_batch(yh, ok, y, std), expected)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_filters_run_on_a_gpu():
     # the deterministic ETKF and LETKF give the CPU's numbers (float64, 1e-9: reductions in

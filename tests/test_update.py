@@ -373,6 +373,7 @@ def test_one_update_reads_few_scalars():
     assert sum(n.startswith("aten::") for n in names) <= 160
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("n_members", [16, 300])  # the host algebra, and the device's
 def test_a_gpu_update_equals_the_cpu_update(n_members):
