@@ -27,10 +27,11 @@ Methods (``--methods``, comma separated, default ``adamw,enkal,hybrid``):
 * ``hybrid``: ``enkal.HybridOptimizer(EnsembleKalmanOptimizer(...the same...),
   AdamW(...defaults...), loss_fn=cross_entropy)``.
 
-``--dtype bfloat16`` gives the ensemble optimizers ``dtype=torch.bfloat16`` (members and
-forward in bfloat16, the mean and its update in float32; issue #16's low-precision
+``--dtype bfloat16`` gives the ensemble optimizers ``dtype=torch.bfloat16`` (members stored
+in bfloat16, the mean, the forward and the update in float32; issue #16's low-precision
 ensembles); AdamW stays in float32. Runs are keyed by it, so float32 and bfloat16 runs share
-a ``runs.jsonl``.
+a ``runs.jsonl`` (bfloat16 runs recorded before commit 3de152a ran the forward in bfloat16
+too: keep them in another ``--out``).
 
 For each seed the network's initialisation (``torch.manual_seed(seed)`` right before building
 it), the split and the minibatch order (a ``randperm`` per epoch from
