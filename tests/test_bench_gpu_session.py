@@ -17,16 +17,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _session(out: Path, **env: str) -> str:
+    """Run the QUICK session on the CPU into ``out``; its session.log."""
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_session.sh"), str(out)],
+        env={**os.environ, "DEVICE": "cpu", "QUICK": "1", "PYTHON": sys.executable, **env},
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return (out / "session.log").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
 def test_every_step_runs_and_leaves_its_record(tmp_path):
-    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "PYTHON": sys.executable,
-           "OMP_NUM_THREADS": "1"}
     out = tmp_path / "gs"
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    log = (out / "session.log").read_text()
+    log = _session(out, OMP_NUM_THREADS="1")
     steps = ["environment", "gpu_tests", "update", "update_profile", "forward", "training",
              "training_bf16"]
     for name in steps:
@@ -42,12 +47,6 @@ def test_every_step_runs_and_leaves_its_record(tmp_path):
 
 
 def test_a_spent_budget_skips_the_steps_and_says_so(tmp_path):
-    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "PYTHON": sys.executable,
-           "BUDGET_S": "0"}
-    out = tmp_path / "gs"
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), str(out)],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    log = (out / "session.log").read_text()
+    log = _session(tmp_path / "gs", BUDGET_S="0")
     assert re.search(r"\] update: skipped, -?\d+ s of the budget left", log), log
     assert "done: 0 benchmark record(s)" in log
