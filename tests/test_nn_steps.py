@@ -227,3 +227,18 @@ def test_forward_dtype_must_be_a_floating_torch_dtype(bad):
     net = nn.Linear(3, 2)
     with pytest.raises(TypeError, match="forward_dtype: expected a floating torch.dtype"):
         EnsembleKalmanOptimizer(net, ensemble_size=4, forward_dtype=bad)
+
+
+def test_a_bfloat16_module_runs_in_bfloat16_and_predict_maps_in_the_means_precision():
+    # dtype=None keeps the module's precision for the forward (nothing asked otherwise);
+    # the mean of a low-precision Redraw ensemble is float32 all the same
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4)).to(torch.bfloat16)
+    x, y = torch.randn(16, 5), torch.arange(16) % 4
+    opt = EnsembleKalmanOptimizer(net, ensemble_size=9, seed=3)
+    assert opt.net.dtype == torch.bfloat16 and opt.ensemble.dtype == torch.bfloat16
+    opt.step(x, y)
+    assert opt.mean.dtype == torch.float32 and opt.last_predictions.dtype == torch.float32
+    mean, std = opt.predict(x)
+    assert mean.dtype == std.dtype == torch.float32
+    torch.testing.assert_close(mean.sum(dim=1), torch.ones(16), rtol=0, atol=1e-6)

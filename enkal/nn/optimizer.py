@@ -141,9 +141,10 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         it; the mean, the forward, outputs and update in float32 (the transform in float64;
         docs/nn.md 3).
     forward_dtype : torch.dtype, optional
-        Precision of the members' forward (default the mean's: float32 for a bfloat16 or
-        float16 :class:`Redraw` ensemble, else ``dtype``). ``torch.bfloat16`` runs the
-        networks in it too (faster on GPUs; its rounding costs accuracy, docs/nn.md 3).
+        Precision of the members' forward. Default: float32 when ``dtype`` asks for a
+        bfloat16 or float16 :class:`Redraw` ensemble, else the ensemble's (a bfloat16 module
+        runs in bfloat16). ``torch.bfloat16`` runs the networks in it (faster on GPUs; its
+        rounding costs accuracy, docs/nn.md 3).
     backend, members_per_call, devices :
         As for :class:`NeuralModel`.
     chunk_size : int, optional
@@ -216,13 +217,14 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
                                device=device, dtype=precision, devices=devices)
 
         self.net = network(dtype)  # checks the module and dtype
-        # a bfloat16/float16 Redraw ensemble keeps its mean (and outputs) in float32, and
-        # runs the members in float32 unless told otherwise (docs/nn.md 3)
+        # a bfloat16/float16 Redraw ensemble keeps its mean (and outputs) in float32; asked
+        # for with dtype=, it runs the members in float32 unless told otherwise (docs/nn.md 3)
         self._store = self.net.dtype
         low = self._store in (torch.bfloat16, torch.float16)
         self._master = torch.float32 if low and isinstance(members, Redraw) else self._store
-        if (forward_dtype or self._master) != self._store:
-            self.net = network(forward_dtype or self._master)
+        forward = forward_dtype or (self._store if dtype is None else self._master)
+        if forward != self._store:
+            self.net = network(forward)
         # torch's bookkeeping (param_groups, state, hooks): one group, the layout's tensors
         super().__init__(self.net._module_params(), {"lr": lr})
         self.ensemble_size = int(ensemble_size)
@@ -445,7 +447,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         """
         task = task or self.task or Classification()
         _check_output_map(task, "task")
-        out = self.net.predict(self.members_at_mean(), inputs)
+        out = self.net.predict(self.members_at_mean(), inputs).to(self._master)
         mapped = task.predictions(out).reshape(out.shape)
         return mapped.mean(dim=0), mapped.std(dim=0)
 
