@@ -209,6 +209,7 @@ def train(problem: str, method: str, seed: int, data, *, epochs: int, batch: int
            "step_s_median": statistics.median(step_times), "steps": len(step_times)}
     if kalman is not None:
         run["max_model_minus_mean"] = mean_gap
+        run["forward_dtype"] = str(kalman.net.dtype).removeprefix("torch.")  # as it ran
         run["redrawn_fraction_per_step"] = redrawn
         v = column_variance(kalman.ensemble)
         run["final_variance_quantiles"] = {

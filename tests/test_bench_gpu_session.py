@@ -31,16 +31,17 @@ def _session(out: Path, **env: str) -> str:
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
 def test_every_step_runs_and_leaves_its_record(tmp_path):
     out = tmp_path / "gs"
-    log = _session(out, OMP_NUM_THREADS="1")
-    steps = ["environment", "gpu_tests", "update", "update_profile", "forward", "training",
-             "training_bf16"]
+    log = _session(out, OMP_NUM_THREADS="1", FIGURES=str(tmp_path / "figures"))
+    assert "failed: none" in log
+    steps = ["environment", "gpu_tests", "update", "update_profile", "forward",
+             "training_seeds_0", "training_seeds_1_2", "training_e64", "training_bf16"]
     for name in steps:
         assert f"] {name}: exit 0 after" in log, log
     assert sorted(p.name for p in out.iterdir()) == ["bench.jsonl", "session.log",
-                                                     "steps.log", "training"]
+                                                     "steps.log"]
     records = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     assert [r["bench"] for r in records] == ["update", "update_profile", "forward",
-                                             "nn_training", "nn_training"]
+                                             *["nn_training"] * 4]
     assert all(r["device"] == "cpu" for r in records)
     low = records[-1]
     assert (low["dtype"], low["forward_dtype"]) == ("bfloat16", "bfloat16")
