@@ -56,12 +56,12 @@ Run ``python bench/nn_training.py [--problem digits|fashion|both] [--methods
 adamw,enkal,hybrid[,paper]] [--seeds 0 1 2] [--epochs N] [--ensemble 64] [--batch B] [--out DIR]
 [--threads T] [--device cpu|cuda] [--dtype bfloat16] [--forward-dtype bfloat16] [--quick]
 [--sweep [--no-main]] [--train-subset N] [--test-subset N] [--json PATH]``. ``--quick``
-(digits, 2 epochs, seed 0) is a smoke check of well under a minute. Threads: one by default (the shared 2-core development machine);
-``--threads 0`` keeps torch's default. ``--device cuda`` runs the networks, data and
-ensembles there, with the step timed between synchronisations. ``--dtype bfloat16`` stores
-the ensemble optimizers' members in bfloat16 (the mean and forward in float32);
-``--forward-dtype bfloat16`` runs their networks in bfloat16 too (issue #16). The last line is
-``BENCH_JSON {...}`` (``bench/_common.emit``).
+(digits, 2 epochs, seed 0) is a smoke check of well under a minute. Threads: one by
+default (the shared 2-core development machine); ``--threads 0`` keeps torch's default.
+``--device cuda`` runs the networks, data and ensembles there, with the step timed between
+synchronisations. ``--dtype bfloat16`` stores the ensemble optimizers' members in bfloat16
+(the mean and forward in float32); ``--forward-dtype bfloat16`` runs their networks in
+bfloat16 too (issue #16). The last line is ``BENCH_JSON {...}`` (``bench/_common.emit``).
 """
 
 from __future__ import annotations
