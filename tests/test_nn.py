@@ -8,6 +8,7 @@ in layers of a few hundred inputs.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import io
 import math
@@ -229,14 +230,71 @@ def test_batchnorm_in_eval_mode_shares_its_statistics():
     x = torch.randn(5, 3, dtype=torch.float64)
     model = NeuralModel(net, backend="vmap")
     theta = _ensemble(model, 4)
-    with pytest.raises(ValueError, match=r"BatchNorm layer '1' is in training mode.*eval\(\)"):
-        model.predict(theta, x)
     net.eval()
     stats = net[1].running_mean.clone()
     a = model.predict(theta, x)
     b = NeuralModel(net, backend="loop").predict(theta, x)
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
     assert torch.equal(net[1].running_mean, stats)  # never updated
+    model.load_into(theta[2])
+    torch.testing.assert_close(net(x), a[2], atol=ATOL, rtol=0)  # the running statistics
+
+
+def _bn_cnn() -> nn.Module:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Unflatten(1, (1, 6, 6)), nn.Conv2d(1, 3, 3, padding=1),
+                         nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(108, 4),
+                         nn.BatchNorm1d(4)).double()
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_batchnorm_in_training_mode_normalises_each_member_by_its_own_batch(backend):
+    # Was refused (a ValueError asking for eval()); now each member is what the network
+    # with its weights computes in training mode, and no member writes the buffers.
+    net = _bn_cnn()
+    x = torch.randn(10, 36, dtype=torch.float64)
+    model = NeuralModel(net, backend=backend)
+    theta = _ensemble(model, 5, scale=0.3)
+    buffers = {k: v.clone() for k, v in net.named_buffers()}
+    out = model.predict(theta, x)
+    for k, v in net.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    for i in (0, 4):
+        one = copy.deepcopy(net)
+        NeuralModel(one).load_into(theta[i])
+        torch.testing.assert_close(one(x), out[i], atol=ATOL, rtol=0)  # batch statistics
+    # the batch statistics matter: the same member in evaluation mode differs
+    one.eval()
+    assert (one(x) - out[4]).abs().max() > 0.1
+
+
+def test_a_step_updates_batchnorm_statistics_from_the_new_mean_only():
+    net = _bn_cnn()
+    before = copy.deepcopy(net)
+    x = torch.randn(12, 36, dtype=torch.float64)
+    y = torch.randint(0, 4, (12,))
+    opt = EnsembleKalmanOptimizer(net, ensemble_size=8, seed=0)
+    opt.step(x, y)
+    # what one training-mode forward of the new mean does to the statistics, and no more
+    NeuralModel(before).load_into(opt.mean)
+    before(x)
+    for (k, v), (k2, w) in zip(net.named_buffers(), before.named_buffers(), strict=True):
+        assert k == k2 and torch.equal(v, w), k
+    assert int(net[2].num_batches_tracked) == 1
+    # evaluation mode: nothing is written
+    net.eval()
+    stats = net[2].running_var.clone()
+    opt.step(x, y)
+    assert torch.equal(net[2].running_var, stats)
+    assert NeuralModel(net).track_statistics(opt.mean, x) is False
+
+
+def test_track_statistics_checks_its_arguments():
+    model = NeuralModel(_bn_cnn())
+    with pytest.raises(ValueError, match=r"vector: expected a tensor of shape \(\d+,\)"):
+        model.track_statistics(torch.zeros(3, dtype=torch.float64), torch.zeros(2, 36))
+    with pytest.raises(TypeError, match="inputs: expected a torch.Tensor"):
+        model.track_statistics(model.flatten(), [[0.0] * 36])
 
 
 def test_dropout_in_training_mode_is_refused():

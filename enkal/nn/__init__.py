@@ -55,9 +55,13 @@ than separate ones on CPU; ``bench/forward.py``), or when a call holds fewer tha
 If ``vmap`` cannot batch an operation of the module, ``"auto"`` falls back to the loop.
 
 Buffers (BatchNorm running statistics) are not parameters: they are shared, read-only, by
-all members. A BatchNorm layer in training mode would update them from every member, and a
-Dropout layer in training mode would make predictions random: both are refused with a
-message (call ``module.eval()``). Parameters with ``requires_grad=False`` are frozen: they
+all members. A BatchNorm layer in training mode normalises each member by that member's own
+statistics on the batch, as it does for one network in training, and no member writes the
+running statistics: :class:`EnsembleKalmanOptimizer` updates them once per step from a
+forward of the new mean (:meth:`NeuralModel.track_statistics`), so that after
+``module.eval()`` the network normalises as after gradient training. In evaluation mode
+every member uses the running statistics. A Dropout layer in training mode would make
+predictions random: it is refused with a message (call ``module.eval()``). Parameters with ``requires_grad=False`` are frozen: they
 stay out of the layout and out of the ensemble, like buffers.
 
 >>> import torch

@@ -7,9 +7,10 @@ are described in the :mod:`enkal.nn` docstring.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -38,16 +39,9 @@ def check_dtype(dtype: Any, name: str) -> None:
 
 
 def _check_stateless(module: nn.Module) -> None:
-    """Refuse layers whose training-mode forward mutates buffers or draws random numbers."""
+    """Refuse layers whose training-mode forward draws random numbers."""
     for name, sub in module.named_modules():
         label = name or type(module).__name__
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.training:
-            raise ValueError(
-                f"module: the BatchNorm layer {label!r} is in training mode, where every "
-                "member would update its running statistics (shared buffers). Call "
-                "module.eval() first: the statistics are then fixed and shared by all "
-                "members (or use GroupNorm/LayerNorm, which have no running statistics)"
-            )
         if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
             raise ValueError(
                 f"module: the Dropout layer {label!r} is in training mode, which makes each "
@@ -55,6 +49,28 @@ def _check_stateless(module: nn.Module) -> None:
                 "training needs deterministic predictions; the ensemble is its own "
                 "regulariser)"
             )
+
+
+def _tracking_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers in training mode that keep running statistics."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.training and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def _batch_statistics(module: nn.Module) -> Iterator[None]:
+    """For the duration, BatchNorm layers in training mode normalise by the statistics of
+    each call's own batch and leave their running statistics (and batch count) alone, as
+    with ``track_running_stats=False``: every member normalises by its own activations on
+    the batch, and no member writes the shared buffers."""
+    norms = _tracking_norms(module)
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 # -- the ensemble forward ----------------------------------------------------------------------
@@ -226,20 +242,22 @@ class NeuralModel:
         """``(n, N_par)`` on the module's device -> ``(n, B, n_out)``."""
         n, b = params.shape[0], x.shape[0]
         blocks = self._layout.blocks
-        if backend == "vmap":
-            stacked = {blk.name: params[:, blk.slice].reshape(n, *blk.shape) for blk in blocks}
+        with _batch_statistics(module):
+            if backend == "vmap":
+                stacked = {blk.name: params[:, blk.slice].reshape(n, *blk.shape)
+                           for blk in blocks}
 
-            def one(p):
-                return torch.func.functional_call(module, p, (x,))
+                def one(p):
+                    return torch.func.functional_call(module, p, (x,))
 
-            out = torch.func.vmap(one)(stacked)
-            return out.reshape(n, b, -1)
-        outs = []
-        for i in range(n):
-            row = params[i]
-            p = {blk.name: row[blk.slice].reshape(blk.shape) for blk in blocks}
-            outs.append(torch.func.functional_call(module, p, (x,)).reshape(b, -1))
-        return torch.stack(outs)
+                out = torch.func.vmap(one)(stacked)
+                return out.reshape(n, b, -1)
+            outs = []
+            for i in range(n):
+                row = params[i]
+                p = {blk.name: row[blk.slice].reshape(blk.shape) for blk in blocks}
+                outs.append(torch.func.functional_call(module, p, (x,)).reshape(b, -1))
+            return torch.stack(outs)
 
     def predict(self, parameters: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Outputs of every member on one batch.
@@ -342,6 +360,31 @@ class NeuralModel:
         keys = list(found)
         values = torch.stack([found[k] for k in keys]).sqrt().tolist()  # one sync
         return dict(zip(keys, values, strict=True))
+
+    def track_statistics(self, vector: torch.Tensor, inputs: torch.Tensor) -> bool:
+        """Update the running statistics of the module's BatchNorm layers in training mode
+        from one forward of the network with parameters ``vector`` ``(N_par,)`` on
+        ``inputs``, as a training-mode forward of that network would (the module's own
+        device and dtype; its parameters are not written). Members never write them
+        (:meth:`predict` normalises each member by its own batch statistics);
+        :class:`~enkal.EnsembleKalmanOptimizer` calls this with the new mean after every
+        step, so that ``module.eval()`` then normalises with the statistics of the networks
+        the mean passed through, as after gradient training. Returns whether there was
+        anything to update (``False``: no such layer, nothing run)."""
+        self._check_inputs(inputs)
+        if not isinstance(vector, torch.Tensor) or vector.shape != (self.n_parameters,):
+            raise ValueError(f"vector: expected a tensor of shape ({self.n_parameters},) = "
+                             f"(N_par,), got {getattr(vector, 'shape', type(vector).__name__)}")
+        if not _tracking_norms(self.module):
+            return False
+        first = self._module_params()[0]
+        x = inputs.to(first.device)
+        x = x.to(first.dtype) if x.is_floating_point() else x
+        v = vector.detach().to(first.device, first.dtype)
+        params = {blk.name: v[blk.slice].reshape(blk.shape) for blk in self._layout.blocks}
+        with torch.no_grad():
+            torch.func.functional_call(self.module, params, (x,))
+        return True
 
     def output_size(self, inputs: torch.Tensor) -> int:
         """``n_out``: the length of one sample's (flattened) output."""

@@ -431,6 +431,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         self.last_predictions = preds
         self.last_observations = y
         self._write_mean()
+        self.net.track_statistics(self._mean, inputs)  # BatchNorm in training mode only
         return StepInfo(
             iteration=self._iteration, alpha=a.alpha, misfit=a.misfit,
             mean_misfit=a.mean_misfit, spread=a.spread, n_failed=a.n_failed,
