@@ -74,9 +74,14 @@ def emit(record: dict, json_path: str | os.PathLike | None = None) -> None:
 
 @torch.no_grad()
 def accuracy(net, x: torch.Tensor, y: torch.Tensor, batch: int = 2500) -> float:
-    """Test accuracy of ``net`` as plain user code computes it, ``net(x).argmax(1) == y``,
-    in batches (the ensemble optimizers write their mean into ``net``)."""
-    correct = 0
-    for i in range(0, x.shape[0], batch):
-        correct += int((net(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+    """Test accuracy of ``net`` as plain user code computes it, ``net(x).argmax(1) == y``
+    in evaluation mode (BatchNorm's running statistics), in batches (the ensemble
+    optimizers write their mean into ``net``); the mode is restored after."""
+    correct, mode = 0, net.training
+    net.eval()
+    try:
+        for i in range(0, x.shape[0], batch):
+            correct += int((net(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+    finally:
+        net.train(mode)
     return correct / x.shape[0]

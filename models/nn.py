@@ -64,14 +64,15 @@ def _check_factory(factory: Any, name: str, example: str = "ReLU") -> None:
                         f"{type(factory).__name__} {factory!r}")
 
 
-def _make(factory: ModuleFactory, name: str, *args: Any) -> nn.Module:
+def _make(factory: ModuleFactory, name: str, *args: Any, example: str | None = None
+          ) -> nn.Module:
     """One layer from ``factory(*args)``, with an error naming the argument (``args`` are
-    the pooling's kernel size, ``2``, or nothing for an activation)."""
+    the pooling's kernel size, ``2``, a norm's channels, or nothing for an activation)."""
     try:
         module = factory(*args)
     except TypeError as err:
         call = f"{getattr(factory, '__name__', repr(factory))}({', '.join(map(repr, args))})"
-        example = "MaxPool2d" if args else "ReLU"
+        example = example or ("MaxPool2d" if args else "ReLU")
         raise TypeError(f"{name}: calling {call} failed ({err}); expected a module class such "
                         f"as nn.{example} or a callable returning an nn.Module") from err
     if not isinstance(module, nn.Module):
@@ -213,8 +214,8 @@ def _check_channels(channels: Any) -> tuple[int, int]:
 
 
 def cnn(activation: ModuleFactory = nn.ReLU, pool: ModuleFactory = nn.MaxPool2d, *,
-        image: int = 8, channels: Sequence[int] = (16, 32),
-        n_classes: int = 10) -> nn.Sequential:
+        image: int = 8, channels: Sequence[int] = (16, 32), n_classes: int = 10,
+        norm: ModuleFactory | None = None) -> nn.Sequential:
     """A small convolutional network for ``image x image`` one-channel images.
 
     ``AsImage(image)`` - conv 3x3 (``channels[0]``, padding 1) - activation - ``pool(2)`` -
@@ -235,6 +236,10 @@ def cnn(activation: ModuleFactory = nn.ReLU, pool: ModuleFactory = nn.MaxPool2d,
         Output channels of the two convolutions.
     n_classes : int
         Outputs.
+    norm : module class, optional
+        Called as ``norm(channels)`` between each convolution and its activation (e.g.
+        ``nn.BatchNorm2d``: 2 x (16 + 32) = 96 more parameters with the defaults). Default
+        none.
 
     Returns
     -------
@@ -242,7 +247,8 @@ def cnn(activation: ModuleFactory = nn.ReLU, pool: ModuleFactory = nn.MaxPool2d,
         Accepts flat ``(B, image * image)`` or ``(B, 1, image, image)`` inputs, gives
         ``(B, n_classes)``. Layers are built in order (first convolution, second, linear),
         so ``torch.manual_seed(s); cnn()`` initialises as a hand-built ``nn.Sequential`` of
-        the same layers does. Parameters ``"1.weight"``, ``"1.bias"``, ``"4.*"``, ``"8.*"``.
+        the same layers does. Parameters ``"1.weight"``, ``"1.bias"``, ``"4.*"``, ``"8.*"``
+        (with ``norm``: ``"1.*"``, ``"2.*"``, ``"5.*"``, ``"6.*"``, ``"10.*"``).
 
     >>> net = cnn()
     >>> sum(p.numel() for p in net.parameters())
@@ -251,17 +257,24 @@ def cnn(activation: ModuleFactory = nn.ReLU, pool: ModuleFactory = nn.MaxPool2d,
     (torch.Size([5, 10]), torch.Size([5, 10]))
     >>> sum(p.numel() for p in cnn(nn.Tanh, nn.AvgPool2d).parameters())
     6090
+    >>> sum(p.numel() for p in cnn(norm=nn.BatchNorm2d).parameters())
+    6186
     """
     _check_factory(activation, "activation")
     _check_factory(pool, "pool", "MaxPool2d")
+    if norm is not None:
+        _check_factory(norm, "norm", "BatchNorm2d")
     check_positive_int(image, "image", minimum=4)
     c0, c1 = _check_channels(channels)
     check_positive_int(n_classes, "n_classes")
-    return nn.Sequential(
-        AsImage(image),
-        nn.Conv2d(1, c0, 3, padding=1), _make(activation, "activation"), _make(pool, "pool", 2),
-        nn.Conv2d(c0, c1, 3, padding=1), _make(activation, "activation"), _make(pool, "pool", 2),
-        nn.Flatten(), nn.Linear(c1 * (image // 4) ** 2, n_classes))
+
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        normed = [] if norm is None else [_make(norm, "norm", c_out, example="BatchNorm2d")]
+        return [nn.Conv2d(c_in, c_out, 3, padding=1), *normed, _make(activation, "activation"),
+                _make(pool, "pool", 2)]
+
+    return nn.Sequential(AsImage(image), *block(1, c0), *block(c0, c1),
+                         nn.Flatten(), nn.Linear(c1 * (image // 4) ** 2, n_classes))
 
 
 def gap_cnn(activation: ModuleFactory = nn.ReLU, *, image: int = 8,

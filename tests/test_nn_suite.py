@@ -203,6 +203,17 @@ def test_suite_selects_pairs_by_name_or_prefix(suite):
         "digits/cnn-tanh-avg", "digits/cnn-relu-max", "fashion/lenet5"]
     with pytest.raises(ValueError, match="--pairs: .*'mnist'"):
         suite.select_pairs(["mnist"])
+    # the BatchNorm pair: by its full name only, after the seven, never in a prefix
+    assert suite.n_parameters("digits/cnn-relu-bn") == 6186
+    assert suite.select_pairs(["digits/cnn-relu-max", "digits/cnn-relu-bn"]) == [
+        "digits/cnn-relu-max", "digits/cnn-relu-bn"]
+    assert "digits/cnn-relu-bn" not in suite.select_pairs(["digits/cnn-relu"])
+
+
+def test_suite_overall_target_judges_the_seven_pairs_only(suite):
+    per_pair = [{"target": f"{p}: enkal within 3 points of AdamW", "verdict": "met"}
+                for p in list(suite.PAIRS)[:-1] + ["digits/cnn-relu-bn"]]
+    assert suite.overall_target(per_pair)["verdict"] == "n/a: 6 of 7 pairs judged"
 
 
 def test_suite_defaults_key_has_no_run_specific_fields(suite):
