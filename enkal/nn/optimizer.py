@@ -56,7 +56,10 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
     (:class:`Classification` / :class:`Regression`), takes one analysis step
     (:func:`enkal.analysis.analyse`, the update body the smoother uses: failure policy,
     schedule, transform, apply, guard, mask) and writes the new mean into ``model``: code
-    that evaluates ``model`` needs no change. Ensemble Kalman inversion as a training method
+    that evaluates ``model`` needs no change (BatchNorm layers in training mode normalise
+    each member by its own batch statistics; their running statistics follow the new mean,
+    one forward per step, so ``model.eval()`` evaluates as after gradient training).
+    Ensemble Kalman inversion as a training method
     [Kovachki2019]; the seed paper's learning [Trautner2020].
 
     The default is the researched recipe (``docs/nn.md``): ``members=Redraw()`` (a fresh
