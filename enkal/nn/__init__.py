@@ -61,8 +61,9 @@ running statistics: :class:`EnsembleKalmanOptimizer` updates them once per step 
 forward of the new mean (:meth:`NeuralModel.track_statistics`), so that after
 ``module.eval()`` the network normalises as after gradient training. In evaluation mode
 every member uses the running statistics. A Dropout layer in training mode would make
-predictions random: it is refused with a message (call ``module.eval()``). Parameters with ``requires_grad=False`` are frozen: they
-stay out of the layout and out of the ensemble, like buffers.
+predictions random: it is refused with a message (call ``module.eval()``). Parameters
+with ``requires_grad=False`` are frozen: they stay out of the layout and out of the
+ensemble, like buffers.
 
 >>> import torch
 >>> from torch import nn

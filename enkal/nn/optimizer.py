@@ -59,8 +59,8 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
     that evaluates ``model`` needs no change (BatchNorm layers in training mode normalise
     each member by its own batch statistics; their running statistics follow the new mean,
     one forward per step, so ``model.eval()`` evaluates as after gradient training).
-    Ensemble Kalman inversion as a training method
-    [Kovachki2019]; the seed paper's learning [Trautner2020].
+    Ensemble Kalman inversion as a training method [Kovachki2019]; the seed paper's
+    learning [Trautner2020].
 
     The default is the researched recipe (``docs/nn.md``): ``members=Redraw()`` (a fresh
     ensemble around the mean every step, each weight's spread Kaiming-relative over its
