@@ -290,3 +290,59 @@ def test_suite_smoke_run_then_cached(tmp_path):
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
     assert again["results"]["digits/mlp-relu"]["methods"]["enkal"]["final"] == \
         rec["results"]["digits/mlp-relu"]["methods"]["enkal"]["final"]
+
+
+# -- bench/nn_activity.py: the activity-perturbation estimator -------------------------------
+@pytest.fixture
+def activity(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import nn_activity
+
+    return nn_activity
+
+
+def _true_and_estimated(activity, net, x, y, ensemble, seed=0):
+    net.zero_grad()
+    nn.functional.cross_entropy(net(x), y).backward()
+    true = torch.cat([p.grad.flatten() for p in net.parameters()])
+    activity.ActivityGradient(net, ensemble, 0.03, torch.Generator().manual_seed(seed))(x, y)
+    est = torch.cat([p.grad.flatten() for p in net.parameters()])
+    return true, est
+
+
+def test_activity_gradient_is_the_gradient_of_a_linear_network(activity):
+    # Without nonlinearities the logits' anomalies are exactly A J^T, so the estimate is
+    # (A^T A / ((E - 1) sigma^2)) J^T g per sample: unbiased, with a relative error of order
+    # sqrt(U / E) per sample (U <= 6 units here), averaged over the batch: at E = 4000 the
+    # cosine with the true gradient is above 0.99 and the norms agree within 5% (measured
+    # 0.999 and 1.4%, generator seeds 0-4), while at E = 4 (a few directions per sample) the
+    # cosine is 0.11-0.73.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Linear(6, 3)).double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    true, est = _true_and_estimated(activity, net, x, y, 4000)
+    assert float(nn.functional.cosine_similarity(true, est, 0)) > 0.99
+    assert abs(float(est.norm() / true.norm()) - 1) < 0.05
+    _, rough = _true_and_estimated(activity, net, x, y, 4)
+    assert float(nn.functional.cosine_similarity(true, rough, 0)) < 0.99
+
+
+def test_activity_gradient_sees_the_nonlinear_layers_through_the_members(activity):
+    # A ReLU MLP: the members' logits carry the ReLU switches, the local derivatives do not
+    # backpropagate; at E = 2000 with a 3% spread the estimate still points along the gradient
+    # (cosine 0.995 for generator seeds 0-4; the bound leaves room for the switches the noise
+    # flips).
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).double()
+    x, y = torch.randn(32, 8, dtype=torch.float64), torch.randint(0, 4, (32,))
+    true, est = _true_and_estimated(activity, net, x, y, 2000)
+    assert float(nn.functional.cosine_similarity(true, est, 0)) > 0.95
+
+
+@pytest.mark.parametrize("kw, match", [({"ensemble": 1}, "ensemble"),
+                                       ({"spread": 0.0}, "spread")])
+def test_activity_gradient_names_bad_arguments(activity, kw, match):
+    args = {"net": nn.Linear(2, 2), "ensemble": 8, "spread": 0.03,
+            "generator": torch.Generator()} | kw
+    with pytest.raises(ValueError, match=match):
+        activity.ActivityGradient(**args)
