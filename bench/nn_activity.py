@@ -39,7 +39,7 @@ import time
 
 import torch
 from _common import accuracy, emit, environment
-from nn_suite import ALL_PAIRS, DATASETS, load
+from nn_suite import ALL_PAIRS, setup
 from torch import nn
 
 import enkal
@@ -158,13 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "of training")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
-    pair = ALL_PAIRS[a.pair]
-    ds = DATASETS[pair.dataset]
-    xtr, ytr, xte, yte = load(pair.dataset, ds.n_train, ds.n_test)
-    torch.manual_seed(a.seed)
-    net = pair.build()
+    net, (xtr, ytr, xte, yte), ds = setup(a.pair, a.seed, a.threads)
     rec = {"bench": "nn_activity", "pair": a.pair, "ensemble": a.ensemble, "spread": a.spread,
            "seed": a.seed}
     if a.cosine:

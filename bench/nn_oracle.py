@@ -27,7 +27,7 @@ import time
 
 import torch
 from _common import accuracy, emit, environment
-from nn_suite import DATASETS, PAIRS, load
+from nn_suite import PAIRS, setup
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
@@ -67,13 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=None, help="default: the suite's")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
-    pair = PAIRS[a.pair]
-    ds = DATASETS[pair.dataset]
-    xtr, ytr, xte, yte = load(pair.dataset, ds.n_train, ds.n_test)
-    torch.manual_seed(a.seed)
-    net = pair.build()
+    net, (xtr, ytr, xte, yte), ds = setup(a.pair, a.seed, a.threads)
     model = NeuralModel(net)
     sig = kaiming_std(net, [b.name for b in model.layout.blocks])
     std = torch.empty(model.n_parameters)

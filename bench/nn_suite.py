@@ -304,6 +304,17 @@ def load(dataset: str, n_train: int, n_test: int) -> Data:
     return xtr, ytr, xte, yte
 
 
+def setup(pair: str, seed: int, threads: int) -> tuple[nn.Module, Data, Dataset]:
+    """For the suite's measuring devices (``bench/nn_oracle.py``, ``bench/nn_activity.py``):
+    ``threads`` intra-op threads (0: torch's default), the pair's whole data set and its
+    network as :func:`train` initialises it for ``seed``."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    pair_ = ALL_PAIRS[pair]
+    ds = DATASETS[pair_.dataset]
+    data = load(pair_.dataset, ds.n_train, ds.n_test)
+    torch.manual_seed(seed)
+    return pair_.build(), data, ds
 
 
 # -- one training run -----------------------------------------------------------------------
