@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import statistics
 import sys
 import time
 
@@ -134,12 +135,13 @@ def cosines(net: nn.Module, data, ensemble: int, spread: float, k: int,
         enkal.EnsembleKalmanOptimizer(step_net, ensemble_size=ensemble, seed=trial).step(x, y)
         inc = [p0 - p.detach()  # minus the step
                for p, p0 in zip(step_net.parameters(), before, strict=True)]
+        total = flat(true).square().sum()
         named = [("all", flat(true), flat(est), flat(inc))] + [
             (n, t, s, i) for (n, _), t, s, i in zip(net.named_parameters(), true, est, inc,
                                                       strict=True)]
         for name, t, s, i in named:
             rows.append({"batch": trial, "tensor": name, "numel": t.numel(),
-                         "grad_share": float(t.square().sum() / flat(true).square().sum()),
+                         "grad_share": float(t.square().sum() / total),
                          "cos_activity": _cos(t, s), "cos_enkal": _cos(t, i)})
     return rows
 
@@ -164,13 +166,15 @@ def main(argv: list[str] | None = None) -> dict:
     if a.cosine:
         rows = cosines(net, (xtr, ytr, ds.batch), a.ensemble, a.spread, a.cosine,
                        a.seed)
-        print(f"| tensor | numel | share of |grad|^2 | cos(activity, grad) | cos(enkal step, "
-              f"-grad) |  (medians over {a.cosine} batches; random subspace: "
-              f"{math.sqrt((a.ensemble - 1) / sum(p.numel() for p in net.parameters())):.3f})")
+        n_par = sum(p.numel() for p in net.parameters())
+        print(f"Medians over {a.cosine} batches; a random {a.ensemble - 1}-dimensional "
+              f"subspace has cosine {math.sqrt((a.ensemble - 1) / n_par):.3f}.\n")
+        print("| tensor | numel | share of the squared gradient norm | cos(activity, grad) | "
+              "cos(enkal step, -grad) |")
         print("|---|---:|---:|---:|---:|")
         for name in dict.fromkeys(r["tensor"] for r in rows):
             rs = [r for r in rows if r["tensor"] == name]
-            med = {k: sorted(r[k] for r in rs)[len(rs) // 2]
+            med = {k: statistics.median(r[k] for r in rs)
                    for k in ("grad_share", "cos_activity", "cos_enkal")}
             print(f"| {name} | {rs[0]['numel']} | {med['grad_share']:.3f} | "
                   f"{med['cos_activity']:+.3f} | {med['cos_enkal']:+.3f} |")
