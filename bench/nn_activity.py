@@ -40,7 +40,7 @@ import time
 
 import torch
 from _common import accuracy, emit, environment
-from nn_suite import ALL_PAIRS, setup
+from nn_suite import ALL_PAIRS, epochs, setup
 from torch import nn
 
 import enkal
@@ -183,12 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
         return rec
     grad = ActivityGradient(net, a.ensemble, a.spread, torch.Generator().manual_seed(a.seed))
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr)
-    order = torch.Generator().manual_seed(1000 + a.seed)
     acc, t0 = [accuracy(net, xte, yte)], time.perf_counter()
-    for epoch in range(1, (a.epochs or ds.epochs) + 1):
-        perm = torch.randperm(len(xtr), generator=order)
-        for i in range(0, len(xtr), ds.batch):
-            idx = perm[i:i + ds.batch]
+    for epoch, minibatches in epochs(len(xtr), ds.batch, a.seed, a.epochs or ds.epochs):
+        for idx in minibatches:
             grad(xtr[idx], ytr[idx])
             opt.step()
         acc.append(accuracy(net, xte, yte))

@@ -27,7 +27,7 @@ import time
 
 import torch
 from _common import accuracy, emit, environment
-from nn_suite import PAIRS, setup
+from nn_suite import PAIRS, epochs, setup
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
@@ -75,12 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
         std[blk.slice] = sig[blk.name]
     names = [(blk.name, blk.slice, blk.shape) for blk in model.layout.blocks]
     m = model.flatten().clone()
-    gen, order = torch.Generator().manual_seed(a.seed), torch.Generator().manual_seed(1000 + a.seed)
+    gen = torch.Generator().manual_seed(a.seed)
     acc, t0 = [accuracy(net, xte, yte)], time.perf_counter()
-    for epoch in range(1, (a.epochs or ds.epochs) + 1):
-        perm = torch.randperm(len(xtr), generator=order)
-        for i in range(0, len(xtr), ds.batch):
-            idx = perm[i:i + ds.batch]
+    for epoch, minibatches in epochs(len(xtr), ds.batch, a.seed, a.epochs or ds.epochs):
+        for idx in minibatches:
             m = oracle_step(net, names, m, std, xtr[idx], ytr[idx], a.ensemble - 1, a.alpha,
                             a.lam, gen)
             if not torch.isfinite(m).all():

@@ -100,7 +100,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
 
@@ -317,6 +317,16 @@ def setup(pair: str, seed: int, threads: int) -> tuple[nn.Module, Data, Dataset]
     return pair_.build(), data, ds
 
 
+def epochs(n_train: int, batch: int, seed: int, n_epochs: int
+           ) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+    """The suite's minibatch order, the same for every method and measuring device: per
+    epoch (numbered from 1) the indices of a ``randperm`` of the training set from
+    ``torch.Generator().manual_seed(1000 + seed)``, in consecutive blocks of ``batch``."""
+    order = torch.Generator().manual_seed(1000 + seed)
+    for epoch in range(1, n_epochs + 1):
+        yield epoch, torch.randperm(n_train, generator=order).split(batch)
+
+
 # -- one training run -----------------------------------------------------------------------
 def make_step(method: str, net: nn.Module, ensemble: int | None, seed: int,
               dtype: str = "float32") -> Callable[[torch.Tensor, torch.Tensor], object]:
@@ -366,13 +376,10 @@ def train(spec: Spec, commit: str | None) -> dict:
     torch.manual_seed(spec.seed)
     net = ALL_PAIRS[spec.pair].build()
     step = make_step(spec.method, net, spec.ensemble, spec.seed, spec.dtype)
-    order = torch.Generator().manual_seed(1000 + spec.seed)
     progress = Progress(spec, math.ceil(spec.n_train / spec.batch))
     acc, wall, step_times = [accuracy(net, xte, yte)], [0.0], []
-    for epoch in range(1, spec.epochs + 1):
-        perm = torch.randperm(spec.n_train, generator=order)
-        for k, i in enumerate(range(0, spec.n_train, spec.batch), start=1):
-            idx = perm[i:i + spec.batch]
+    for epoch, minibatches in epochs(spec.n_train, spec.batch, spec.seed, spec.epochs):
+        for k, idx in enumerate(minibatches, start=1):
             x, y = xtr[idx], ytr[idx]
             t = time.perf_counter()
             step(x, y)
