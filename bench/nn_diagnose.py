@@ -5,8 +5,11 @@ For each pair (``bench/nn_suite.py``'s names; default three digits pairs), with 
 members drawn as the default ``Redraw`` draws them:
 
 * ``share``: each layer's share of the prediction anomalies' variance (the members perturbed
-  in that layer only, ``sum D^2`` over the sum for all layers): where the ensemble's
-  information comes from;
+  in that layer only, ``sum D^2`` over the sum for all layers, softmax outputs; at ``init``
+  the Kaiming-shaped spread the optimizer holds before its first step);
+* ``signal``: the same share as the analysis sees it: the spread the next step draws on the
+  batch (``Redraw(scale="inputs")``'s input scales) and the anomalies whitened by the task's
+  noise (the multinomial weighting): where the step's information comes from;
 * ``param share``: the layer's share of the parameters (of the random directions);
 * ``rel std``: the redraw std over the RMS of the layer's current weights;
 * ``flips``: after each ReLU (GELU: sign of the input) and max-pool, the fraction of
@@ -19,8 +22,10 @@ members drawn as the default ``Redraw`` draws them:
 * ``step/adam``: the norm of that increment over the norm of AdamW's first step on the same
   batch (``lr * sqrt(N_par)``, ``lr = 1e-3``).
 
-Run ``python bench/nn_diagnose.py [--pairs ...] [--ensemble 64] [--epochs 5] [--threads 1]``;
-digits only (seconds). The last line is ``BENCH_JSON {...}``.
+Run ``python bench/nn_diagnose.py [--pairs ...] [--ensemble 64] [--epochs 5] [--steps N]
+[--threads 1]``: seconds for a digits pair; a Fashion-MNIST pair (``--steps 100``) a few
+minutes. The suite's initialisation (seed 0) and minibatch order. The last line is
+``BENCH_JSON {...}``.
 """
 
 from __future__ import annotations
@@ -31,12 +36,11 @@ import statistics
 
 import torch
 from _common import emit, environment
-from nn_suite import PAIRS
+from nn_suite import PAIRS, epochs, setup
 from torch import nn
 from torch.func import functional_call
 
 import enkal
-from enkal.problems.datasets import load_digits
 
 DEFAULT_PAIRS = ("digits/cnn-tanh-avg", "digits/cnn-relu-max", "digits/gap-relu",
                  "digits/mlp-relu", "digits/mlp-gelu-ln")
@@ -52,6 +56,25 @@ def layer_shares(opt: enkal.EnsembleKalmanOptimizer, x: torch.Tensor) -> dict[st
         xs[:, b.slice] = draw[:, b.slice]
         p = torch.softmax(opt.net.predict(xs, x), -1).reshape(xs.shape[0], -1)
         out[b.name] = float((p - p.mean(0)).square().sum())
+    total = sum(out.values())
+    return {k: v / total for k, v in out.items()}
+
+
+def signal_shares(opt: enkal.EnsembleKalmanOptimizer, x: torch.Tensor, y: torch.Tensor
+                  ) -> dict[str, float]:
+    """Share of the whitened anomalies' ``sum D^2`` from perturbing each tensor alone, with
+    the spread the next step draws on ``x`` and the noise of ``y``'s task (same draw)."""
+    mean = opt.mean
+    std = opt.members.std(opt.net, x, mean, kaiming=opt._kaiming)
+    z = torch.randn(opt.ensemble_size, mean.numel(), generator=torch.Generator().manual_seed(0),
+                    dtype=mean.dtype)
+    task = opt._task_for(y)
+    out = {}
+    for b in opt.layout.blocks:
+        xs = mean.expand_as(z).clone()
+        xs[:, b.slice] += z[:, b.slice] * std[b.slice]
+        p = task.predictions(opt.net.predict(xs, x))
+        out[b.name] = float(((p - p.mean(0)) / task.noise_std(p, opt.noise)).square().sum())
     total = sum(out.values())
     return {k: v / total for k, v in out.items()}
 
@@ -101,29 +124,31 @@ def step_alignment(net: nn.Module, opt: enkal.EnsembleKalmanOptimizer, xs, ys) -
     return statistics.median(cosines), statistics.median(ratios)
 
 
-def diagnose(pair: str, ensemble: int, epochs: int) -> dict:
-    data = load_digits()
-    torch.manual_seed(0)
-    net = PAIRS[pair].build()
+def diagnose(pair: str, ensemble: int, n_epochs: int, steps: int | None = None) -> dict:
+    """The measurements at the suite's initialisation (seed 0) and after ``n_epochs`` epochs
+    of the suite's minibatches with the defaults (or the first ``steps`` steps)."""
+    net, (x, y, _, _), ds = setup(pair, 0, 0)
     opt = enkal.EnsembleKalmanOptimizer(net, ensemble_size=ensemble, seed=0)
-    x, y = data.train_inputs, data.train_labels
-    rec: dict = {"pair": pair, "N_par": opt.net.n_parameters}
-    g = torch.Generator().manual_seed(1000)
+    rec: dict = {"pair": pair, "N_par": opt.net.n_parameters, "batch": ds.batch}
     for when in ("init", "trained"):
         if when == "trained":
-            for _ in range(epochs):
-                perm = torch.randperm(x.shape[0], generator=g)
-                for i in range(0, x.shape[0], 64):
-                    opt.step(x[perm[i:i + 64]], y[perm[i:i + 64]])
+            done = 0
+            for _, minibatches in epochs(x.shape[0], ds.batch, 0, n_epochs):
+                for idx in minibatches[:None if steps is None else steps - done]:
+                    opt.step(x[idx], y[idx])
+                    done += 1
+            rec["steps"] = done
         std = opt._redraw_std
         rel = {b.name: float(std[b.slice].mean() / opt.mean[b.slice].square().mean().sqrt())
                for b in opt.layout.blocks}
-        batches = [x[i:i + 64] for i in range(0, 20 * 64, 64)]
-        labels = [y[i:i + 64] for i in range(0, 20 * 64, 64)]
+        b = ds.batch
+        batches = [x[i:i + b] for i in range(0, 20 * b, b)]
+        labels = [y[i:i + b] for i in range(0, 20 * b, b)]
         state = opt.state_dict()
         cos, ratio = step_alignment(net, opt, batches, labels)
         opt.load_state_dict(state)
-        rec[when] = {"share": layer_shares(opt, x[:256]), "rel_std": rel,
+        rec[when] = {"share": layer_shares(opt, x[:256]),
+                     "signal": signal_shares(opt, x[:256], y[:256]), "rel_std": rel,
                      "flips": flips(net, opt, x[:256]), "cos_grad": cos, "step_over_adam": ratio}
     rec["param_share"] = {b.name: b.size / opt.net.n_parameters for b in opt.layout.blocks}
     rec["random_subspace_cos"] = math.sqrt((ensemble - 1) / opt.net.n_parameters)
@@ -132,13 +157,15 @@ def diagnose(pair: str, ensemble: int, epochs: int) -> dict:
 
 def report(rec: dict) -> None:
     print(f"\n## {rec['pair']} (N_par {rec['N_par']}; random-subspace cosine "
-          f"{rec['random_subspace_cos']:.3f})\n")
-    print("| tensor | param share | share init | share trained | rel std init | "
-          "rel std trained |")
-    print("|---|---|---|---|---|---|")
+          f"{rec['random_subspace_cos']:.3f}; trained: {rec['steps']} steps of batch "
+          f"{rec['batch']})\n")
+    print("| tensor | param share | share init | share trained | signal init | "
+          "signal trained | rel std init | rel std trained |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, ps in rec["param_share"].items():
         i, t = rec["init"], rec["trained"]
         print(f"| {name} | {ps:.3f} | {i['share'][name]:.3f} | {t['share'][name]:.3f} | "
+              f"{i['signal'][name]:.3f} | {t['signal'][name]:.3f} | "
               f"{i['rel_std'][name]:.3f} | {t['rel_std'][name]:.3f} |")
     for when in ("init", "trained"):
         r = rec[when]
@@ -150,23 +177,28 @@ def report(rec: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", nargs="+", default=list(DEFAULT_PAIRS),
-                    help="digits pairs of bench/nn_suite.py (default: all five)")
+                    help="pairs of bench/nn_suite.py (default: the five digits pairs)")
     ap.add_argument("--ensemble", type=int, default=64, help="N_ens (default 64)")
     ap.add_argument("--epochs", type=int, default=5, help="epochs of training with the defaults before the 'trained' "
                     "measurements (default 5)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1; 0: torch's default)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="stop the training before the 'trained' measurements after this "
+                    "many steps (default: --epochs whole epochs)")
     args = ap.parse_args(argv)
-    bad = [p for p in args.pairs if p not in PAIRS or not p.startswith("digits/")]
+    bad = [p for p in args.pairs if p not in PAIRS]
     if bad:
-        ap.error(f"--pairs: digits pairs of bench/nn_suite.py only, got {bad}")
+        ap.error(f"--pairs: pairs of bench/nn_suite.py ({', '.join(PAIRS)}), got {bad}")
+    if args.steps is not None and args.steps < 0:
+        ap.error(f"--steps: expected an int >= 0, got {args.steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    recs = [diagnose(p, args.ensemble, args.epochs) for p in args.pairs]
+    recs = [diagnose(p, args.ensemble, args.epochs, args.steps) for p in args.pairs]
     for r in recs:
         report(r)
     record = {"bench": "nn_diagnose", "env": environment(), "ensemble": args.ensemble,
-              "epochs": args.epochs, "pairs": recs}
+              "epochs": args.epochs, "steps": args.steps, "pairs": recs}
     emit(record)
     return record
 
