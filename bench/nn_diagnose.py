@@ -5,8 +5,9 @@ For each pair (``bench/nn_suite.py``'s names; default three digits pairs), with 
 members drawn as the default ``Redraw`` draws them:
 
 * ``share``: each layer's share of the prediction anomalies' variance (the members perturbed
-  in that layer only, ``sum D^2`` over the sum for all layers, softmax outputs; at ``init``
-  the Kaiming-shaped spread the optimizer holds before its first step);
+  in that layer only, ``sum D^2`` over the sum for all layers, softmax outputs, the spread
+  the optimizer holds: at ``init`` the Kaiming shape it holds before its first step, then
+  that of its last step; before session 16 the alignment probe's last step's spread);
 * ``signal``: the same share as the analysis sees it: the spread the next step draws on the
   batch (``Redraw(scale="inputs")``'s input scales) and the anomalies whitened by the task's
   noise (the multinomial weighting): where the step's information comes from;
@@ -144,9 +145,10 @@ def diagnose(pair: str, ensemble: int, n_epochs: int, steps: int | None = None) 
         b = ds.batch
         batches = [x[i:i + b] for i in range(0, 20 * b, b)]
         labels = [y[i:i + b] for i in range(0, 20 * b, b)]
-        state = opt.state_dict()
+        state, held = opt.state_dict(), opt._redraw_std
         cos, ratio = step_alignment(net, opt, batches, labels)
         opt.load_state_dict(state)
+        opt._redraw_std = held  # the probe's steps leave nothing behind (not in the state)
         rec[when] = {"share": layer_shares(opt, x[:256]),
                      "signal": signal_shares(opt, x[:256], y[:256]), "rel_std": rel,
                      "flips": flips(net, opt, x[:256]), "cos_grad": cos, "step_over_adam": ratio}

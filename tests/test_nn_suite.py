@@ -392,5 +392,9 @@ def test_diagnose_runs_on_a_suite_pair_for_a_few_steps(diagnose, capsys):
     for when in ("init", "trained"):
         assert sum(pair[when]["signal"].values()) == pytest.approx(1.0, abs=1e-12)
     assert "| 0.weight |" in capsys.readouterr().out
+    # without training between, the probe's 20 steps must leave the held spread as it was
+    (still,) = diagnose.main(["--pairs", "digits/mlp-relu", "--ensemble", "8", "--steps",
+                              "0"])["pairs"]
+    assert still["init"]["rel_std"] == still["trained"]["rel_std"]
     with pytest.raises(SystemExit):
         diagnose.main(["--pairs", "digits/nonesuch"])
