@@ -7,7 +7,7 @@ members drawn as the default ``Redraw`` draws them:
 * ``share``: each layer's share of the prediction anomalies' variance (the members perturbed
   in that layer only, ``sum D^2`` over the sum for all layers, softmax outputs, the spread
   the optimizer holds: at ``init`` the Kaiming shape it holds before its first step, then
-  that of its last step; before session 16 the alignment probe's last step's spread);
+  that of its last step);
 * ``signal``: the same share as the analysis sees it: the spread the next step draws on the
   batch (``Redraw(scale="inputs")``'s input scales) and the anomalies whitened by the task's
   noise (the multinomial weighting): where the step's information comes from;

@@ -219,8 +219,7 @@ def test_ctrl_c_during_an_append_leaves_no_torn_row_and_says_interrupted(tmp_pat
     shell without job control (``pytest ... &`` in a script) inherits SIGINT *ignored*, and
     an ignored Ctrl-C rightly stops nothing. That, not a lost interrupt, was why this test
     failed in 4 of 6 full-suite runs on 2026-12-05 (the runs were background jobs) and never
-    alone (run in the foreground); ``test_deferred_interrupts_acts_as_the_handler_it_held_
-    back`` covers the ignored case."""
+    alone (run in the foreground); the test below covers the ignored case."""
     path = tmp_path / "f.h5"
     code = textwrap.dedent(f"""
         import signal, sys, threading

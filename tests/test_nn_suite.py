@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import enkal
 from enkal.models.nn import AsImage, LeNet5, cnn, gap_cnn, mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -370,8 +371,6 @@ class _WithUnused(nn.Module):
 
 def test_signal_shares_are_a_partition_and_zero_where_the_outputs_do_not_look(diagnose):
     torch.manual_seed(0)
-    import enkal
-
     opt = enkal.EnsembleKalmanOptimizer(_WithUnused(), ensemble_size=16, seed=0)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     shares = diagnose.signal_shares(opt, x, y)
