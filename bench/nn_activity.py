@@ -107,10 +107,6 @@ class ActivityGradient:
         (local / b).backward()
 
 
-def flat(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0))
 
@@ -135,8 +131,9 @@ def cosines(net: nn.Module, data, ensemble: int, spread: float, k: int,
         enkal.EnsembleKalmanOptimizer(step_net, ensemble_size=ensemble, seed=trial).step(x, y)
         inc = [p0 - p.detach()  # minus the step
                for p, p0 in zip(step_net.parameters(), before, strict=True)]
-        total = flat(true).square().sum()
-        named = [("all", flat(true), flat(est), flat(inc))] + [
+        whole = [nn.utils.parameters_to_vector(v) for v in (true, est, inc)]
+        total = whole[0].square().sum()
+        named = [("all", *whole)] + [
             (n, t, s, i) for (n, _), t, s, i in zip(net.named_parameters(), true, est, inc,
                                                       strict=True)]
         for name, t, s, i in named:

@@ -1,7 +1,7 @@
 r"""Why the network learner's recipe carries over or not (issue #15): per-layer measurements
 of the redraw on a network, at its initialisation and after training with the defaults.
 
-For each pair (``bench/nn_suite.py``'s names; default three digits pairs), with ``N_ens``
+For each pair (``bench/nn_suite.py``'s names; default the five digits pairs), with ``N_ens``
 members drawn as the default ``Redraw`` draws them:
 
 * ``share``: each layer's share of the prediction anomalies' variance (the members perturbed
@@ -32,6 +32,7 @@ minutes. The suite's initialisation (seed 0) and minibatch order. The last line 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 
@@ -47,37 +48,42 @@ DEFAULT_PAIRS = ("digits/cnn-tanh-avg", "digits/cnn-relu-max", "digits/gap-relu"
                  "digits/mlp-relu", "digits/mlp-gelu-ln")
 
 
-def layer_shares(opt: enkal.EnsembleKalmanOptimizer, x: torch.Tensor) -> dict[str, float]:
-    """Share of sum(D^2) from perturbing each tensor alone (same draw)."""
-    draw = opt._draw()
+def _shares(opt: enkal.EnsembleKalmanOptimizer, x: torch.Tensor, members: torch.Tensor,
+            anomalies) -> dict[str, float]:
+    """Per tensor, the share of ``sum D^2`` (``D = anomalies(outputs)``) when the members
+    differ from the mean in that tensor only, taking its entries from ``members``."""
     mean = opt.mean
     out = {}
     for b in opt.layout.blocks:
-        xs = mean.expand_as(draw).clone()
-        xs[:, b.slice] = draw[:, b.slice]
-        p = torch.softmax(opt.net.predict(xs, x), -1).reshape(xs.shape[0], -1)
-        out[b.name] = float((p - p.mean(0)).square().sum())
+        xs = mean.expand_as(members).clone()
+        xs[:, b.slice] = members[:, b.slice]
+        out[b.name] = float(anomalies(opt.net.predict(xs, x)).square().sum())
     total = sum(out.values())
     return {k: v / total for k, v in out.items()}
 
 
+def layer_shares(opt: enkal.EnsembleKalmanOptimizer, x: torch.Tensor) -> dict[str, float]:
+    """Shares of the softmax outputs' anomalies, members as the optimizer draws them now."""
+    def anomalies(out: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(out, -1).reshape(out.shape[0], -1)
+        return p - p.mean(0)
+    return _shares(opt, x, opt._draw(), anomalies)
+
+
 def signal_shares(opt: enkal.EnsembleKalmanOptimizer, x: torch.Tensor, y: torch.Tensor
                   ) -> dict[str, float]:
-    """Share of the whitened anomalies' ``sum D^2`` from perturbing each tensor alone, with
-    the spread the next step draws on ``x`` and the noise of ``y``'s task (same draw)."""
+    """Shares of the whitened anomalies, with the spread the next step draws on ``x`` and
+    the noise of ``y``'s task (what the analysis sees)."""
     mean = opt.mean
     std = opt.members.std(opt.net, x, mean, kaiming=opt._kaiming)
     z = torch.randn(opt.ensemble_size, mean.numel(), generator=torch.Generator().manual_seed(0),
                     dtype=mean.dtype)
     task = opt._task_for(y)
-    out = {}
-    for b in opt.layout.blocks:
-        xs = mean.expand_as(z).clone()
-        xs[:, b.slice] += z[:, b.slice] * std[b.slice]
-        p = task.predictions(opt.net.predict(xs, x))
-        out[b.name] = float(((p - p.mean(0)) / task.noise_std(p, opt.noise)).square().sum())
-    total = sum(out.values())
-    return {k: v / total for k, v in out.items()}
+
+    def anomalies(out: torch.Tensor) -> torch.Tensor:
+        p = task.predictions(out)
+        return (p - p.mean(0)) / task.noise_std(p, opt.noise)
+    return _shares(opt, x, mean + z * std, anomalies)
 
 
 def flips(net: nn.Module, opt: enkal.EnsembleKalmanOptimizer, x: torch.Tensor,
@@ -133,22 +139,21 @@ def diagnose(pair: str, ensemble: int, n_epochs: int, steps: int | None = None) 
     rec: dict = {"pair": pair, "N_par": opt.net.n_parameters, "batch": ds.batch}
     for when in ("init", "trained"):
         if when == "trained":
-            done = 0
-            for _, minibatches in epochs(x.shape[0], ds.batch, 0, n_epochs):
-                for idx in minibatches[:None if steps is None else steps - done]:
-                    opt.step(x[idx], y[idx])
-                    done += 1
-            rec["steps"] = done
+            order = (idx for _, mbs in epochs(x.shape[0], ds.batch, 0, n_epochs) for idx in mbs)
+            rec["steps"] = 0
+            for idx in itertools.islice(order, steps):
+                opt.step(x[idx], y[idx])
+                rec["steps"] += 1
         std = opt._redraw_std
         rel = {b.name: float(std[b.slice].mean() / opt.mean[b.slice].square().mean().sqrt())
                for b in opt.layout.blocks}
-        b = ds.batch
-        batches = [x[i:i + b] for i in range(0, 20 * b, b)]
-        labels = [y[i:i + b] for i in range(0, 20 * b, b)]
-        state, held = opt.state_dict(), opt._redraw_std
+        n = ds.batch
+        batches = [x[i:i + n] for i in range(0, 20 * n, n)]
+        labels = [y[i:i + n] for i in range(0, 20 * n, n)]
+        state = opt.state_dict()
         cos, ratio = step_alignment(net, opt, batches, labels)
         opt.load_state_dict(state)
-        opt._redraw_std = held  # the probe's steps leave nothing behind (not in the state)
+        opt._redraw_std = std  # the probe's steps leave nothing behind (not in the state)
         rec[when] = {"share": layer_shares(opt, x[:256]),
                      "signal": signal_shares(opt, x[:256], y[:256]), "rel_std": rel,
                      "flips": flips(net, opt, x[:256]), "cos_grad": cos, "step_over_adam": ratio}

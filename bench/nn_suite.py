@@ -305,7 +305,8 @@ def load(dataset: str, n_train: int, n_test: int) -> Data:
 
 
 def setup(pair: str, seed: int, threads: int) -> tuple[nn.Module, Data, Dataset]:
-    """For the suite's measuring devices (``bench/nn_oracle.py``, ``bench/nn_activity.py``):
+    """For the suite's measuring devices (``bench/nn_oracle.py``, ``nn_activity.py``,
+    ``nn_diagnose.py``):
     ``threads`` intra-op threads (0: torch's default), the pair's whole data set and its
     network as :func:`train` initialises it for ``seed``."""
     if threads > 0:
