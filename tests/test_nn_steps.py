@@ -11,7 +11,7 @@ from torch import nn
 
 from enkal import EnsembleKalmanOptimizer
 from enkal.nn import Carry, RelativeNoise
-from enkal.nn.steps import drawn_std, scale_increment, step_radius
+from enkal.nn.steps import Damped, drawn_std, fit_damping, scale_increment, step_radius
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
@@ -246,3 +246,105 @@ def test_a_bfloat16_module_runs_in_bfloat16_and_predict_maps_in_the_means_precis
     mean, std = opt.predict(x)
     assert mean.dtype == std.dtype == torch.float32
     torch.testing.assert_close(mean.sum(dim=1), torch.ones(16), rtol=0, atol=1e-6)
+
+
+# -- trust="damp": the trust region's Levenberg-Marquardt step ------------------------------
+
+def test_fit_damping_finds_the_least_factor_that_fits():
+    # radius(f) = 10 / f is monotone: the least f in [1, 1e4] with radius <= 2 is 5; the
+    # bisection's bracket after 12 halvings of log(1e4) = 9.2 is 0.0022 wide in log f, and
+    # the factor returned is its upper end (it fits).
+    calls = []
+
+    def analyse(f):
+        calls.append(f)
+        return f
+
+    f = fit_damping(analyse, lambda: 10 / calls[-1], 2.0)
+    assert 5.0 <= f <= 5.0 * 1.0023
+    assert 10 / calls[-1] <= 2.0        # the step left written is the one returned
+    assert len(calls) <= 15             # 1 + 1 + 12 (+ 1 to rewrite the fit)
+
+
+def test_fit_damping_leaves_a_step_that_fits_undamped_and_one_that_never_fits():
+    calls = []
+    assert fit_damping(lambda f: calls.append(f) or f, lambda: 0.5, 1.0) == 1.0
+    assert calls == [1.0]                                   # one analysis, no damping
+    assert fit_damping(lambda f: f, lambda: 3.0, 1.0, span=100.0) == 100.0  # the cut holds it
+
+
+def test_a_damped_schedule_inflates_the_noise_and_says_so():
+    from enkal.observations import Observations
+
+    base = _schedule(0.1, 1.0)
+    preds = torch.randn(8, 12, dtype=torch.float64)
+    obs = Observations(torch.zeros(12, dtype=torch.float64), noise_std=1.0)
+    kw = dict(parameters=torch.zeros(8, 3), predictions=preds, observations=obs)
+    a0, _, i0 = base.step(base.init(), **kw)
+    a1, _, i1 = Damped(base, 4.0).step(base.init(), **kw)
+    assert a1 == pytest.approx(4 * a0, rel=1e-15)
+    assert i1 == {"gamma": 4 * i0["gamma"], "rho": 2 * i0["rho"], "damping": 4.0}
+
+
+def _damped(radius: float) -> RelativeNoise:
+    return RelativeNoise(gamma=0.01, growth=1.0, final_gamma=None, step_size=1.0,
+                         trust_radius=radius, trust="damp")
+
+
+def test_a_damped_step_fits_the_trust_radius_in_a_different_direction():
+    # The undamped analysis step of this batch is 13.5 member radii, so the damping rises
+    # (to about 1700) until the step fits a radius of 1: its radius is 1 to the
+    # bisection's precision (the factor to 0.23%, the radius of a ridge step with it
+    # less), and it points elsewhere than the cut's (which keeps the Newton step's
+    # direction).
+    opt, start = _one_step(_damped(1.0))
+    cut, _ = _one_step(_schedule(1.0, 1.0))
+    std = drawn_std(opt._redraw_std, opt.mask)
+    d, c = opt.mean - start, cut.mean - start
+    assert float(step_radius(d, std)) == pytest.approx(1.0, rel=3e-3)
+    assert float(step_radius(d, std)) <= 1.0 + 1e-4  # float32 parameters
+    assert 1.0 < opt.last_info.schedule["damping"] < 1e4  # fitted, not held by the cut
+    assert float(d @ c / (d.norm() * c.norm())) < 0.99
+
+
+def test_a_damped_step_inside_the_radius_is_the_cut_step_bit_for_bit():
+    # Where the step fits, nothing is damped: the same mean as trust="cut", bitwise.
+    damped, _ = _one_step(_damped(1e30))
+    cut, _ = _one_step(_schedule(1.0, 1e30))
+    assert torch.equal(damped.mean, cut.mean)
+    assert damped.last_info.schedule["damping"] == 1.0
+
+
+def test_a_step_refused_during_the_damping_changes_nothing(monkeypatch):
+    # The damping's trials write their steps into the mean; an analysis that raises on
+    # the third trial (a stand-in for any refusal) must leave the mean and the generator
+    # as they were before the step.
+    import enkal.nn.optimizer as optimizer
+
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("refused")
+        return real(*args, **kwargs)
+
+    real = optimizer.analyse
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4))
+    x, y = torch.randn(16, 5), torch.arange(16) % 4  # _one_step's batch: the damping fits
+    opt = EnsembleKalmanOptimizer(net, ensemble_size=9, seed=3, schedule=_damped(1.0))
+    before, rng = opt.mean, opt._generator.get_state()
+    monkeypatch.setattr(optimizer, "analyse", failing)
+    with pytest.raises(ValueError, match="refused"):
+        opt.step(x, y)
+    assert torch.equal(opt.mean, before)
+    assert torch.equal(opt._generator.get_state(), rng)
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in net.parameters()]), before)
+
+
+def test_a_bad_trust_rule_is_refused():
+    with pytest.raises(ValueError, match="RelativeNoise.trust: expected 'cut' or 'damp'"):
+        RelativeNoise(trust="clip")
+    with pytest.raises(ValueError, match="trust='damp' needs a trust_radius"):
+        RelativeNoise(trust="damp")

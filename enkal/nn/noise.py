@@ -82,6 +82,14 @@ class RelativeNoise:
         rho)`` of the analysis increment, ``rho`` its root mean square over the drawn
         parameters in units of their spread (a member sits at ``rho ~ 1``). Default
         ``None``: no limit. :class:`~enkal.EnsembleSmoother` and ``Carry`` refuse it.
+    trust : {"cut", "damp"}
+        How a step longer than the trust radius is held in it: ``"cut"`` (default) scales
+        it down (``trust_radius / rho``), ``"damp"`` raises the damping instead, the noise
+        inflated by the least factor (bisection, up to ``1e4``) for which ``step_size`` of
+        the step fits: the trust region's Levenberg-Marquardt step, which gives up the
+        directions the batch measures worst first, where the cut keeps the Newton step's
+        proportions. A dozen more analyses on the same predictions (no more forwards) when
+        it binds. ``info.schedule["damping"]`` reports the factor.
     """
 
     gamma: float | str = "auto"
@@ -93,6 +101,7 @@ class RelativeNoise:
     final_coverage: float | None = 2.0
     step_size: float = 1.0
     trust_radius: float | None = None
+    trust: str = "cut"
 
     def __post_init__(self) -> None:
         if self.gamma != "auto":
@@ -109,13 +118,19 @@ class RelativeNoise:
                              allow_none=True)
         check_positive_float(self.step_size, "RelativeNoise.step_size")
         check_positive_float(self.trust_radius, "RelativeNoise.trust_radius", allow_none=True)
+        if self.trust not in ("cut", "damp"):
+            raise ValueError(f"RelativeNoise.trust: expected 'cut' or 'damp', got "
+                             f"{self.trust!r}")
+        if self.trust == "damp" and self.trust_radius is None:
+            raise ValueError("RelativeNoise.trust='damp' needs a trust_radius (the region "
+                             "the damping fits the step into)")
         if self.growth < 1:
             raise ValueError(f"RelativeNoise.growth: expected a float >= 1 (gamma grows: "
                              f"smaller steps late), got {self.growth}")
 
     @classmethod
     def newton(cls, gamma: float = 0.01, step_size: float = 0.1,
-               trust_radius: float = 1.25) -> RelativeNoise:
+               trust_radius: float = 1.25, trust: str = "cut") -> RelativeNoise:
         """The optimizer's default with :class:`~enkal.nn.Redraw` (issue #15): a constant
         small ``gamma`` (the step solves the minibatch's Gauss-Newton problem in the
         ensemble's subspace, every direction normalised by its own sensitivity), of which a
@@ -126,10 +141,10 @@ class RelativeNoise:
 
         >>> RelativeNoise.newton()
         RelativeNoise(gamma=0.01, growth=1.0, final_gamma=None, steps=500, min_gamma=3.0, \
-budget=0.6, final_coverage=2.0, step_size=0.1, trust_radius=1.25)
+budget=0.6, final_coverage=2.0, step_size=0.1, trust_radius=1.25, trust='cut')
         """
         return cls(gamma=gamma, growth=1.0, final_gamma=None, step_size=step_size,
-                   trust_radius=trust_radius)
+                   trust_radius=trust_radius, trust=trust)
 
     def initial_gamma(self, n_members: int | None = None,
                       n_parameters: int | None = None) -> float:

@@ -14,9 +14,16 @@ scales what the trust region allows. The factor stays a tensor: no host synchron
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
 import torch
 
-__all__ = ["drawn_std", "scale_increment", "step_radius"]
+__all__ = ["Damped", "drawn_std", "fit_damping", "scale_increment", "step_radius"]
+
+_A = TypeVar("_A")
 
 
 def drawn_std(std: torch.Tensor | None, mask: torch.Tensor | None,
@@ -63,3 +70,60 @@ def scale_increment(x: torch.Tensor, mean: torch.Tensor, start: torch.Tensor, lr
     else:  # rho = 0 gives inf, so step_size
         d.mul_((trust / step_radius(d, std)).clamp(max=step_size).mul(lr))
     d.add_(start)
+
+
+@dataclass(frozen=True)
+class Damped:
+    """``schedule`` with its noise inflation ``alpha`` multiplied by ``factor`` (a schedule):
+    the same analysis, ``factor`` times more damped. Its entries report the damped ``gamma``
+    and ``rho`` (where ``schedule`` has them) and ``damping = factor``."""
+
+    schedule: Any
+    factor: float
+
+    def init(self) -> Any:
+        return self.schedule.init()
+
+    def step(self, state: Any, **kwargs: Any) -> tuple[float, Any, dict]:
+        alpha, new, info = self.schedule.step(state, **kwargs)
+        info = dict(info, damping=self.factor)
+        if "gamma" in info:
+            info["gamma"] = info["gamma"] * self.factor
+        if "rho" in info:
+            info["rho"] = info["rho"] * math.sqrt(self.factor)
+        return alpha * self.factor, new, info
+
+    def done(self, state: Any) -> bool:
+        return bool(self.schedule.done(state))
+
+
+def fit_damping(analyse: Callable[[float], _A], radius: Callable[[], float], limit: float, *,
+                span: float = 1e4, iterations: int = 12) -> _A:
+    """The least damping whose analysis step fits the trust region (Levenberg-Marquardt).
+
+    ``analyse(factor)`` runs the analysis with the noise inflated ``factor`` times (writing
+    its step), ``radius()`` measures the step last written. Bisection in ``log factor`` over
+    ``[1, span]`` for the smallest factor with ``radius() <= limit`` (to ``span ** (1 /
+    2 ** iterations)``); the step of that factor is the one left written, and its analysis
+    is returned. A step longer than ``limit`` even at ``span`` is left at ``span`` (the
+    caller's cut then holds it). The step's length falls as the damping grows (a ridge
+    regression's coefficients shrink), so the bisection brackets the fit.
+
+    >>> fit_damping(lambda f: f, lambda: 0.0, 1.0)   # fits undamped: one call, factor 1
+    1.0
+    """
+    out = analyse(1.0)
+    if radius() <= limit:
+        return out
+    out = analyse(span)
+    if radius() > limit:
+        return out
+    lo, hi, at_hi = 0.0, math.log(span), True
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        trial = analyse(math.exp(mid))
+        if radius() > limit:
+            lo, at_hi = mid, False
+        else:
+            hi, out, at_hi = mid, trial, True
+    return out if at_hi else analyse(math.exp(hi))
