@@ -63,33 +63,61 @@ def test_relative_noise_with_per_output_noise_is_relative_in_noise_units():
     assert float(d.square().sum()) / (e - 1) == pytest.approx((e - 1) / 4.0, rel=1e-10)
 
 
-def test_a_step_is_the_kalman_mean_update_with_multinomial_noise():
-    # The optimizer's new mean against the closed form, computed here from the members it
-    # drew and their predictions: m+ = mean(X) + A^T w, w = (S S^T + (E-1) I)^-1 S r, with
-    # S = D / sqrt(alpha R), r = (y - mean(Yh)) / sqrt(alpha R), R = diag(pbar + floor),
-    # alpha = gamma * sum((D / sqrt(R))^2) / (E-1)^2; the default takes step_size = 0.1 of
-    # the step but at most trust_radius = 1.25 of the redraw's spread: m+ = m + c (m_a - m),
-    # c = min(0.1, 1.25 / rho), rho = rms((m_a - m) / std). float32 parameters: 1e-5.
+def _closed_form_step(opt, start, damping: float):
+    """``m_a - m`` of the optimizer's last step from the members it drew and their
+    predictions: ``m_a = mean(X) + A^T w``, ``w = (S S^T + (E-1) I)^-1 S r``, ``S = D /
+    sqrt(alpha R)``, ``r = (y - mean(Yh)) / sqrt(alpha R)``, ``R = diag(pbar + floor)``,
+    ``alpha = damping * gamma * sum((D / sqrt(R))^2) / (E-1)^2`` (float64)."""
+    X, P = opt.ensemble.double(), opt.last_predictions.double()
+    e = X.shape[0]
+    obs = opt.last_observations.double()
+    std = torch.sqrt(P.mean(0) + 1e-3)
+    d = (P - P.mean(0)) / std
+    alpha = damping * 0.01 * float(d.square().sum()) / (e - 1) ** 2
+    s, r = d / alpha ** 0.5, (obs - P.mean(0)) / std / alpha ** 0.5
+    w = torch.linalg.solve(s @ s.T + (e - 1) * torch.eye(e, dtype=torch.float64), s @ r)
+    return X.mean(0) + w @ (X - X.mean(0)) - start
+
+
+def test_a_cut_step_is_the_kalman_mean_update_with_multinomial_noise():
+    # The default, newton() (trust="cut", trust_radius=1.25), takes step_size = 0.1 of the
+    # closed-form step but at most trust_radius = 1.25 of the redraw's spread: m+ = m + c
+    # (m_a - m), c = min(0.1, 1.25 / rho), rho = rms((m_a - m) / std). float32: 1e-6.
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
     x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 1, 0])
-    opt = EnsembleKalmanOptimizer(net, ensemble_size=9, seed=3)
+    opt = EnsembleKalmanOptimizer(net, ensemble_size=9, seed=3, schedule=RelativeNoise.newton(
+        trust_radius=1.25, trust="cut"))
     start = opt.mean.double()
     info = opt.step(x, y)
     assert info.schedule["gamma"] == 0.01
-    X, P = opt.ensemble.double(), opt.last_predictions.double()
-    e = X.shape[0]
-    obs = torch.nn.functional.one_hot(y, 4).double().reshape(-1)
-    std = torch.sqrt(P.mean(0) + 1e-3)
-    d = (P - P.mean(0)) / std
-    alpha = info.schedule["gamma"] * float(d.square().sum()) / (e - 1) ** 2
-    s, r = d / alpha ** 0.5, (obs - P.mean(0)) / std / alpha ** 0.5
-    w = torch.linalg.solve(s @ s.T + (e - 1) * torch.eye(e, dtype=torch.float64), s @ r)
-    step = X.mean(0) + w @ (X - X.mean(0)) - start
+    step = _closed_form_step(opt, start, 1.0)
     std = opt._redraw_std.double()
     c = min(0.1, 1.25 / float((step / std).square().mean().sqrt()))
-    expected = start + c * step
-    torch.testing.assert_close(opt.mean.double(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(opt.mean.double(), start + c * step, atol=1e-6, rtol=0)
+
+
+def test_a_damped_step_is_the_kalman_mean_update_with_the_least_damping_that_fits():
+    # newton(trust_radius=2, trust="damp") (docs/nn.md 1.7): this batch's undamped step is
+    # longer than 2 / 0.1 = 20 redraw spreads, so the noise is inflated by the factor the
+    # step reports, the least one (to the bisection's 0.23%) with which 0.1 of the
+    # closed-form step is 2 spreads long; the optimizer takes that tenth whole.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 1, 0])
+    opt = EnsembleKalmanOptimizer(net, ensemble_size=9, seed=3, schedule=RelativeNoise.newton(
+        trust_radius=2.0, trust="damp"))
+    start = opt.mean.double()
+    info = opt.step(x, y)
+    factor = info.schedule["damping"]
+    std = opt._redraw_std.double()
+    rms = lambda v: float((v / std).square().mean().sqrt())  # noqa: E731
+    assert rms(_closed_form_step(opt, start, 1.0)) > 20           # the damping binds
+    assert info.schedule["gamma"] == pytest.approx(0.01 * factor, rel=1e-12)
+    step = _closed_form_step(opt, start, factor)
+    torch.testing.assert_close(opt.mean.double(), start + 0.1 * step, atol=1e-6, rtol=0)
+    assert 0.1 * rms(step) <= 2.0 * (1 + 1e-5)                    # it fits ...
+    assert 0.1 * rms(_closed_form_step(opt, start, factor / 1.003)) > 2.0   # ... barely
 
 
 def test_low_coverage_runs_keep_a_large_step():

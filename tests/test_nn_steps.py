@@ -108,21 +108,27 @@ def test_a_trust_radius_with_carry_is_refused():
         RelativeNoise(trust_radius="1")
 
 
-def test_an_optimizer_step_reads_the_host_few_times(monkeypatch):
+@pytest.mark.parametrize("trust", ["cut", "damp"])
+def test_an_optimizer_step_reads_the_host_few_times(monkeypatch, trust):
     # The fixed cost of a step, counted (not timed): every scalar read (.item(), float(t),
     # bool(t): aten::_local_scalar_dense) and every .tolist() is a host synchronisation
-    # on a GPU. MLP 64-64-32-10, E = 64, B = 64, the defaults: 17 before issue #16's
-    # second round (the label range, the noise check, the diagnostics read one by one),
-    # 12 now; the trust radius adds none.
+    # on a GPU. MLP 64-64-32-10, E = 64, B = 64: 17 before issue #16's second round (the
+    # label range, the noise check, the diagnostics read one by one), 12 since with a cut
+    # step (the trust radius adds none; the default). The damped step (trust="damp")
+    # runs the analysis again for each damping it tries (at most 15: 1, 1e4, 12
+    # bisections, the fit again; 14 here) and reads each step's radius: at most 9 reads
+    # per extra analysis.
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    import enkal.nn.optimizer as optimizer
     from enkal.models import mlp
 
     torch.manual_seed(0)
-    opt = EnsembleKalmanOptimizer(mlp([64, 64, 32, 10]), ensemble_size=64, seed=0)
+    opt = EnsembleKalmanOptimizer(mlp([64, 64, 32, 10]), ensemble_size=64, seed=0,
+                                  schedule=RelativeNoise.newton(trust=trust))
     x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
     opt.step(x, y)
-    reads = []
+    reads, analyses = [], []
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -130,16 +136,22 @@ def test_an_optimizer_step_reads_the_host_few_times(monkeypatch):
                 reads.append("scalar")
             return func(*args, **(kwargs or {}))
 
-    tolist = torch.Tensor.tolist
+    tolist, analyse = torch.Tensor.tolist, optimizer.analyse
 
     def counted(self):
         reads.append("tolist")
         return tolist(self)
 
+    def counted_analyse(*args, **kwargs):
+        analyses.append(1)
+        return analyse(*args, **kwargs)
+
     monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    monkeypatch.setattr(optimizer, "analyse", counted_analyse)
     with Count():
         opt.step(x, y)
-    assert len(reads) <= 12, reads
+    assert len(analyses) == 1 if trust == "cut" else 2 < len(analyses) <= 15
+    assert len(reads) <= 12 + 9 * (len(analyses) - 1), reads
 
 
 # -- a bfloat16 ensemble (issue #16): members stored in bfloat16, the mean and forward in float32

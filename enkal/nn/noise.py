@@ -136,8 +136,9 @@ class RelativeNoise:
         ensemble's subspace, every direction normalised by its own sensitivity), of which a
         constant ``step_size`` is taken, but never farther than ``trust_radius`` times the
         redraw's spread (a trust region: the ensemble measured the network only that far
-        from the mean). Nothing depends on the run's length. Measured on seven network x
-        dataset pairs in ``docs/nn.md`` 1.6.
+        from the mean), a longer step cut to it. Nothing depends on the run's length.
+        Measured on seven network x dataset pairs in ``docs/nn.md`` 1.6; a longer step
+        damped until it fits instead (``newton(trust_radius=2, trust="damp")``) in 1.7.
 
         >>> RelativeNoise.newton()
         RelativeNoise(gamma=0.01, growth=1.0, final_gamma=None, steps=500, min_gamma=3.0, \

@@ -83,7 +83,8 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
       analysis mean, ``s`` the schedule's ``step_size`` (1 for schedules without one);
       with a ``trust_radius`` ``r`` (:class:`Redraw`; the default) ``s`` becomes ``min(s,
       r / rho)``, ``rho`` the increment's RMS in units of the redraw's spread
-      (``enkal.nn.steps``), so ``lr`` scales the step the trust region allows. With
+      (``enkal.nn.steps``; with the schedule's ``trust="damp"`` the analysis is first
+      damped until ``s * rho <= r``), so ``lr`` scales the step the trust region allows. With
       :class:`Redraw` only the mean is kept: that is the whole effect; with :class:`Carry`
       every member is shifted by ``(lr s - 1) * (m_a - m)``, keeping the analysis
       anomalies. ``lr s = 1`` without a trust radius is the plain update, bit for bit (no
