@@ -63,6 +63,17 @@ def test_relative_noise_with_per_output_noise_is_relative_in_noise_units():
     assert float(d.square().sum()) / (e - 1) == pytest.approx((e - 1) / 4.0, rel=1e-10)
 
 
+def _one_tanh_step(schedule):
+    """The optimizer (``N_ens = 9``, seed 3) after one step of a tanh MLP 5-7-4 on six
+    labelled inputs, the mean before it (float64) and the step's info."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 1, 0])
+    opt = EnsembleKalmanOptimizer(net, ensemble_size=9, seed=3, schedule=schedule)
+    start = opt.mean.double()
+    return opt, start, opt.step(x, y)
+
+
 def _closed_form_step(opt, start, damping: float):
     """``m_a - m`` of the optimizer's last step from the members it drew and their
     predictions: ``m_a = mean(X) + A^T w``, ``w = (S S^T + (E-1) I)^-1 S r``, ``S = D /
@@ -83,13 +94,7 @@ def test_a_cut_step_is_the_kalman_mean_update_with_multinomial_noise():
     # The default, newton() (trust="cut", trust_radius=1.25), takes step_size = 0.1 of the
     # closed-form step but at most trust_radius = 1.25 of the redraw's spread: m+ = m + c
     # (m_a - m), c = min(0.1, 1.25 / rho), rho = rms((m_a - m) / std). float32: 1e-6.
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
-    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 1, 0])
-    opt = EnsembleKalmanOptimizer(net, ensemble_size=9, seed=3, schedule=RelativeNoise.newton(
-        trust_radius=1.25, trust="cut"))
-    start = opt.mean.double()
-    info = opt.step(x, y)
+    opt, start, info = _one_tanh_step(None)
     assert info.schedule["gamma"] == 0.01
     step = _closed_form_step(opt, start, 1.0)
     std = opt._redraw_std.double()
@@ -102,13 +107,7 @@ def test_a_damped_step_is_the_kalman_mean_update_with_the_least_damping_that_fit
     # longer than 2 / 0.1 = 20 redraw spreads, so the noise is inflated by the factor the
     # step reports, the least one (to the bisection's 0.23%) with which 0.1 of the
     # closed-form step is 2 spreads long; the optimizer takes that tenth whole.
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
-    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 1, 0])
-    opt = EnsembleKalmanOptimizer(net, ensemble_size=9, seed=3, schedule=RelativeNoise.newton(
-        trust_radius=2.0, trust="damp"))
-    start = opt.mean.double()
-    info = opt.step(x, y)
+    opt, start, info = _one_tanh_step(RelativeNoise.newton(trust_radius=2.0, trust="damp"))
     factor = info.schedule["damping"]
     std = opt._redraw_std.double()
     rms = lambda v: float((v / std).square().mean().sqrt())  # noqa: E731
