@@ -88,8 +88,9 @@ class RelativeNoise:
         inflated by the least factor (bisection, up to ``1e4``) for which ``step_size`` of
         the step fits: the trust region's Levenberg-Marquardt step, which gives up the
         directions the batch measures worst first, where the cut keeps the Newton step's
-        proportions. A dozen more analyses on the same predictions (no more forwards) when
-        it binds. ``info.schedule["damping"]`` reports the factor.
+        proportions. Up to 14 more analyses on the same predictions (no more forwards)
+        when it binds. ``info.schedule["damping"]`` reports the factor. Measured no better
+        than the cut on seven networks (``docs/nn.md`` 1.7).
     """
 
     gamma: float | str = "auto"
