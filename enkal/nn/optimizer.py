@@ -23,7 +23,7 @@ from ._torch_optim import check_batch, check_lr, group_lr, loaded_group, saved_g
 from .members import Carry, Redraw, Sections, kaiming_std
 from .model import NeuralModel, check_dtype
 from .noise import RelativeNoise
-from .steps import Damped, drawn_std, fit_damping, scale_increment, step_radius
+from .steps import analyse_held, drawn_std, scale_increment
 from .tasks import Classification, Regression, _check_output_map, _describe
 
 __all__ = ["EnsembleKalmanOptimizer"]
@@ -416,28 +416,14 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
             y = task.targets(targets, outputs.shape[1], outputs.shape[2]).to(outputs.device)
             preds = task.predictions(outputs)                     # (E, N_obs)
             obs = Observations(y, noise_std=task.noise_std(preds, self.noise))
-            drawn_rng = self._generator.get_state()
-            damp = trust is not None and getattr(self.schedule, "trust", "cut") == "damp"
-
-            def run(damping: float = 1.0) -> Any:  # one analysis, its step written
-                if start is not None:  # each damped trial on the same draws and mean
-                    self._generator.set_state(drawn_rng)  # (the failure policy's)
-                    self._mean.copy_(start)
-                return analyse(
-                    x, preds, obs, rule=self.rule,
-                    schedule=Damped(self.schedule, damping) if damp else self.schedule,
-                    schedule_states=self._schedule_states, failure=self.failure,
-                    generator=self._generator, guard=None if redraw else self.guard,
-                    mask=self.mask, sections=self._sections, active=active,
-                    out=None if redraw else x, mean=self._mean if redraw else None,
-                    chunk_size=self.chunk_size)
-
-            if damp and start is not None and drawn is not None and trust is not None:
-                held, live = start, drawn
-                a = fit_damping(run, lambda: size * float(step_radius(
-                    self._mean - held, live)), trust)
-            else:
-                a = run()
+            a = analyse_held(lambda schedule: analyse(
+                x, preds, obs, rule=self.rule, schedule=schedule,
+                schedule_states=self._schedule_states, failure=self.failure,
+                generator=self._generator, guard=None if redraw else self.guard,
+                mask=self.mask, sections=self._sections, active=active,
+                out=None if redraw else x, mean=self._mean if redraw else None,
+                chunk_size=self.chunk_size), self.schedule, mean=self._mean, start=start,
+                std=drawn, generator=self._generator, step_size=size, trust=trust)
         except Exception:
             self._generator.set_state(rng)
             self._redraw_std = std

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Damped", "drawn_std", "fit_damping", "scale_increment", "step_radius"]
+__all__ = ["Damped", "analyse_held", "drawn_std", "fit_damping", "scale_increment",
+           "step_radius"]
 
 _A = TypeVar("_A")
 
@@ -127,3 +128,24 @@ def fit_damping(analyse: Callable[[float], _A], radius: Callable[[], float], lim
         else:
             hi, out, at_hi = mid, trial, True
     return out if at_hi else analyse(math.exp(hi))
+
+
+def analyse_held(analyse: Callable[[Any], _A], schedule: Any, *, mean: torch.Tensor,
+                 start: torch.Tensor | None, std: torch.Tensor | None,
+                 generator: torch.Generator, step_size: float, trust: float | None) -> _A:
+    """``analyse(schedule)``, which writes its step into ``mean``; with the schedule's
+    ``trust="damp"`` and a ``trust`` radius (``start`` the mean before the step, ``std`` the
+    redraw's spread), the analysis of the least damping for which ``step_size`` of the
+    step fits (:func:`fit_damping`), each try from ``start`` and from ``generator``'s state
+    at the call (a failure policy draws alike)."""
+    if trust is None or start is None or std is None or \
+            getattr(schedule, "trust", "cut") != "damp":
+        return analyse(schedule)
+    state = generator.get_state()
+
+    def run(factor: float) -> _A:
+        generator.set_state(state)
+        mean.copy_(start)
+        return analyse(Damped(schedule, factor))
+
+    return fit_damping(run, lambda: step_size * float(step_radius(mean - start, std)), trust)
