@@ -10,6 +10,11 @@ is the analysis step measured in the redraw's own spread ``sigma``: a member sit
 ``rho ~ 1`` from the mean (its ``z ~ N(0, 1)``), so ``r = 1`` keeps the mean within the
 ensemble's reach, where the ensemble's linearisation was measured; ``lr`` (an LR scheduler)
 scales what the trust region allows. The factor stays a tensor: no host synchronisation.
+
+With the schedule's ``trust="damp"`` a step longer than the radius is not cut but damped
+first (:func:`analyse_held`, :func:`fit_damping`): the analysis is run again with the noise
+inflated (:class:`Damped`) until ``step_size * rho <= r``, each try reading ``rho`` on the
+host (``docs/nn.md`` 1.7).
 """
 
 from __future__ import annotations
