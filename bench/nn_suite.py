@@ -496,9 +496,31 @@ def run_reach(store: Store, settings: Settings, args: argparse.Namespace) -> lis
 
 
 # -- summaries ------------------------------------------------------------------------------
+def paired_gaps(runs: list[dict], reference: list[dict]) -> dict | None:
+    """Final accuracy minus the reference's on the same seed (same initialisation and
+    batches), in points, over the seeds both have: median, range, how many within
+    ``WITHIN_POINTS``. A seed's draw moves both methods alike, so the paired gap varies less
+    than the difference of two medians (``docs/nn.md`` 1.8). ``None`` without a common seed.
+
+    >>> paired_gaps([{"seed": 0, "accuracy": [0.80]}, {"seed": 1, "accuracy": [0.84]}],
+    ...             [{"seed": 0, "accuracy": [0.85]}, {"seed": 2, "accuracy": [0.90]}])
+    {'seeds': [0], 'gaps': [-5.0], 'median': -5.0, 'min': -5.0, 'max': -5.0, 'n_within': 0}
+    """
+    ref = {r["seed"]: r["accuracy"][-1] for r in reference}
+    pairs = [(r["seed"], round(100 * (r["accuracy"][-1] - ref[r["seed"]]), 6))
+             for r in runs if r["seed"] in ref]
+    if not pairs:
+        return None
+    gaps = [g for _, g in pairs]
+    return {"seeds": [s for s, _ in pairs], "gaps": gaps, "median": statistics.median(gaps),
+            "min": min(gaps), "max": max(gaps),
+            "n_within": sum(g >= -WITHIN_POINTS for g in gaps)}
+
+
 def summarize(results: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
     """Per pair and method: finals over seeds, median, range, per-epoch medians, gap to
-    AdamW's median in points and whether it is within ``WITHIN_POINTS``."""
+    AdamW's median in points and whether it is within ``WITHIN_POINTS``, and the gaps to
+    AdamW seed by seed (:func:`paired_gaps`)."""
     out: dict[str, dict] = {}
     for pair, by_method in results.items():
         ref = final_median(by_method.get("adamw", []))
@@ -514,6 +536,8 @@ def summarize(results: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
                 "seeds": [r["seed"] for r in runs], "final": finals, "median": med,
                 "min": min(finals), "max": max(finals), "gap_points": gap,
                 "within": None if gap is None else gap >= -WITHIN_POINTS,
+                "paired": None if method == "adamw" else
+                paired_gaps(runs, by_method.get("adamw", [])),
                 "median_per_epoch": [statistics.median(v) for v in
                                      zip(*(r["accuracy"] for r in runs), strict=True)],
                 "train_s_median": statistics.median(r["wall_s"][-1] for r in runs),
@@ -581,19 +605,24 @@ def _yes_no(flag: bool | None) -> str:
 def results_table(summary: dict[str, dict], args: argparse.Namespace) -> list[str]:
     lines = ["| pair | N_par | method | final accuracy, median [min, max] | seeds | "
              f"gap to AdamW (points) | within {WITHIN_POINTS:g} points of AdamW | "
+             "paired gap, median [min, max] (seeds within) | "
              "train s (median) | step s (median) |",
-             "|---|---:|---|---|---:|---:|---|---:|---:|"]
+             "|---|---:|---|---|---:|---:|---|---|---:|---:|"]
     for pair, s in summary.items():
         for method, r in s["methods"].items():
             name = method if method == "adamw" else f"{method} (E={args.ensemble})"
             if not r["seeds"]:
-                lines.append(f"| {pair} | {s['n_par']} | {name} | missing | 0 | | | | |")
+                lines.append(f"| {pair} | {s['n_par']} | {name} | missing | 0 | | | | | |")
                 continue
             gap = "n/a" if r["gap_points"] is None else f"{r['gap_points']:+.1f}"
+            p = r["paired"]
+            paired = "n/a" if p is None else (
+                f"{p['median']:+.1f} [{p['min']:+.1f}, {p['max']:+.1f}] "
+                f"({p['n_within']} of {len(p['seeds'])})")
             lines.append(
                 f"| {pair} | {s['n_par']} | {name} | {r['median']:.4f} [{r['min']:.4f}, "
                 f"{r['max']:.4f}] | {len(r['seeds'])} | {gap} | {_yes_no(r['within'])} | "
-                f"{r['train_s_median']:.2f} | {r['step_s_median']:.4f} |")
+                f"{paired} | {r['train_s_median']:.2f} | {r['step_s_median']:.4f} |")
     return lines
 
 

@@ -7,6 +7,7 @@ by hand in the same construction order draw the same numbers from the same globa
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -215,6 +216,28 @@ def test_suite_overall_target_judges_the_seven_pairs_only(suite):
     per_pair = [{"target": f"{p}: enkal within 3 points of AdamW", "verdict": "met"}
                 for p in list(suite.PAIRS)[:-1] + ["digits/cnn-relu-bn"]]
     assert suite.overall_target(per_pair)["verdict"] == "n/a: 6 of 7 pairs judged"
+
+
+def _run(seed, final):
+    return {"seed": seed, "accuracy": [0.1, final], "wall_s": [0.0, 1.0],
+            "step_s_median": 0.01}
+
+
+def test_suite_paired_gaps_compare_seed_by_seed(suite):
+    # AdamW's seeds 0-2 and enkal's 0, 1, 3: the gaps on the two common seeds only
+    adamw = [_run(0, 0.860), _run(1, 0.840), _run(2, 0.900)]
+    enkal = [_run(0, 0.820), _run(1, 0.830), _run(3, 0.990)]
+    p = suite.paired_gaps(enkal, adamw)
+    assert p["seeds"] == [0, 1] and p["gaps"] == pytest.approx([-4.0, -1.0])
+    assert p["median"] == pytest.approx(-2.5) and p["n_within"] == 1
+    assert suite.paired_gaps(enkal, []) is None
+    summary = suite.summarize({"digits/mlp-relu": {"adamw": adamw, "enkal": enkal}})
+    rows = summary["digits/mlp-relu"]["methods"]
+    assert rows["adamw"]["paired"] is None and rows["enkal"]["paired"] == p
+    # the difference of the medians (0.830 - 0.860) is not the median of the paired gaps
+    assert rows["enkal"]["gap_points"] == pytest.approx(-3.0)
+    table = "\n".join(suite.results_table(summary, argparse.Namespace(ensemble=64)))
+    assert "| -3.0 | no | -2.5 [-4.0, -1.0] (1 of 2) |" in table
 
 
 def test_suite_defaults_key_has_no_run_specific_fields(suite):
