@@ -498,10 +498,9 @@ def run_reach(store: Store, settings: Settings, args: argparse.Namespace) -> lis
 # -- summaries ------------------------------------------------------------------------------
 def paired_gaps(runs: list[dict], reference: list[dict]) -> dict | None:
     """Final accuracy minus the reference's on the same seed (same initialisation and
-    batches), in points, over the seeds both have: median, range, how many within
-    ``WITHIN_POINTS``: how often a seed's run is within the target, next to the difference
-    of the medians that the target judges (``docs/nn.md`` 1.8). ``None`` without a common
-    seed.
+    batches), in points, over the seeds both have: the gaps, their median and range, and
+    how many seeds are within ``WITHIN_POINTS`` (the targets judge the difference of the
+    medians instead; ``docs/nn.md`` 1.8). ``None`` without a common seed.
 
     >>> paired_gaps([{"seed": 0, "accuracy": [0.80]}, {"seed": 1, "accuracy": [0.84]}],
     ...             [{"seed": 0, "accuracy": [0.85]}, {"seed": 2, "accuracy": [0.90]}])
