@@ -52,7 +52,7 @@ def test_a_capped_step_never_leaves_the_trust_radius(trust, lr, step_size, seed)
     analysis = start + 3 * torch.randn(50, generator=g, dtype=torch.float64) * std
     mean = analysis.clone()
     scale_increment(torch.empty(0), mean, start, lr, step_size=step_size, redraw=True,
-                    std=std, trust=trust)
+                    std=std, radius=trust)
     rho_a = float(step_radius(analysis - start, std))
     taken = lr * min(step_size, trust / rho_a)    # the closed form of the factor
     torch.testing.assert_close(mean, start + taken * (analysis - start), rtol=1e-12,

@@ -396,9 +396,9 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
         redraw = self._redraw_std is not None
         rng, std = self._generator.get_state(), self._redraw_std
         size = getattr(self.schedule, "step_size", 1.0)
-        trust = getattr(self.schedule, "trust_radius", None) if redraw else None
+        radius = getattr(self.schedule, "trust_radius", None) if redraw else None
         # lr * step_size = 1 without a trust radius: not one extra operation
-        start = None if lr * size == 1 and trust is None else self._mean.clone()
+        start = None if lr * size == 1 and radius is None else self._mean.clone()
         try:  # a refused step (bad targets, too many failed members) changes nothing
             if isinstance(self.members, Redraw) and self.members.scale == "inputs":
                 self._redraw_std = self.members.std(self.net, inputs, self._mean,
@@ -423,7 +423,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
                 mask=self.mask, sections=self._sections, active=active,
                 out=None if redraw else x, mean=self._mean if redraw else None,
                 chunk_size=self.chunk_size), self.schedule, mean=self._mean, start=start,
-                std=drawn, generator=self._generator, step_size=size, trust=trust)
+                std=drawn, generator=self._generator, step_size=size, radius=radius)
         except Exception:
             self._generator.set_state(rng)
             self._redraw_std = std
@@ -432,7 +432,7 @@ class EnsembleKalmanOptimizer(torch.optim.Optimizer):
             raise
         if start is not None:  # the trust radius in the spread the members were drawn with
             scale_increment(x, self._mean, start, lr, step_size=size, redraw=redraw,
-                            trust=trust, std=drawn)
+                            radius=radius, std=drawn)
         self.ensemble = x
         self._schedule_states = list(a.schedule)
         self._iteration += 1

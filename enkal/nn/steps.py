@@ -62,19 +62,19 @@ def step_radius(increment: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
 
 def scale_increment(x: torch.Tensor, mean: torch.Tensor, start: torch.Tensor, lr: float, *,
                     redraw: bool, step_size: float = 1.0, std: torch.Tensor | None = None,
-                    trust: float | None = None) -> None:
+                    radius: float | None = None) -> None:
     """In place: with ``redraw`` ``mean`` (holding ``m_a``) becomes ``start + c (m_a -
-    start)``, ``c = lr * step_size``, or with ``trust`` (needs ``std``) ``c = lr * min(
-    step_size, trust / rho)``; without ``redraw`` every member of ``x`` is shifted by
+    start)``, ``c = lr * step_size``, or with a trust ``radius`` (needs ``std``) ``c = lr *
+    min(step_size, radius / rho)``; without ``redraw`` every member of ``x`` is shifted by
     ``(c - 1) (m_a - start)``, ``m_a`` the members' mean (anomalies kept)."""
     if not redraw:
         x += (x.mean(dim=0) - start).mul_(lr * step_size - 1)
         return
     d = mean.sub_(start)  # m_a - m, in place
-    if trust is None or std is None:
+    if radius is None or std is None:
         d.mul_(lr * step_size)
     else:  # rho = 0 gives inf, so step_size
-        d.mul_((trust / step_radius(d, std)).clamp(max=step_size).mul(lr))
+        d.mul_((radius / step_radius(d, std)).clamp(max=step_size).mul(lr))
     d.add_(start)
 
 
@@ -137,13 +137,13 @@ def fit_damping(analyse: Callable[[float], _A], radius: Callable[[], float], lim
 
 def analyse_held(analyse: Callable[[Any], _A], schedule: Any, *, mean: torch.Tensor,
                  start: torch.Tensor | None, std: torch.Tensor | None,
-                 generator: torch.Generator, step_size: float, trust: float | None) -> _A:
+                 generator: torch.Generator, step_size: float, radius: float | None) -> _A:
     """``analyse(schedule)``, which writes its step into ``mean``; with the schedule's
-    ``trust="damp"`` and a ``trust`` radius (``start`` the mean before the step, ``std`` the
+    ``trust="damp"`` and a trust ``radius`` (``start`` the mean before the step, ``std`` the
     redraw's spread), the analysis of the least damping for which ``step_size`` of the
     step fits (:func:`fit_damping`), each try from ``start`` and from ``generator``'s state
     at the call (a failure policy draws alike)."""
-    if trust is None or start is None or std is None or \
+    if radius is None or start is None or std is None or \
             getattr(schedule, "trust", "cut") != "damp":
         return analyse(schedule)
     state = generator.get_state()
@@ -153,4 +153,4 @@ def analyse_held(analyse: Callable[[Any], _A], schedule: Any, *, mean: torch.Ten
         mean.copy_(start)
         return analyse(Damped(schedule, factor))
 
-    return fit_damping(run, lambda: step_size * float(step_radius(mean - start, std)), trust)
+    return fit_damping(run, lambda: step_size * float(step_radius(mean - start, std)), radius)
