@@ -45,16 +45,16 @@ def test_the_step_radius_is_the_rms_of_the_increment_in_units_of_the_spread():
 @given(st.floats(1e-3, 10.0), st.floats(1e-3, 2.0), st.floats(1e-3, 1.0),
        st.integers(0, 2**31 - 1))
 @example(0.001, 0.001, 1.0, 195826)  # failed the old bound (1 + 1e-9): a std of 0.0016
-def test_a_capped_step_never_leaves_the_trust_radius(trust, lr, step_size, seed):
+def test_a_capped_step_never_leaves_the_trust_radius(radius, lr, step_size, seed):
     g = torch.Generator().manual_seed(seed)
     start = torch.randn(50, generator=g, dtype=torch.float64)
     std = torch.rand(50, generator=g, dtype=torch.float64)
     analysis = start + 3 * torch.randn(50, generator=g, dtype=torch.float64) * std
     mean = analysis.clone()
     scale_increment(torch.empty(0), mean, start, lr, step_size=step_size, redraw=True,
-                    std=std, radius=trust)
+                    std=std, radius=radius)
     rho_a = float(step_radius(analysis - start, std))
-    taken = lr * min(step_size, trust / rho_a)    # the closed form of the factor
+    taken = lr * min(step_size, radius / rho_a)    # the closed form of the factor
     torch.testing.assert_close(mean, start + taken * (analysis - start), rtol=1e-12,
                                atol=1e-12)
     # lr scales what the trust region allows (an LR scheduler still acts). mean - start
@@ -62,7 +62,7 @@ def test_a_capped_step_never_leaves_the_trust_radius(trust, lr, step_size, seed)
     # |start| < 4), in units of its std (down to 1e-3 here): with steps of 1e-6 std that
     # is 1e-7 relative in one entry, so the bound adds the rounding's own radius.
     rounding = float(step_radius(torch.finfo(torch.float64).eps * (start.abs() + 1), std))
-    assert float(step_radius(mean - start, std)) <= lr * trust * (1 + 1e-12) + rounding
+    assert float(step_radius(mean - start, std)) <= lr * radius * (1 + 1e-12) + rounding
 
 
 def test_a_large_trust_radius_is_the_plain_step_bit_for_bit():
